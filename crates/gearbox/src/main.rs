@@ -1,1 +1,67 @@
-fn main() {}
+//! The `gearbox` command: the job server and the tools around it.
+
+use std::sync::Mutex;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gearbox",
+    version,
+    about = "A durable, fast Gearman job server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the job server (Gearman protocol and admin protocol on one port)
+    Server(gearbox_server::Settings),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(settings) => {
+            let config = settings.resolve()?;
+            init_logging(&config)?;
+            let runtime = if config.threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(config.threads)
+                    .enable_all()
+                    .build()?
+            };
+            runtime.block_on(gearbox_server::run(config))?;
+            // Connections still open after the grace period are dropped with the runtime.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(config: &gearbox_server::Config) -> anyhow::Result<()> {
+    let builder = tracing_subscriber::fmt().with_max_level(config.log_level);
+    match &config.log_file {
+        Some(path) if path.as_os_str() == "none" => {}
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}

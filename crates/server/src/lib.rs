@@ -1,1 +1,70 @@
-pub fn x() {}
+//! The gearbox job server.
+//!
+//! - [`config`]: flags, environment and config file, layered into a [`Config`].
+//! - [`broker`]: all job-queue state and the rules that change it (pure, synchronous).
+//! - [`outbox`]: per-connection output buffers the broker writes into.
+//! - `session`: one task per connection (read, decode, apply, write).
+//! - [`server`]: listeners, the timer task, and shutdown; [`serve`] runs a server on
+//!   listeners a caller has bound (tests bind `127.0.0.1:0`).
+
+pub mod broker;
+pub mod config;
+pub mod outbox;
+pub mod server;
+mod session;
+
+pub use config::{Config, ConfigError, Settings};
+pub use server::{serve, ServeOptions};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Runs a server as configured until SIGTERM, SIGINT or an allowed admin `shutdown`.
+pub async fn run(config: Config) -> std::io::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let addr = format!(
+            "{}:{}",
+            addr.trim_start_matches('[').trim_end_matches(']'),
+            config.port
+        );
+        let bind = if addr.matches(':').count() > 1 {
+            format!("[{}]:{}", addr.rsplit_once(':').unwrap().0, config.port)
+        } else {
+            addr
+        };
+        let listener = TcpListener::bind(&bind)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))?;
+        tracing::info!("listening on {}", listener.local_addr()?);
+        listeners.push(listener);
+    }
+    if let Some(path) = &config.pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    serve(listeners, config.serve, shutdown).await;
+    if let Some(path) = &config.pid_file {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}

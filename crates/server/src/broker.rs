@@ -1,0 +1,1115 @@
+//! The job broker: functions, queues, jobs, workers and waiting clients.
+//!
+//! All state changes happen here, synchronously, under one lock held only while a batch of
+//! packets is applied (never across an await). Replies and forwarded results are encoded
+//! straight into the target connection's [`Outbox`]; the connection's own task writes them.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use gearbox_proto::{encode_packet, GrabKind, Magic, PacketType as T, Priority, Request};
+use hashbrown::HashTable;
+use slab::Slab;
+use tokio::sync::Notify;
+
+use crate::outbox::Outbox;
+
+pub type ConnId = u32;
+type JobKey = u32;
+type FunctionId = u32;
+
+/// Longest unique key accepted.
+pub const MAX_UNIQUE: usize = 255;
+/// Shortest job timeout honoured for CAN_DO_TIMEOUT, as in gearmand.
+const MIN_JOB_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often queued functions with sleeping workers get a second wake-up, in case the
+/// worker woken first went away without taking the job.
+const WAKE_SWEEP: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Attempts before a job whose workers keep disappearing is failed; 0 = no limit.
+    pub job_retries: u32,
+    /// Host name used in job handles (`H:HOST:N`).
+    pub host: String,
+    /// A connection whose unsent output grows past this is closed.
+    pub max_outbox: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            job_retries: 0,
+            host: "gearbox".into(),
+            max_outbox: 256 * 1024 * 1024,
+        }
+    }
+}
+
+struct Function {
+    name: Bytes,
+    /// Job keys per priority, FIFO. May hold keys of dropped jobs (cancelled or abandoned),
+    /// which are skipped and freed when they reach the front.
+    queues: [VecDeque<JobKey>; 3],
+    queued: [u32; 3],
+    scheduled: u32,
+    running: u32,
+    workers: u32,
+    max_queue: [u32; 3],
+    /// Workers that sent PRE_SLEEP, with the sleep epoch at the time; stale entries are skipped.
+    sleepers: VecDeque<(ConnId, u32)>,
+    dropped: bool,
+}
+
+impl Function {
+    fn new(name: Bytes) -> Function {
+        Function {
+            name,
+            queues: Default::default(),
+            queued: [0; 3],
+            scheduled: 0,
+            running: 0,
+            workers: 0,
+            max_queue: [0; 3],
+            sleepers: VecDeque::new(),
+            dropped: false,
+        }
+    }
+
+    fn queued_total(&self) -> u32 {
+        self.queued.iter().sum()
+    }
+
+    fn total(&self) -> u32 {
+        self.queued_total() + self.running + self.scheduled
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum JobState {
+    Queued,
+    /// Waiting for its epoch time (SUBMIT_JOB_EPOCH).
+    Scheduled,
+    Running(ConnId),
+    /// Removed from every index but still referenced by a queue or the schedule heap.
+    Dropped,
+}
+
+struct Job {
+    seq: u64,
+    function: FunctionId,
+    priority: Priority,
+    background: bool,
+    state: JobState,
+    attempts: u16,
+    unique_len: u16,
+    numerator: u32,
+    denominator: u32,
+    /// The unique key followed by the payload, in one allocation.
+    body: Box<[u8]>,
+    /// Foreground clients waiting for the result.
+    clients: Vec<ConnId>,
+}
+
+impl Job {
+    fn unique(&self) -> &[u8] {
+        &self.body[..self.unique_len as usize]
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.body[self.unique_len as usize..]
+    }
+}
+
+struct Ability {
+    function: FunctionId,
+    timeout: Option<Duration>,
+}
+
+struct Conn {
+    outbox: Arc<Outbox>,
+    fd: i32,
+    ip: Box<str>,
+    client_id: Option<Bytes>,
+    abilities: Vec<Ability>,
+    sleeping: bool,
+    sleep_epoch: u32,
+    exceptions: bool,
+    /// Jobs assigned to this worker connection.
+    running: Vec<JobKey>,
+    /// Foreground jobs this client waits on.
+    waiting: HashSet<JobKey>,
+}
+
+/// What an admin command asks of the server beyond its reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdminEffect {
+    None,
+    Shutdown { graceful: bool },
+}
+
+/// A job handle formatted on the stack: `H:HOST:SEQ`.
+pub struct Handle {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl std::ops::Deref for Handle {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+pub struct Broker {
+    config: BrokerConfig,
+    /// `H:HOST:`, at most 40 bytes so a handle always fits in 64.
+    handle_prefix: Vec<u8>,
+    /// Next job sequence number. Starts at the boot time in microseconds so that handles
+    /// stay unique across restarts (the server hands out far fewer than a million a second).
+    next_seq: u64,
+    jobs: Slab<Job>,
+    by_seq: HashTable<JobKey>,
+    by_unique: HashTable<JobKey>,
+    hasher: hashbrown::DefaultHashBuilder,
+    functions: Vec<Function>,
+    function_ids: HashMap<Bytes, FunctionId>,
+    conns: Slab<Conn>,
+    /// The connection whose packets are being applied; its task flushes without a wake-up.
+    current: Option<ConnId>,
+    scheduled: BinaryHeap<Reverse<(i64, u64, JobKey)>>,
+    timeouts: BinaryHeap<Reverse<(Instant, u64, u16, JobKey)>>,
+    timer: Arc<Notify>,
+    timer_at: Option<Instant>,
+    last_sweep: Instant,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn seq_hash(seq: u64) -> u64 {
+    seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Broker {
+        let host: String = config
+            .host
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != ':')
+            .take(36)
+            .collect();
+        let handle_prefix = format!("H:{host}:").into_bytes();
+        let boot_micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        Broker {
+            config,
+            handle_prefix,
+            next_seq: boot_micros,
+            jobs: Slab::new(),
+            by_seq: HashTable::new(),
+            by_unique: HashTable::new(),
+            hasher: Default::default(),
+            functions: Vec::new(),
+            function_ids: HashMap::new(),
+            conns: Slab::new(),
+            current: None,
+            scheduled: BinaryHeap::new(),
+            timeouts: BinaryHeap::new(),
+            timer: Arc::new(Notify::new()),
+            timer_at: None,
+            last_sweep: Instant::now(),
+        }
+    }
+
+    /// Notified when a deadline earlier than the timer's current one is added.
+    pub fn timer_notify(&self) -> Arc<Notify> {
+        self.timer.clone()
+    }
+
+    // ----- connections -----
+
+    pub fn connect(&mut self, outbox: Arc<Outbox>, fd: i32, ip: &str) -> ConnId {
+        self.conns.insert(Conn {
+            outbox,
+            fd,
+            ip: ip.into(),
+            client_id: None,
+            abilities: Vec::new(),
+            sleeping: false,
+            sleep_epoch: 0,
+            exceptions: false,
+            running: Vec::new(),
+            waiting: HashSet::new(),
+        }) as ConnId
+    }
+
+    pub fn disconnect(&mut self, conn: ConnId) {
+        // Whatever this sends goes to other connections, whose tasks must be woken.
+        self.current = None;
+        let Some(mut c) = self.conns.try_remove(conn as usize) else {
+            return;
+        };
+        for ability in c.abilities.drain(..) {
+            self.functions[ability.function as usize].workers -= 1;
+        }
+        for key in std::mem::take(&mut c.running) {
+            self.lose_worker(key);
+        }
+        for key in c.waiting.drain() {
+            self.detach_client(key, conn);
+        }
+    }
+
+    /// Starts applying packets from `conn`: replies to it need no wake-up.
+    pub fn begin(&mut self, conn: ConnId) {
+        self.current = Some(conn);
+    }
+
+    fn send(&self, conn: ConnId, kind: T, args: &[&[u8]]) {
+        self.send_raw(conn, |b| encode_packet(b, Magic::Response, kind, args));
+    }
+
+    fn send_raw(&self, conn: ConnId, write: impl FnOnce(&mut BytesMut)) {
+        if let Some(c) = self.conns.get(conn as usize) {
+            let len = c.outbox.push(self.current == Some(conn), write);
+            if len > self.config.max_outbox {
+                c.outbox.kill();
+            }
+        }
+    }
+
+    pub fn send_error(&self, conn: ConnId, code: &str, text: &str) {
+        self.send(conn, T::Error, &[code.as_bytes(), text.as_bytes()]);
+    }
+
+    pub fn send_text(&self, conn: ConnId, text: &str) {
+        self.send_raw(conn, |b| b.extend_from_slice(text.as_bytes()));
+    }
+
+    fn handle(&self, seq: u64) -> Handle {
+        let mut h = Handle {
+            buf: [0; 64],
+            len: self.handle_prefix.len(),
+        };
+        h.buf[..h.len].copy_from_slice(&self.handle_prefix);
+        let mut digits = itoa::Buffer::new();
+        let d = digits.format(seq).as_bytes();
+        h.buf[h.len..h.len + d.len()].copy_from_slice(d);
+        h.len += d.len();
+        h
+    }
+
+    fn parse_handle(&self, handle: &[u8]) -> Option<u64> {
+        let digits = handle.strip_prefix(self.handle_prefix.as_slice())?;
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+
+    fn find_by_handle(&self, handle: &[u8]) -> Option<JobKey> {
+        let seq = self.parse_handle(handle)?;
+        self.by_seq
+            .find(seq_hash(seq), |&k| self.jobs[k as usize].seq == seq)
+            .copied()
+    }
+
+    fn unique_hash(&self, function: FunctionId, unique: &[u8]) -> u64 {
+        self.hasher.hash_one((function, unique))
+    }
+
+    fn find_by_unique(&self, function: FunctionId, unique: &[u8]) -> Option<JobKey> {
+        let hash = self.unique_hash(function, unique);
+        self.by_unique
+            .find(hash, |&k| {
+                let j = &self.jobs[k as usize];
+                j.function == function && j.unique() == unique
+            })
+            .copied()
+    }
+
+    fn function_id(&mut self, name: &[u8]) -> FunctionId {
+        if let Some(&id) = self.function_ids.get(name) {
+            return id;
+        }
+        let name = Bytes::copy_from_slice(name);
+        let id = match self.functions.iter().position(|f| f.dropped) {
+            Some(free) => {
+                self.functions[free] = Function::new(name.clone());
+                free as FunctionId
+            }
+            None => {
+                self.functions.push(Function::new(name.clone()));
+                (self.functions.len() - 1) as FunctionId
+            }
+        };
+        self.function_ids.insert(name, id);
+        id
+    }
+
+    // ----- packets -----
+
+    pub fn apply(&mut self, conn: ConnId, req: Request) {
+        match req {
+            Request::SubmitJob {
+                function,
+                unique,
+                data,
+                priority,
+                background,
+            } => self.submit(conn, &function, &unique, &data, priority, background, None),
+            Request::SubmitJobEpoch {
+                function,
+                unique,
+                epoch,
+                data,
+            } => self.submit(
+                conn,
+                &function,
+                &unique,
+                &data,
+                Priority::Normal,
+                true,
+                Some(epoch),
+            ),
+            Request::SubmitJobSched { .. } => self.send_error(
+                conn,
+                "INVALID_COMMAND",
+                "SUBMIT_JOB_SCHED is not supported; use SUBMIT_JOB_EPOCH",
+            ),
+            Request::SubmitReduceJob { .. } => {
+                self.send_error(conn, "INVALID_COMMAND", "Reduce jobs are not supported")
+            }
+            Request::GrabJob(kind) => self.grab(conn, kind),
+            Request::PreSleep => self.pre_sleep(conn),
+            Request::CanDo { function } => self.can_do(conn, &function, None),
+            Request::CanDoTimeout { function, timeout } => {
+                let timeout = (timeout > 0)
+                    .then(|| Duration::from_millis(timeout.into()).max(MIN_JOB_TIMEOUT));
+                self.can_do(conn, &function, timeout)
+            }
+            Request::CantDo { function } => self.cant_do(conn, &function),
+            Request::ResetAbilities => {
+                let c = &mut self.conns[conn as usize];
+                for ability in c.abilities.drain(..) {
+                    self.functions[ability.function as usize].workers -= 1;
+                }
+            }
+            Request::WorkStatus {
+                handle,
+                numerator,
+                denominator,
+            } => {
+                let Some(key) = self.running_job(conn, &handle) else {
+                    return;
+                };
+                let job = &mut self.jobs[key as usize];
+                job.numerator = numerator;
+                job.denominator = denominator;
+                let mut n = itoa::Buffer::new();
+                let mut d = itoa::Buffer::new();
+                let args: [&[u8]; 3] = [
+                    &handle,
+                    n.format(numerator).as_bytes(),
+                    d.format(denominator).as_bytes(),
+                ];
+                for &c in &self.jobs[key as usize].clients {
+                    self.send(c, T::WorkStatus, &args);
+                }
+            }
+            Request::WorkData { handle, data } => self.forward(conn, T::WorkData, &handle, &data),
+            Request::WorkWarning { handle, data } => {
+                self.forward(conn, T::WorkWarning, &handle, &data)
+            }
+            Request::WorkComplete { handle, data } => {
+                if let Some(key) = self.running_job(conn, &handle) {
+                    for &c in &self.jobs[key as usize].clients {
+                        self.send(c, T::WorkComplete, &[&handle, &data]);
+                    }
+                    self.finish(key);
+                }
+            }
+            Request::WorkFail { handle } => {
+                if let Some(key) = self.running_job(conn, &handle) {
+                    for &c in &self.jobs[key as usize].clients {
+                        self.send(c, T::WorkFail, &[&handle]);
+                    }
+                    self.finish(key);
+                }
+            }
+            Request::WorkException { handle, data } => {
+                if let Some(key) = self.running_job(conn, &handle) {
+                    for &c in &self.jobs[key as usize].clients {
+                        if self.conns[c as usize].exceptions {
+                            self.send(c, T::WorkException, &[&handle, &data]);
+                        } else {
+                            self.send(c, T::WorkFail, &[&handle]);
+                        }
+                    }
+                    self.finish(key);
+                }
+            }
+            Request::GetStatus { handle } => {
+                let mut n = itoa::Buffer::new();
+                let mut d = itoa::Buffer::new();
+                match self.find_by_handle(&handle).map(|k| &self.jobs[k as usize]) {
+                    Some(job) => {
+                        let running = matches!(job.state, JobState::Running(_));
+                        let args: [&[u8]; 5] = [
+                            &handle,
+                            b"1",
+                            if running { b"1" } else { b"0" },
+                            n.format(job.numerator).as_bytes(),
+                            d.format(job.denominator).as_bytes(),
+                        ];
+                        self.send(conn, T::StatusRes, &args);
+                    }
+                    None => self.send(conn, T::StatusRes, &[&handle, b"0", b"0", b"0", b"0"]),
+                }
+            }
+            Request::GetStatusUnique { unique } => {
+                // The unique key alone does not name a function; report the first match.
+                let found = (0..self.functions.len() as FunctionId)
+                    .find_map(|fid| self.find_by_unique(fid, &unique))
+                    .map(|k| &self.jobs[k as usize]);
+                let mut n = itoa::Buffer::new();
+                let mut d = itoa::Buffer::new();
+                let mut w = itoa::Buffer::new();
+                match found {
+                    Some(job) => {
+                        let running = matches!(job.state, JobState::Running(_));
+                        let args: [&[u8]; 6] = [
+                            &unique,
+                            b"1",
+                            if running { b"1" } else { b"0" },
+                            n.format(job.numerator).as_bytes(),
+                            d.format(job.denominator).as_bytes(),
+                            w.format(job.clients.len()).as_bytes(),
+                        ];
+                        self.send(conn, T::StatusResUnique, &args);
+                    }
+                    None => self.send(
+                        conn,
+                        T::StatusResUnique,
+                        &[&unique, b"0", b"0", b"0", b"0", b"0"],
+                    ),
+                }
+            }
+            Request::EchoReq { data } => self.send(conn, T::EchoRes, &[&data]),
+            Request::OptionReq { option } => {
+                if option.eq_ignore_ascii_case(b"exceptions") {
+                    self.conns[conn as usize].exceptions = true;
+                    self.send(conn, T::OptionRes, &[&option]);
+                } else {
+                    self.send_error(
+                        conn,
+                        "UNKNOWN_OPTION",
+                        "Server does not recognize given option",
+                    );
+                }
+            }
+            Request::SetClientId { id } => self.conns[conn as usize].client_id = Some(id),
+            Request::AllYours => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        conn: ConnId,
+        function: &[u8],
+        unique: &[u8],
+        data: &[u8],
+        priority: Priority,
+        background: bool,
+        run_at: Option<i64>,
+    ) {
+        if unique.len() > MAX_UNIQUE {
+            return self.send_error(conn, "ARGUMENT_TOO_LARGE", "Unique value too large");
+        }
+        if function.is_empty() {
+            return self.send_error(conn, "INVALID_PACKET", "Function name is empty");
+        }
+        let fid = self.function_id(function);
+        // A unique key of "-" asks for coalescing on the payload itself (libgearman's convention).
+        let unique: &[u8] = if unique == b"-" && data.len() <= MAX_UNIQUE {
+            data
+        } else {
+            unique
+        };
+        if !unique.is_empty() {
+            if let Some(key) = self.find_by_unique(fid, unique) {
+                if !background {
+                    self.attach(conn, key);
+                }
+                let handle = self.handle(self.jobs[key as usize].seq);
+                return self.send(conn, T::JobCreated, &[&handle]);
+            }
+        }
+        let f = &self.functions[fid as usize];
+        let limit = f.max_queue[priority as usize];
+        if limit > 0 && f.total() >= limit {
+            return self.send_error(conn, "QUEUE_ERROR", "Job queue is full");
+        }
+
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut body = Vec::with_capacity(unique.len() + data.len());
+        body.extend_from_slice(unique);
+        body.extend_from_slice(data);
+        let now = unix_now();
+        let scheduled = run_at.is_some_and(|t| t > now);
+        let key = self.jobs.insert(Job {
+            seq,
+            function: fid,
+            priority,
+            background,
+            state: if scheduled {
+                JobState::Scheduled
+            } else {
+                JobState::Queued
+            },
+            attempts: 0,
+            unique_len: unique.len() as u16,
+            numerator: 0,
+            denominator: 0,
+            body: body.into_boxed_slice(),
+            clients: Vec::new(),
+        }) as JobKey;
+        self.index(key);
+        if !background {
+            self.attach(conn, key);
+        }
+        if scheduled {
+            let at = run_at.unwrap_or(now);
+            self.functions[fid as usize].scheduled += 1;
+            self.scheduled.push(Reverse((at, seq, key)));
+            let wait = Duration::from_secs((at - now) as u64);
+            self.arm_timer(Instant::now() + wait);
+        } else {
+            self.enqueue(key, false);
+        }
+        let handle = self.handle(seq);
+        self.send(conn, T::JobCreated, &[&handle]);
+    }
+
+    fn index(&mut self, key: JobKey) {
+        let job = &self.jobs[key as usize];
+        let jobs = &self.jobs;
+        self.by_seq
+            .insert_unique(seq_hash(job.seq), key, |&k| seq_hash(jobs[k as usize].seq));
+        if job.unique_len > 0 {
+            let hasher = &self.hasher;
+            let hash = hasher.hash_one((job.function, job.unique()));
+            self.by_unique.insert_unique(hash, key, |&k| {
+                let j = &jobs[k as usize];
+                hasher.hash_one((j.function, j.unique()))
+            });
+        }
+    }
+
+    /// Removes a job from the lookup indices and from its clients' waiting sets.
+    fn unindex(&mut self, key: JobKey) {
+        let job = &self.jobs[key as usize];
+        if let Ok(e) = self.by_seq.find_entry(seq_hash(job.seq), |&k| k == key) {
+            e.remove();
+        }
+        if job.unique_len > 0 {
+            let hash = self.unique_hash(job.function, job.unique());
+            if let Ok(e) = self.by_unique.find_entry(hash, |&k| k == key) {
+                e.remove();
+            }
+        }
+        for &c in &self.jobs[key as usize].clients {
+            if let Some(conn) = self.conns.get_mut(c as usize) {
+                conn.waiting.remove(&key);
+            }
+        }
+    }
+
+    fn attach(&mut self, conn: ConnId, key: JobKey) {
+        let job = &mut self.jobs[key as usize];
+        if !job.clients.contains(&conn) {
+            job.clients.push(conn);
+            self.conns[conn as usize].waiting.insert(key);
+        }
+    }
+
+    /// Puts a job in its function's queue and wakes one sleeping worker for it.
+    /// A job coming back from a lost worker goes to the front: it was first in line.
+    fn enqueue(&mut self, key: JobKey, front: bool) {
+        let job = &mut self.jobs[key as usize];
+        job.state = JobState::Queued;
+        let (fid, p) = (job.function, job.priority as usize);
+        let f = &mut self.functions[fid as usize];
+        if front {
+            f.queues[p].push_front(key);
+        } else {
+            f.queues[p].push_back(key);
+        }
+        f.queued[p] += 1;
+        self.wake_one(fid);
+    }
+
+    fn wake_one(&mut self, fid: FunctionId) {
+        while let Some((c, epoch)) = self.functions[fid as usize].sleepers.pop_front() {
+            if let Some(conn) = self.conns.get_mut(c as usize) {
+                if conn.sleeping && conn.sleep_epoch == epoch {
+                    conn.sleeping = false;
+                    self.send(c, T::Noop, &[]);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn grab(&mut self, conn: ConnId, kind: GrabKind) {
+        let c = &mut self.conns[conn as usize];
+        c.sleeping = false;
+        // Highest priority first across all the worker's functions; oldest first within one.
+        let mut best: Option<(usize, u64, FunctionId)> = None;
+        for ability in &c.abilities {
+            let f = &mut self.functions[ability.function as usize];
+            for p in 0..3 {
+                while let Some(&k) = f.queues[p].front() {
+                    if self.jobs[k as usize].state == JobState::Dropped {
+                        f.queues[p].pop_front();
+                        self.jobs.remove(k as usize);
+                        continue;
+                    }
+                    break;
+                }
+                if let Some(&k) = f.queues[p].front() {
+                    let candidate = (p, self.jobs[k as usize].seq, ability.function);
+                    if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+                        best = Some(candidate);
+                    }
+                    break;
+                }
+            }
+        }
+        let Some((p, _, fid)) = best else {
+            return self.send(conn, T::NoJob, &[]);
+        };
+        let timeout = c
+            .abilities
+            .iter()
+            .find(|a| a.function == fid)
+            .and_then(|a| a.timeout);
+        let f = &mut self.functions[fid as usize];
+        let key = f.queues[p].pop_front().expect("candidate exists");
+        f.queued[p] -= 1;
+        f.running += 1;
+        self.conns[conn as usize].running.push(key);
+        let job = &mut self.jobs[key as usize];
+        job.state = JobState::Running(conn);
+        job.attempts = job.attempts.saturating_add(1);
+        if let Some(t) = timeout {
+            let deadline = Instant::now() + t;
+            self.timeouts
+                .push(Reverse((deadline, job.seq, job.attempts, key)));
+            self.arm_timer(deadline);
+        }
+        let job = &self.jobs[key as usize];
+        let handle = self.handle(job.seq);
+        let name = &self.functions[fid as usize].name;
+        match kind {
+            GrabKind::Plain => self.send(conn, T::JobAssign, &[&handle, name, job.data()]),
+            GrabKind::Uniq | GrabKind::All => self.send(
+                conn,
+                T::JobAssignUniq,
+                &[&handle, name, job.unique(), job.data()],
+            ),
+        }
+    }
+
+    fn pre_sleep(&mut self, conn: ConnId) {
+        let c = &self.conns[conn as usize];
+        let has_work = c
+            .abilities
+            .iter()
+            .any(|a| self.functions[a.function as usize].queued_total() > 0);
+        if has_work {
+            return self.send(conn, T::Noop, &[]);
+        }
+        let c = &mut self.conns[conn as usize];
+        c.sleeping = true;
+        c.sleep_epoch = c.sleep_epoch.wrapping_add(1);
+        let epoch = c.sleep_epoch;
+        for i in 0..self.conns[conn as usize].abilities.len() {
+            let fid = self.conns[conn as usize].abilities[i].function;
+            push_sleeper(&mut self.functions[fid as usize], conn, epoch, &self.conns);
+        }
+    }
+
+    fn can_do(&mut self, conn: ConnId, function: &[u8], timeout: Option<Duration>) {
+        if function.is_empty() {
+            return;
+        }
+        let fid = self.function_id(function);
+        let c = &mut self.conns[conn as usize];
+        if let Some(a) = c.abilities.iter_mut().find(|a| a.function == fid) {
+            a.timeout = timeout;
+            return;
+        }
+        c.abilities.push(Ability {
+            function: fid,
+            timeout,
+        });
+        let (sleeping, epoch) = (c.sleeping, c.sleep_epoch);
+        let f = &mut self.functions[fid as usize];
+        f.workers += 1;
+        if sleeping {
+            if f.queued_total() > 0 {
+                self.conns[conn as usize].sleeping = false;
+                self.send(conn, T::Noop, &[]);
+            } else {
+                push_sleeper(f, conn, epoch, &self.conns);
+            }
+        }
+    }
+
+    fn cant_do(&mut self, conn: ConnId, function: &[u8]) {
+        let Some(&fid) = self.function_ids.get(function) else {
+            return;
+        };
+        let c = &mut self.conns[conn as usize];
+        if let Some(i) = c.abilities.iter().position(|a| a.function == fid) {
+            c.abilities.swap_remove(i);
+            self.functions[fid as usize].workers -= 1;
+        }
+    }
+
+    /// The job `handle` names, if `conn` is the worker running it; otherwise an ERROR.
+    fn running_job(&self, conn: ConnId, handle: &[u8]) -> Option<JobKey> {
+        let found = self.parse_handle(handle).and_then(|seq| {
+            self.conns[conn as usize]
+                .running
+                .iter()
+                .copied()
+                .find(|&k| self.jobs[k as usize].seq == seq)
+        });
+        if found.is_none() {
+            self.send_error(conn, "JOB_NOT_FOUND", "Job given in work result not found");
+        }
+        found
+    }
+
+    fn forward(&self, conn: ConnId, kind: T, handle: &[u8], data: &[u8]) {
+        if let Some(key) = self.running_job(conn, handle) {
+            for &c in &self.jobs[key as usize].clients {
+                self.send(c, kind, &[handle, data]);
+            }
+        }
+    }
+
+    /// A running job ended (completed, failed, or gave up): forget it.
+    fn finish(&mut self, key: JobKey) {
+        let job = &self.jobs[key as usize];
+        if let JobState::Running(w) = job.state {
+            self.functions[job.function as usize].running -= 1;
+            if let Some(worker) = self.conns.get_mut(w as usize) {
+                if let Some(i) = worker.running.iter().position(|&k| k == key) {
+                    worker.running.swap_remove(i);
+                }
+            }
+        }
+        self.unindex(key);
+        self.jobs.remove(key as usize);
+    }
+
+    /// The worker running `key` went away or timed out: queue the job again, unless it has
+    /// used up its attempts (then fail it) or nobody is left to want its result.
+    fn lose_worker(&mut self, key: JobKey) {
+        let job = &mut self.jobs[key as usize];
+        self.functions[job.function as usize].running -= 1;
+        job.state = JobState::Queued;
+        let (seq, attempts, background, abandoned) = (
+            job.seq,
+            u32::from(job.attempts),
+            job.background,
+            job.clients.is_empty(),
+        );
+        let retries = self.config.job_retries;
+        if retries > 0 && attempts >= retries {
+            let handle = self.handle(seq);
+            tracing::warn!(handle = %String::from_utf8_lossy(&handle), "job failed after {retries} attempts");
+            for &c in &self.jobs[key as usize].clients {
+                self.send(c, T::WorkFail, &[&handle]);
+            }
+            self.unindex(key);
+            self.jobs.remove(key as usize);
+        } else if !background && abandoned {
+            self.unindex(key);
+            self.jobs.remove(key as usize);
+        } else {
+            self.enqueue(key, true);
+        }
+    }
+
+    /// A client stopped waiting for `key`. A queued foreground job nobody waits for is dropped.
+    fn detach_client(&mut self, key: JobKey, conn: ConnId) {
+        let job = &mut self.jobs[key as usize];
+        job.clients.retain(|&c| c != conn);
+        if job.clients.is_empty() && !job.background && job.state == JobState::Queued {
+            self.drop_queued(key);
+        }
+    }
+
+    /// Takes a queued or scheduled job out of service. Its slot stays allocated until the
+    /// queue or schedule heap that still holds its key reaches it.
+    fn drop_queued(&mut self, key: JobKey) {
+        let job = &self.jobs[key as usize];
+        let f = &mut self.functions[job.function as usize];
+        match job.state {
+            JobState::Queued => f.queued[job.priority as usize] -= 1,
+            JobState::Scheduled => f.scheduled -= 1,
+            _ => unreachable!("only queued or scheduled jobs are dropped"),
+        }
+        self.unindex(key);
+        self.jobs[key as usize].state = JobState::Dropped;
+    }
+
+    // ----- timers -----
+
+    fn arm_timer(&mut self, deadline: Instant) {
+        if self.timer_at.is_none_or(|t| deadline < t) {
+            self.timer_at = Some(deadline);
+            self.timer.notify_one();
+        }
+    }
+
+    /// Runs due timeouts and scheduled jobs; returns when to call again.
+    pub fn tick(&mut self, now: Instant) -> Instant {
+        self.current = None;
+        while let Some(&Reverse((deadline, seq, attempt, key))) = self.timeouts.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timeouts.pop();
+            let Some(job) = self.jobs.get(key as usize) else {
+                continue;
+            };
+            if job.seq != seq || job.attempts != attempt {
+                continue;
+            }
+            if let JobState::Running(w) = job.state {
+                tracing::warn!(handle = %String::from_utf8_lossy(&self.handle(seq)), "worker timed out; job queued again");
+                if let Some(worker) = self.conns.get_mut(w as usize) {
+                    worker.running.retain(|&k| k != key);
+                }
+                self.lose_worker(key);
+            }
+        }
+        let wall = unix_now();
+        while let Some(&Reverse((at, seq, key))) = self.scheduled.peek() {
+            if at > wall {
+                break;
+            }
+            self.scheduled.pop();
+            let Some(job) = self.jobs.get(key as usize) else {
+                continue;
+            };
+            if job.seq != seq {
+                continue;
+            }
+            match job.state {
+                JobState::Scheduled => {
+                    self.functions[job.function as usize].scheduled -= 1;
+                    self.enqueue(key, false);
+                }
+                JobState::Dropped => {
+                    self.jobs.remove(key as usize);
+                }
+                _ => {}
+            }
+        }
+        if now.duration_since(self.last_sweep) >= WAKE_SWEEP {
+            self.last_sweep = now;
+            for fid in 0..self.functions.len() as FunctionId {
+                if self.functions[fid as usize].queued_total() > 0 {
+                    self.wake_one(fid);
+                }
+            }
+        }
+        let mut next = self.last_sweep + WAKE_SWEEP;
+        if let Some(Reverse((deadline, ..))) = self.timeouts.peek() {
+            next = next.min(*deadline);
+        }
+        if let Some(Reverse((at, ..))) = self.scheduled.peek() {
+            next = next.min(now + Duration::from_secs((at - wall).max(0) as u64));
+        }
+        self.timer_at = Some(next);
+        next
+    }
+}
+
+/// Records a sleeping worker for a function, pruning stale entries when they pile up.
+fn push_sleeper(f: &mut Function, conn: ConnId, epoch: u32, conns: &Slab<Conn>) {
+    if f.sleepers.len() > 2 * f.workers as usize + 8 {
+        f.sleepers.retain(|&(c, e)| {
+            conns
+                .get(c as usize)
+                .is_some_and(|c| c.sleeping && c.sleep_epoch == e)
+        });
+    }
+    f.sleepers.push_back((conn, epoch));
+}
+
+// ----- admin protocol -----
+
+impl Broker {
+    pub fn admin(
+        &mut self,
+        conn: ConnId,
+        cmd: gearbox_proto::AdminCommand,
+        info: &AdminInfo,
+    ) -> AdminEffect {
+        use gearbox_proto::admin::OK;
+        use gearbox_proto::AdminCommand as A;
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut effect = AdminEffect::None;
+        let live = || self.functions.iter().filter(|f| !f.dropped);
+        match cmd {
+            A::Status => {
+                for f in live() {
+                    let name = String::from_utf8_lossy(&f.name);
+                    let _ = writeln!(out, "{name}\t{}\t{}\t{}", f.total(), f.running, f.workers);
+                }
+                out.push_str(".\n");
+            }
+            A::PriorityStatus => {
+                for f in live() {
+                    let name = String::from_utf8_lossy(&f.name);
+                    let [h, n, l] = f.queued;
+                    let _ = writeln!(out, "{name}\t{h}\t{n}\t{l}\t{}", f.workers);
+                }
+                out.push_str(".\n");
+            }
+            A::Workers => {
+                for (_, c) in &self.conns {
+                    let id = c
+                        .client_id
+                        .as_deref()
+                        .map_or("-".into(), String::from_utf8_lossy);
+                    let _ = write!(out, "{} {} {id} :", c.fd, c.ip);
+                    for a in &c.abilities {
+                        let _ = write!(
+                            out,
+                            " {}",
+                            String::from_utf8_lossy(&self.functions[a.function as usize].name)
+                        );
+                    }
+                    out.push('\n');
+                }
+                out.push_str(".\n");
+            }
+            A::Version => out = format!("OK {}\n", info.version),
+            A::GetPid => out = format!("OK {}\n", std::process::id()),
+            A::Verbose => out = format!("OK {}\n", info.verbose),
+            A::MaxQueue { function, limits } => {
+                let fid = self.function_id(&function);
+                self.functions[fid as usize].max_queue = limits;
+                out.push_str(OK);
+            }
+            A::MaxQueueList => {
+                for f in live() {
+                    let [h, n, l] = f.max_queue;
+                    let _ = writeln!(out, "{}\t{h}\t{n}\t{l}", String::from_utf8_lossy(&f.name));
+                }
+                out.push_str(".\n");
+            }
+            A::ShowJobs => {
+                for (_, j) in self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state != JobState::Dropped)
+                {
+                    let running = matches!(j.state, JobState::Running(_));
+                    let retries = j.attempts - u16::from(running);
+                    let handle = self.handle(j.seq);
+                    let _ = writeln!(
+                        out,
+                        "{}\t{retries}\t0\t{}",
+                        String::from_utf8_lossy(&handle),
+                        u8::from(j.background)
+                    );
+                }
+                out.push_str(".\n");
+            }
+            A::ShowUniqueJobs => {
+                for (_, j) in self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state != JobState::Dropped)
+                {
+                    let _ = writeln!(out, "{}", String::from_utf8_lossy(j.unique()));
+                }
+                out.push_str(".\n");
+            }
+            A::CancelJob { handle } => match self.find_by_handle(&handle) {
+                None => out.push_str("ERR UNKNOWN_JOB\r\n"),
+                Some(key) if matches!(self.jobs[key as usize].state, JobState::Running(_)) => {
+                    out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n")
+                }
+                Some(key) => {
+                    for &c in &self.jobs[key as usize].clients {
+                        self.send(c, T::WorkFail, &[&handle]);
+                    }
+                    self.drop_queued(key);
+                    out.push_str(OK);
+                }
+            },
+            A::CreateFunction { function } => {
+                self.function_id(&function);
+                out.push_str(OK);
+            }
+            A::DropFunction { function } => match self.function_ids.get(&function[..]).copied() {
+                None => out.push_str("ERR function not found\r\n"),
+                Some(fid) => {
+                    let f = &self.functions[fid as usize];
+                    if f.workers > 0 || f.running > 0 {
+                        out.push_str(
+                            "ERR there are still connected workers or executing clients\r\n",
+                        );
+                    } else if f.queued_total() > 0 || f.scheduled > 0 {
+                        out.push_str("ERR there are still queued jobs\r\n");
+                    } else {
+                        self.function_ids.remove(&function[..]);
+                        let f = &mut self.functions[fid as usize];
+                        f.dropped = true;
+                        f.queues = Default::default();
+                        f.sleepers.clear();
+                        out.push_str(OK);
+                    }
+                }
+            },
+            A::Shutdown { graceful } => {
+                if info.allow_shutdown {
+                    effect = AdminEffect::Shutdown { graceful };
+                    out.push_str(OK);
+                } else {
+                    out.push_str(
+                        "ERR SHUTDOWN_DISABLED Start+the+server+with+--allow-shutdown\r\n",
+                    );
+                }
+            }
+        }
+        self.send_text(conn, &out);
+        effect
+    }
+}
+
+/// Facts about the server the admin protocol reports.
+pub struct AdminInfo {
+    pub version: String,
+    pub verbose: String,
+    pub allow_shutdown: bool,
+}

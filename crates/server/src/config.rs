@@ -1,0 +1,229 @@
+//! Server settings: command-line flags (gearmand's where they make sense), `GEARBOX_*`
+//! environment variables, and a TOML file, in that order of precedence, then defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::broker::BrokerConfig;
+use crate::server::ServeOptions;
+
+/// Every setting is optional here so that the sources can be layered.
+#[derive(clap::Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TOML file with any of these settings (kebab-case keys, e.g. `job-retries = 3`).
+    #[arg(short = 'c', long, env = "GEARBOX_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on; repeat for several [default: 0.0.0.0]
+    #[arg(short = 'L', long, env = "GEARBOX_LISTEN", value_delimiter = ',')]
+    pub listen: Option<Vec<String>>,
+
+    /// Port to listen on [default: 4730]
+    #[arg(short = 'p', long, env = "GEARBOX_PORT")]
+    pub port: Option<u16>,
+
+    /// I/O threads; 0 or 1 runs everything on one thread [default: 1]
+    #[arg(short = 't', long, env = "GEARBOX_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Attempts before a job whose workers keep disappearing is failed; 0 = no limit [default: 0]
+    #[arg(short = 'j', long, env = "GEARBOX_JOB_RETRIES")]
+    pub job_retries: Option<u32>,
+
+    /// Largest packet body accepted, in bytes [default: 67108864]
+    #[arg(long, env = "GEARBOX_MAX_PACKET_SIZE")]
+    pub max_packet_size: Option<u32>,
+
+    /// Log level: ERROR, WARNING, INFO, DEBUG or TRACE (gearmand's names are accepted) [default: INFO]
+    #[arg(long, env = "GEARBOX_VERBOSE", num_args = 0..=1, default_missing_value = "INFO")]
+    pub verbose: Option<String>,
+
+    /// Write the process id to this file
+    #[arg(short = 'P', long, env = "GEARBOX_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Log to this file instead of standard error ("none" to disable)
+    #[arg(short = 'l', long, env = "GEARBOX_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Let the admin `shutdown` command stop the server
+    #[arg(long, env = "GEARBOX_ALLOW_SHUTDOWN", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_shutdown: Option<bool>,
+
+    /// Host name used in job handles [default: the machine's host name]
+    #[arg(long, env = "GEARBOX_HOSTNAME")]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("unknown log level {0:?} (use ERROR, WARNING, INFO, DEBUG or TRACE)")]
+    Verbose(String),
+}
+
+/// Settings with every source applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<String>,
+    pub port: u16,
+    pub threads: usize,
+    pub log_level: tracing::Level,
+    pub pid_file: Option<PathBuf>,
+    pub log_file: Option<PathBuf>,
+    pub serve: ServeOptions,
+}
+
+impl Settings {
+    /// Fills every setting missing here from `other`.
+    fn or(self, other: Settings) -> Settings {
+        Settings {
+            config: self.config.or(other.config),
+            listen: self.listen.or(other.listen),
+            port: self.port.or(other.port),
+            threads: self.threads.or(other.threads),
+            job_retries: self.job_retries.or(other.job_retries),
+            max_packet_size: self.max_packet_size.or(other.max_packet_size),
+            verbose: self.verbose.or(other.verbose),
+            pid_file: self.pid_file.or(other.pid_file),
+            log_file: self.log_file.or(other.log_file),
+            allow_shutdown: self.allow_shutdown.or(other.allow_shutdown),
+            hostname: self.hostname.or(other.hostname),
+        }
+    }
+
+    /// Layers the config file (if any) under these settings and applies defaults.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => Settings::default(),
+        };
+        let s = self.or(file);
+        let verbose = s.verbose.unwrap_or_else(|| "INFO".into());
+        let log_level =
+            parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
+        let host = s.hostname.unwrap_or_else(host_name);
+        Ok(Config {
+            listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
+            port: s.port.unwrap_or(4730),
+            threads: s.threads.unwrap_or(1),
+            log_level,
+            pid_file: s.pid_file,
+            log_file: s.log_file,
+            serve: ServeOptions {
+                broker: BrokerConfig {
+                    job_retries: s.job_retries.unwrap_or(0),
+                    host,
+                    ..BrokerConfig::default()
+                },
+                max_packet: s
+                    .max_packet_size
+                    .unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
+                allow_shutdown: s.allow_shutdown.unwrap_or(false),
+                verbose: verbose.to_ascii_uppercase(),
+            },
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })
+}
+
+fn parse_level(s: &str) -> Option<tracing::Level> {
+    use tracing::Level;
+    Some(match s.to_ascii_uppercase().as_str() {
+        "FATAL" | "ALERT" | "CRITICAL" | "ERROR" => Level::ERROR,
+        "WARN" | "WARNING" => Level::WARN,
+        "NOTICE" | "INFO" => Level::INFO,
+        "DEBUG" => Level::DEBUG,
+        "TRACE" => Level::TRACE,
+        _ => return None,
+    })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gearbox".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("gearbox-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gearbox.toml");
+        std::fs::write(&path, "port = 5000\njob-retries = 3\n").unwrap();
+        let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000"]);
+        let config = cli.settings.resolve().unwrap();
+        assert_eq!(config.port, 6000);
+        assert_eq!(config.serve.broker.job_retries, 3);
+        assert_eq!(config.threads, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("gearbox-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gearbox.toml");
+        std::fs::write(&path, "prot = 5000\n").unwrap();
+        let err = Settings {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gearmand_log_levels_are_understood() {
+        let config = Settings {
+            verbose: Some("notice".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.log_level, tracing::Level::INFO);
+        assert!(Settings {
+            verbose: Some("loud".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .is_err());
+    }
+}

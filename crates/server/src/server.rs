@@ -1,0 +1,111 @@
+//! Accepting connections, the timer task, and orderly shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{AdminInfo, Broker, BrokerConfig};
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub broker: Mutex<Broker>,
+    pub max_packet: u32,
+    pub admin_info: AdminInfo,
+    pub shutdown: CancellationToken,
+}
+
+/// Settings of a running server that are not about sockets or processes.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub broker: BrokerConfig,
+    pub max_packet: u32,
+    pub allow_shutdown: bool,
+    /// Reported by the admin `verbose` command.
+    pub verbose: String,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            broker: BrokerConfig::default(),
+            max_packet: gearbox_proto::DEFAULT_MAX_PACKET,
+            allow_shutdown: false,
+            verbose: "INFO".into(),
+        }
+    }
+}
+
+/// How long open connections get to flush after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Serves on `listeners` until `shutdown` is cancelled (by the caller, a signal handler, or
+/// the admin `shutdown` command), then stops accepting, lets connections flush, and returns.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let broker = Broker::new(options.broker);
+    let timer = broker.timer_notify();
+    let shared = Arc::new(Shared {
+        broker: Mutex::new(broker),
+        max_packet: options.max_packet,
+        admin_info: AdminInfo {
+            version: format!("{} (gearbox)", env!("CARGO_PKG_VERSION")),
+            verbose: options.verbose,
+            allow_shutdown: options.allow_shutdown,
+        },
+        shutdown: shutdown.clone(),
+    });
+    let tasks = TaskTracker::new();
+
+    tasks.spawn(run_timer(shared.clone(), timer));
+    for listener in listeners {
+        tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone()));
+    }
+    shutdown.cancelled().await;
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish in time; closing them");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                tasks.spawn(crate::session::run(stream, shared.clone()));
+            }
+            Err(e) => {
+                // Typically EMFILE: wait for connections to close rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn run_timer(shared: Arc<Shared>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = shared.broker.lock().unwrap().tick(Instant::now());
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
