@@ -141,6 +141,10 @@ struct Conn {
     exceptions: bool,
     /// Jobs assigned to this worker connection.
     running: Vec<JobKey>,
+    /// The last job this worker ended with WORK_EXCEPTION. Some workers (Perl's
+    /// Gearman::Worker) follow the exception with a WORK_FAIL, which is then ignored instead
+    /// of answered with an ERROR they cannot handle.
+    excepted: Option<u64>,
     /// Foreground jobs this client waits on.
     waiting: HashSet<JobKey>,
 }
@@ -248,6 +252,7 @@ impl Broker {
             sleep_epoch: 0,
             exceptions: false,
             running: Vec::new(),
+            excepted: None,
             waiting: HashSet::new(),
         }) as ConnId
     }
@@ -452,6 +457,7 @@ impl Broker {
                             self.send(c, T::WorkFail, &[&handle]);
                         }
                     }
+                    self.conns[conn as usize].excepted = Some(self.jobs[key as usize].seq);
                     self.finish(key);
                 }
             }
@@ -788,14 +794,15 @@ impl Broker {
 
     /// The job `handle` names, if `conn` is the worker running it; otherwise an ERROR.
     fn running_job(&self, conn: ConnId, handle: &[u8]) -> Option<JobKey> {
-        let found = self.parse_handle(handle).and_then(|seq| {
-            self.conns[conn as usize]
-                .running
+        let seq = self.parse_handle(handle);
+        let c = &self.conns[conn as usize];
+        let found = seq.and_then(|seq| {
+            c.running
                 .iter()
                 .copied()
                 .find(|&k| self.jobs[k as usize].seq == seq)
         });
-        if found.is_none() {
+        if found.is_none() && (seq.is_none() || seq != c.excepted) {
             self.send_error(conn, "JOB_NOT_FOUND", "Job given in work result not found");
         }
         found

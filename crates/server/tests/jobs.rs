@@ -297,6 +297,10 @@ async fn exceptions_reach_only_clients_that_asked() {
     );
     // A clean WORK_FAIL: exactly the handle, no stray bytes.
     assert_eq!(plain.recv().await, Response::WorkFail { handle: h.clone() });
+    // Perl's worker follows an exception with WORK_FAIL: no ERROR for that.
+    worker.send(Request::WorkFail { handle: h.clone() }).await;
+    worker.send(Request::EchoReq { data: b("next") }).await;
+    assert_eq!(worker.recv().await, Response::EchoRes { data: b("next") });
 }
 
 #[tokio::test]

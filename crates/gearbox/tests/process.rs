@@ -1,0 +1,263 @@
+//! The `gearbox` binary as users run it: real third-party Gearman clients (the `gearman` and
+//! `gearadmin` tools, Perl's Gearman::Client), signals, pid file.
+//! The README's test command installs gearman-tools and libgearman-client-perl.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--verbose",
+                "INFO",
+            ])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gearbox");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server announces its address");
+        Server {
+            child,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    fn gearadmin(&self, args: &[&str]) -> String {
+        let out = run_tool(
+            "gearadmin",
+            &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat(),
+        );
+        assert!(out.status.success(), "gearadmin {args:?} failed: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn gearman(&self, args: &[&str]) -> Output {
+        run_tool(
+            "gearman",
+            &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat(),
+        )
+    }
+
+    fn spawn_gearman(&self, args: &[&str]) -> Child {
+        Command::new("gearman")
+            .args(["-h", "127.0.0.1", "-p", &self.port()])
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the gearman tool (Debian gearman-tools) is installed")
+    }
+
+    /// Sends SIGTERM and returns the exit status and how long the exit took.
+    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a tool with a deadline so a hang fails the test instead of stalling it.
+fn run_tool(tool: &str, args: &[&str]) -> Output {
+    let child = Command::new("timeout")
+        .arg("20")
+        .arg(tool)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(127),
+        "{tool} is not installed (the README's test command installs it)"
+    );
+    out
+}
+
+/// Repeats `check` until it returns true, or panics after a deadline.
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gearman_cli_worker_and_client() {
+    let server = Server::start(&[]);
+    let mut worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
+    let out = server.gearman(&["-f", "rev", "hello"]);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "olleh");
+}
+
+#[test]
+fn gearadmin_reads_status_workers_and_jobs() {
+    let server = Server::start(&[]);
+    // Two background jobs for a function with no worker yet.
+    for data in ["one", "two"] {
+        let out = server.gearman(&["-b", "-f", "later", data]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
+    wait_for("the worker to register", || {
+        server.gearadmin(&["--status"]).contains("rev\t0\t0\t1\n")
+    });
+    let status = server.gearadmin(&["--status"]);
+    assert!(status.contains("later\t2\t0\t0\n"), "{status:?}");
+    assert!(status.ends_with(".\n"), "{status:?}");
+
+    let workers = server.gearadmin(&["--workers"]);
+    assert!(
+        workers.lines().any(|l| l.ends_with(" : rev")),
+        "{workers:?}"
+    );
+
+    let jobs = server.gearadmin(&["--show-jobs"]);
+    let handles: Vec<&str> = jobs
+        .lines()
+        .filter(|l| *l != ".")
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(handles.len(), 2, "{jobs:?}");
+    assert!(handles.iter().all(|h| h.starts_with("H:")), "{jobs:?}");
+
+    assert!(server
+        .gearadmin(&["--priority-status"])
+        .contains("later\t0\t2\t0\t0\n"));
+    assert_eq!(
+        server.gearadmin(&["--getpid"]).trim(),
+        server.child.id().to_string()
+    );
+    assert!(server.gearadmin(&["--server-version"]).contains("gearbox"));
+
+    let cancelled = server.gearadmin(&["--cancel-job", handles[0]]);
+    assert!(!cancelled.contains("ERR"), "{cancelled:?}");
+    assert!(server.gearadmin(&["--status"]).contains("later\t1\t0\t0\n"));
+
+    assert!(!server
+        .gearadmin(&["--create-function", "fresh"])
+        .contains("ERR"));
+    assert!(server.gearadmin(&["--status"]).contains("fresh\t0\t0\t0\n"));
+    assert!(!server
+        .gearadmin(&["--drop-function", "fresh"])
+        .contains("ERR"));
+    assert!(!server.gearadmin(&["--status"]).contains("fresh"));
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+#[test]
+fn perl_gearman_client_and_worker() {
+    let server = Server::start(&[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/perl_client_worker.pl"
+    );
+    let out = run_tool("perl", &[script, &server.addr.to_string()]);
+    let tap = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Perl interop failed:\n{tap}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tap.contains("1..9") && !tap.contains("not ok"), "{tap}");
+}
+
+#[test]
+fn sigterm_exits_promptly_with_idle_and_stalled_connections() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("gearbox-proc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("gearbox.pid");
+    let mut server = Server::start(&["-P", pid_file.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        server.child.id().to_string()
+    );
+
+    let _idle = std::net::TcpStream::connect(server.addr).unwrap();
+    let mut stalled = std::net::TcpStream::connect(server.addr).unwrap();
+    stalled.write_all(b"\0REQ\0\0\0\x07\0\0\0\x40half").unwrap();
+    // A client that never reads while replies pile up.
+    let mut flooder = std::net::TcpStream::connect(server.addr).unwrap();
+    let echo = [&b"\0REQ\0\0\0\x10\0\0\x10\0"[..], &[b'x'; 4096]].concat();
+    flooder.set_nonblocking(true).unwrap();
+    for _ in 0..2000 {
+        if flooder.write_all(&echo).is_err() {
+            break;
+        }
+    }
+    let (status, took) = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!pid_file.exists(), "pid file removed on exit");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["server", "--verbose", "LOUD", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown log level"),
+        "{out:?}"
+    );
+}
