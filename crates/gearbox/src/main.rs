@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the job server (Gearman protocol and admin protocol on one port)
     Server(gearbox_server::Settings),
+    /// Load a Gearman server (gearbox or gearmand) and measure it; checks no job is lost or run twice
+    Bench(gearbox_bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +44,8 @@ fn main() -> anyhow::Result<()> {
             // Connections still open after the grace period are dropped with the runtime.
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
         }
+        // The load generator builds the runtime it wants.
+        Command::Bench(args) => gearbox_bench::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,96 @@
+//! The server process seen through /proc: its PID (asked with the admin command `getpid`,
+//! which gearmand and gearbox both answer with `OK <pid>`), CPU time and resident memory.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Unit of utime/stime in /proc/PID/stat: USER_HZ, 100 on every Linux ABI.
+const TICKS_PER_SEC: u64 = 100;
+
+pub(crate) struct ServerProc {
+    pub pid: u32,
+    /// The process name from /proc/PID/comm, shown so a wrong PID is easy to spot.
+    pub name: String,
+}
+
+impl ServerProc {
+    /// The server process: `explicit` if given, otherwise whatever `getpid` answers.
+    /// `None` (with a warning) when the server does not say or runs on another host.
+    pub async fn find(addr: &str, explicit: Option<u32>) -> Result<Option<ServerProc>> {
+        let pid = match explicit {
+            Some(pid) => pid,
+            None => match tokio::time::timeout(Duration::from_secs(5), ask_pid(addr)).await {
+                Ok(Ok(pid)) => pid,
+                Ok(Err(e)) => {
+                    eprintln!("warning: no server PID ({e:#}); server CPU and memory not measured");
+                    return Ok(None);
+                }
+                Err(_) => {
+                    eprintln!(
+                        "warning: `getpid` got no answer; server CPU and memory not measured"
+                    );
+                    return Ok(None);
+                }
+            },
+        };
+        match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(name) => Ok(Some(ServerProc {
+                pid,
+                name: name.trim_end().to_owned(),
+            })),
+            Err(_) if explicit.is_some() => bail!("no process {pid} on this host"),
+            Err(_) => {
+                eprintln!(
+                    "warning: the server's PID {pid} is not on this host; \
+                     server CPU and memory not measured"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// User plus system CPU time used so far by all the server's threads, in microseconds.
+    pub fn cpu_us(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // The command name may hold spaces and parentheses; fields resume after the last ')'
+        // with field 3 (state), so utime (14) and stime (15) are the 12th and 13th.
+        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some((utime + stime) * 1_000_000 / TICKS_PER_SEC)
+    }
+
+    /// Resident set size (VmRSS) in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line["VmRSS:".len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+}
+
+async fn ask_pid(addr: &str) -> Result<u32> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.write_all(b"getpid\n").await?;
+    let mut reply = Vec::new();
+    while !reply.contains(&b'\n') {
+        if stream.read_buf(&mut reply).await? == 0 || reply.len() > 256 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    text.trim()
+        .strip_prefix("OK ")
+        .and_then(|pid| pid.trim().parse().ok())
+        .with_context(|| format!("unexpected answer to getpid: {:?}", text.trim()))
+}
