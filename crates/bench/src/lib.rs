@@ -107,9 +107,14 @@ pub struct BenchArgs {
 /// fails if it timed out or any job was lost, run twice or garbled.
 pub fn run(args: BenchArgs) -> Result<()> {
     let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads as usize).enable_all().build()?
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads as usize)
+            .enable_all()
+            .build()?
     };
     runtime.block_on(bench(args))
 }

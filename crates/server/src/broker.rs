@@ -274,6 +274,13 @@ impl Broker {
         }
     }
 
+    /// Asks every connection to flush and close (server shutdown).
+    pub fn close_all(&self) {
+        for (_, c) in &self.conns {
+            c.outbox.close();
+        }
+    }
+
     /// Starts applying packets from `conn`: replies to it need no wake-up.
     pub fn begin(&mut self, conn: ConnId) {
         self.current = Some(conn);
@@ -1119,4 +1126,51 @@ pub struct AdminInfo {
     pub version: String,
     pub verbose: String,
     pub allow_shutdown: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gearbox_proto::Request;
+
+    fn submit(b: &mut Broker, conn: ConnId, unique: &str, background: bool) {
+        b.apply(
+            conn,
+            Request::SubmitJob {
+                function: Bytes::from_static(b"f"),
+                unique: Bytes::copy_from_slice(unique.as_bytes()),
+                data: Bytes::from_static(b"payload"),
+                priority: Priority::Normal,
+                background,
+            },
+        );
+    }
+
+    #[test]
+    fn finished_jobs_leave_no_trace_in_the_indices() {
+        let mut b = Broker::new(BrokerConfig::default());
+        let client = b.connect(Arc::new(Outbox::default()), 0, "test");
+        let worker = b.connect(Arc::new(Outbox::default()), 1, "test");
+        b.apply(
+            worker,
+            Request::CanDo {
+                function: Bytes::from_static(b"f"),
+            },
+        );
+        for i in 0..1000 {
+            submit(&mut b, client, &format!("u{i}"), i % 2 == 0);
+            b.apply(worker, Request::GrabJob(GrabKind::Uniq));
+            let key = b.conns[worker as usize].running[0];
+            let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+            b.apply(
+                worker,
+                Request::WorkComplete {
+                    handle,
+                    data: Bytes::new(),
+                },
+            );
+        }
+        assert_eq!((b.jobs.len(), b.by_seq.len(), b.by_unique.len()), (0, 0, 0));
+        assert!(b.conns[client as usize].waiting.is_empty());
+    }
 }

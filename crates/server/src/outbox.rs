@@ -1,19 +1,31 @@
 //! Per-connection output buffer. The broker appends packets for any connection while it holds
 //! the broker lock; the connection's own task drains the buffer to its socket.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use bytes::BytesMut;
 use tokio::sync::Notify;
 
+const OPEN: u8 = 0;
+const CLOSING: u8 = 1;
+const KILLED: u8 = 2;
+
+/// What the connection's task should do besides writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Open,
+    /// Finish writing what is buffered, then close (server shutdown).
+    Closing,
+    /// Close now (the peer stopped reading and its buffer grew past the limit).
+    Killed,
+}
+
 #[derive(Default)]
 pub struct Outbox {
     buf: Mutex<BytesMut>,
     notify: Notify,
-    /// Set when the connection must end (for example it stopped reading and its buffer grew
-    /// past the limit); its task closes it at the next wake-up.
-    kill: AtomicBool,
+    fate: AtomicU8,
 }
 
 impl Outbox {
@@ -40,16 +52,28 @@ impl Outbox {
         }
     }
 
-    pub async fn wait(&self) {
-        self.notify.notified().await
+    /// Resolves after the next push, close or kill (or at once if one came since the last).
+    pub fn notify(&self) -> &Notify {
+        &self.notify
     }
 
-    pub fn kill(&self) {
-        self.kill.store(true, Ordering::Relaxed);
+    pub fn close(&self) {
+        let _ = self
+            .fate
+            .compare_exchange(OPEN, CLOSING, Ordering::Relaxed, Ordering::Relaxed);
         self.notify.notify_one();
     }
 
-    pub fn is_killed(&self) -> bool {
-        self.kill.load(Ordering::Relaxed)
+    pub fn kill(&self) {
+        self.fate.store(KILLED, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    pub fn fate(&self) -> Fate {
+        match self.fate.load(Ordering::Relaxed) {
+            OPEN => Fate::Open,
+            CLOSING => Fate::Closing,
+            _ => Fate::Killed,
+        }
     }
 }

@@ -67,6 +67,7 @@ pub async fn serve(
         tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone()));
     }
     shutdown.cancelled().await;
+    shared.broker.lock().unwrap().close_all();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await

@@ -1,6 +1,7 @@
 //! One task per connection: read and decode, apply to the broker, write what the outbox holds.
 
 use std::os::fd::AsRawFd;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::broker::{AdminEffect, ConnId};
-use crate::outbox::Outbox;
+use crate::outbox::{Fate, Outbox};
 use crate::server::Shared;
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -47,38 +48,51 @@ async fn drive(
     let decoder = Decoder::new(shared.max_packet);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut wbuf = BytesMut::new();
-    let mut closing: Option<tokio::time::Instant> = None;
+    // Created once: re-creating these futures on every turn of the loop costs more than
+    // the rest of the loop.
+    let mut woken = pin!(outbox.notify().notified());
+    let mut close_timer = pin!(tokio::time::sleep(Duration::MAX / 4));
+    let mut closing = false;
     loop {
         if wbuf.is_empty() {
             outbox.take_into(&mut wbuf);
-            if wbuf.is_empty() && closing.is_some() {
+            if wbuf.is_empty() && closing {
                 return Ok(());
             }
         }
-        if outbox.is_killed() {
-            tracing::warn!("closing a connection that stopped reading its replies");
-            return Ok(());
+        match outbox.fate() {
+            Fate::Open => {}
+            Fate::Killed => {
+                tracing::warn!("closing a connection that stopped reading its replies");
+                return Ok(());
+            }
+            Fate::Closing if !closing => {
+                closing = true;
+                close_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CLOSE_FLUSH);
+                continue;
+            }
+            Fate::Closing => {}
         }
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(READ_CHUNK);
         }
-        let reading = closing.is_none() && wbuf.len() < WRITE_HIGH_WATER;
-        let close_deadline = closing.unwrap_or_else(tokio::time::Instant::now);
+        let reading = !closing && wbuf.len() < WRITE_HIGH_WATER;
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled(), if closing.is_none() => {
-                closing = Some(tokio::time::Instant::now() + CLOSE_FLUSH);
-            }
-            _ = tokio::time::sleep_until(close_deadline), if closing.is_some() => return Ok(()),
             written = wr.write(&wbuf), if !wbuf.is_empty() => {
                 wbuf.advance(written?);
             }
             read = rd.read_buf(&mut rbuf), if reading => {
                 if read? == 0 || !process(&mut rbuf, &decoder, id, shared) {
-                    closing = Some(tokio::time::Instant::now() + CLOSE_FLUSH);
+                    outbox.close();
                 }
             }
-            _ = outbox.wait(), if wbuf.is_empty() => {}
+            _ = woken.as_mut(), if wbuf.is_empty() => {
+                woken.set(outbox.notify().notified());
+            }
+            _ = close_timer.as_mut(), if closing => return Ok(()),
         }
     }
 }
