@@ -1,0 +1,157 @@
+//! The text admin protocol's commands, answered from the broker's state.
+
+use gearbox_proto::PacketType as T;
+
+use super::{AdminEffect, Broker, ConnId, JobState};
+
+
+impl Broker {
+    pub fn admin(
+        &mut self,
+        conn: ConnId,
+        cmd: gearbox_proto::AdminCommand,
+        info: &AdminInfo,
+    ) -> AdminEffect {
+        use gearbox_proto::admin::OK;
+        use gearbox_proto::AdminCommand as A;
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut effect = AdminEffect::None;
+        let live = || self.functions.iter().filter(|f| !f.dropped);
+        match cmd {
+            A::Status => {
+                for f in live() {
+                    let name = String::from_utf8_lossy(&f.name);
+                    let _ = writeln!(out, "{name}\t{}\t{}\t{}", f.total(), f.running, f.workers);
+                }
+                out.push_str(".\n");
+            }
+            A::PriorityStatus => {
+                for f in live() {
+                    let name = String::from_utf8_lossy(&f.name);
+                    let [h, n, l] = f.queued;
+                    let _ = writeln!(out, "{name}\t{h}\t{n}\t{l}\t{}", f.workers);
+                }
+                out.push_str(".\n");
+            }
+            A::Workers => {
+                for (_, c) in &self.conns {
+                    let id = c
+                        .client_id
+                        .as_deref()
+                        .map_or("-".into(), String::from_utf8_lossy);
+                    let _ = write!(out, "{} {} {id} :", c.fd, c.ip);
+                    for a in &c.abilities {
+                        let _ = write!(
+                            out,
+                            " {}",
+                            String::from_utf8_lossy(&self.functions[a.function as usize].name)
+                        );
+                    }
+                    out.push('\n');
+                }
+                out.push_str(".\n");
+            }
+            A::Version => out = format!("OK {}\n", info.version),
+            A::GetPid => out = format!("OK {}\n", std::process::id()),
+            A::Verbose => out = format!("OK {}\n", info.verbose),
+            A::MaxQueue { function, limits } => {
+                let fid = self.function_id(&function);
+                self.functions[fid as usize].max_queue = limits;
+                out.push_str(OK);
+            }
+            A::MaxQueueList => {
+                for f in live() {
+                    let [h, n, l] = f.max_queue;
+                    let _ = writeln!(out, "{}\t{h}\t{n}\t{l}", String::from_utf8_lossy(&f.name));
+                }
+                out.push_str(".\n");
+            }
+            A::ShowJobs => {
+                for (_, j) in self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state != JobState::Dropped)
+                {
+                    let running = matches!(j.state, JobState::Running(_));
+                    let retries = j.attempts - u16::from(running);
+                    let handle = self.handle(j.seq);
+                    let _ = writeln!(
+                        out,
+                        "{}\t{retries}\t0\t{}",
+                        String::from_utf8_lossy(&handle),
+                        u8::from(j.background)
+                    );
+                }
+                out.push_str(".\n");
+            }
+            A::ShowUniqueJobs => {
+                for (_, j) in self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state != JobState::Dropped)
+                {
+                    let _ = writeln!(out, "{}", String::from_utf8_lossy(j.unique()));
+                }
+                out.push_str(".\n");
+            }
+            A::CancelJob { handle } => match self.find_by_handle(&handle) {
+                None => out.push_str("ERR UNKNOWN_JOB\r\n"),
+                Some(key) if matches!(self.jobs[key as usize].state, JobState::Running(_)) => {
+                    out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n")
+                }
+                Some(key) => {
+                    for &c in &self.jobs[key as usize].clients {
+                        self.send(c, T::WorkFail, &[&handle]);
+                    }
+                    self.drop_queued(key);
+                    out.push_str(OK);
+                }
+            },
+            A::CreateFunction { function } => {
+                self.function_id(&function);
+                out.push_str(OK);
+            }
+            A::DropFunction { function } => match self.function_ids.get(&function[..]).copied() {
+                None => out.push_str("ERR function not found\r\n"),
+                Some(fid) => {
+                    let f = &self.functions[fid as usize];
+                    if f.workers > 0 || f.running > 0 {
+                        out.push_str(
+                            "ERR there are still connected workers or executing clients\r\n",
+                        );
+                    } else if f.queued_total() > 0 || f.scheduled > 0 {
+                        out.push_str("ERR there are still queued jobs\r\n");
+                    } else {
+                        self.function_ids.remove(&function[..]);
+                        let f = &mut self.functions[fid as usize];
+                        f.dropped = true;
+                        f.queues = Default::default();
+                        f.sleepers.clear();
+                        out.push_str(OK);
+                    }
+                }
+            },
+            A::Shutdown { graceful } => {
+                if info.allow_shutdown {
+                    effect = AdminEffect::Shutdown { graceful };
+                    out.push_str(OK);
+                } else {
+                    out.push_str(
+                        "ERR SHUTDOWN_DISABLED Start+the+server+with+--allow-shutdown\r\n",
+                    );
+                }
+            }
+        }
+        self.send_text(conn, &out);
+        effect
+    }
+}
+
+/// Facts about the server the admin protocol reports.
+pub struct AdminInfo {
+    pub version: String,
+    pub verbose: String,
+    pub allow_shutdown: bool,
+}
+

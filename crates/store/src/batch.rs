@@ -1,0 +1,97 @@
+//! A batch of queue changes, encoded into one reusable arena so that building it costs no
+//! allocation per job.
+
+use std::ops::Range;
+
+use crate::Loc;
+
+#[derive(Clone, Debug)]
+struct Add {
+    seq: u64,
+    priority: u8,
+    run_at: i64,
+    function: Range<usize>,
+    unique: Range<usize>,
+    data: Range<usize>,
+}
+
+/// Adds and removes to commit together. Removes name the job's sequence number and the
+/// location its add returned.
+#[derive(Default, Debug)]
+pub struct Batch {
+    arena: Vec<u8>,
+    adds: Vec<Add>,
+    removes: Vec<(u64, Loc)>,
+}
+
+/// One added job, borrowed from a [`Batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddView<'a> {
+    pub seq: u64,
+    pub priority: u8,
+    pub run_at: i64,
+    pub function: &'a [u8],
+    pub unique: &'a [u8],
+    pub data: &'a [u8],
+}
+
+impl Batch {
+    pub fn push_add(&mut self, seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], data: &[u8]) {
+        let mut put = |bytes: &[u8]| {
+            let start = self.arena.len();
+            self.arena.extend_from_slice(bytes);
+            start..self.arena.len()
+        };
+        let (function, unique, data) = (put(function), put(unique), put(data));
+        self.adds.push(Add { seq, priority, run_at, function, unique, data });
+    }
+
+    pub fn push_remove(&mut self, seq: u64, loc: Loc) {
+        self.removes.push((seq, loc));
+    }
+
+    pub fn adds(&self) -> impl ExactSizeIterator<Item = AddView<'_>> + '_ {
+        self.adds.iter().map(|a| AddView {
+            seq: a.seq,
+            priority: a.priority,
+            run_at: a.run_at,
+            function: &self.arena[a.function.clone()],
+            unique: &self.arena[a.unique.clone()],
+            data: &self.arena[a.data.clone()],
+        })
+    }
+
+    pub fn removes(&self) -> &[(u64, Loc)] {
+        &self.removes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adds.is_empty() && self.removes.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.arena.clear();
+        self.adds.clear();
+        self.removes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_read_back_as_pushed() {
+        let mut b = Batch::default();
+        b.push_add(7, 1, 0, b"f", b"u", b"data\0with nul");
+        b.push_remove(3, Loc(9));
+        b.push_add(8, 0, 42, b"g", b"", b"");
+        let adds: Vec<_> = b.adds().collect();
+        assert_eq!(adds.len(), 2);
+        assert_eq!(adds[0].data, b"data\0with nul");
+        assert_eq!((adds[1].seq, adds[1].run_at, adds[1].function), (8, 42, &b"g"[..]));
+        assert_eq!(b.removes(), &[(3, Loc(9))]);
+        b.clear();
+        assert!(b.is_empty());
+    }
+}

@@ -1,0 +1,96 @@
+//! Durable queue stores. The server keeps its queue in memory and writes every change of a
+//! background job through a [`QueueStore`], in batches ("group commit"), from one thread of
+//! its own: a store never runs on the threads that dispatch jobs, so its methods block.
+//!
+//! - [`log`]: the embedded default, an append-only log of segment files with compaction.
+//! - `sql`: MariaDB/MySQL and PostgreSQL tables (one server owns a table).
+//!
+//! The contract: after [`QueueStore::commit`] returns `Ok`, the batch survives a crash;
+//! [`QueueStore::load`] then yields every job added and not removed, in the order added.
+
+mod batch;
+pub mod log;
+
+pub use batch::{AddView, Batch};
+
+use std::sync::Arc;
+
+/// Where a stored payload can be read back from, so the server need not keep it in memory.
+/// Opaque to the server; [`Loc::NONE`] when the backend offers no such reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Loc(pub u64);
+
+impl Loc {
+    pub const NONE: Loc = Loc(0);
+}
+
+/// A job as loaded from a store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredJob {
+    /// The job's sequence number; its handle is derived from it.
+    pub seq: u64,
+    /// 0 high, 1 normal, 2 low.
+    pub priority: u8,
+    /// Unix time (seconds) before which the job must not run; 0 for "now".
+    pub run_at: i64,
+    pub function: Vec<u8>,
+    pub unique: Vec<u8>,
+    pub data: Vec<u8>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("another gearbox server holds {0}")]
+    Locked(String),
+    #[error("corrupt queue store: {0}")]
+    Corrupt(String),
+    #[error("database: {0}")]
+    Database(String),
+}
+
+impl StoreError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> StoreError {
+        StoreError::Io { context: context.into(), source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Reads payloads back by location, from any thread.
+pub trait PayloadReader: Send + Sync {
+    fn read(&self, loc: Loc, len: u32) -> std::io::Result<Vec<u8>>;
+}
+
+/// A durable queue backend. All methods are called from the server's store thread.
+pub trait QueueStore: Send {
+    /// A short description for logs ("embedded log in /var/lib/gearbox", "postgres://…").
+    fn describe(&self) -> String;
+
+    /// Calls `each` for every job added and not removed, in the order added.
+    fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()>;
+
+    /// Makes the batch durable: its adds and removes, in order. On success `locs` holds the
+    /// location of each add, in batch order. On failure nothing of the batch may reappear
+    /// after a restart (a backend that cannot guarantee that must refuse further batches).
+    fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()>;
+
+    /// A reader for payloads by [`Loc`], if the backend supports it.
+    fn payload_reader(&self) -> Option<Arc<dyn PayloadReader>> {
+        None
+    }
+
+    /// Jobs the backend would like to move (to reclaim space), by sequence number; the
+    /// server answers with those still queued through [`QueueStore::compact`].
+    fn compaction_candidates(&mut self) -> Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
+
+    /// Rewrites the `live` jobs among the last candidates and returns their new locations.
+    fn compact(&mut self, _live: &[u64]) -> Result<Vec<(u64, Loc)>> {
+        Ok(Vec::new())
+    }
+}
