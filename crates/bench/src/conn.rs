@@ -18,9 +18,7 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub async fn connect(addr: &str) -> Result<Conn> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
+        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
@@ -38,10 +36,7 @@ impl Conn {
     /// Sends everything queued in a single write.
     pub async fn flush(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream
-                .write_all(&self.wbuf)
-                .await
-                .context("writing to the server")?;
+            self.stream.write_all(&self.wbuf).await.context("writing to the server")?;
             self.wbuf.clear();
         }
         Ok(())
@@ -52,10 +47,9 @@ impl Conn {
         match self.decoder.decode(&mut self.rbuf)? {
             None => Ok(None),
             Some(Message::Packet(frame)) => Ok(Some(Response::parse(&frame)?)),
-            Some(Message::AdminLine(line)) => bail!(
-                "unexpected text line from the server: {:?}",
-                String::from_utf8_lossy(&line)
-            ),
+            Some(Message::AdminLine(line)) => {
+                bail!("unexpected text line from the server: {:?}", String::from_utf8_lossy(&line))
+            }
         }
     }
 
@@ -64,11 +58,7 @@ impl Conn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let n = self
-            .stream
-            .read_buf(&mut self.rbuf)
-            .await
-            .context("reading from the server")?;
+        let n = self.stream.read_buf(&mut self.rbuf).await.context("reading from the server")?;
         if n == 0 {
             bail!("the server closed the connection");
         }
@@ -89,11 +79,9 @@ impl Conn {
 /// The error for a response the protocol does not allow at this point.
 pub(crate) fn unexpected(who: &str, response: &Response) -> anyhow::Error {
     match response {
-        Response::Error { code, text } => anyhow::anyhow!(
-            "{who} got ERROR {} {}",
-            String::from_utf8_lossy(code),
-            String::from_utf8_lossy(text)
-        ),
+        Response::Error { code, text } => {
+            anyhow::anyhow!("{who} got ERROR {} {}", String::from_utf8_lossy(code), String::from_utf8_lossy(text))
+        }
         other => anyhow::anyhow!("{who} got an unexpected {other:?}"),
     }
 }

@@ -89,8 +89,7 @@ impl JobSet {
         if data.len() != self.payload_len || parse_digits(&data[..PAYLOAD_DIGITS]) != Some(n) {
             self.corrupt.fetch_add(1, Relaxed);
         }
-        self.runs[n as usize].fetch_add(1, Relaxed) == 0
-            && self.distinct.fetch_add(1, Relaxed) + 1 == self.count()
+        self.runs[n as usize].fetch_add(1, Relaxed) == 0 && self.distinct.fetch_add(1, Relaxed) + 1 == self.count()
     }
 
     fn finish(&self, at: Instant) {
@@ -99,11 +98,8 @@ impl JobSet {
     }
 
     pub fn verdict(&self) -> Verdict {
-        let mut v = Verdict {
-            corrupt: self.corrupt.load(Relaxed),
-            foreign: self.foreign.load(Relaxed),
-            ..Verdict::default()
-        };
+        let mut v =
+            Verdict { corrupt: self.corrupt.load(Relaxed), foreign: self.foreign.load(Relaxed), ..Verdict::default() };
         for runs in &self.runs {
             match runs.load(Relaxed) {
                 0 => v.lost += 1,
@@ -119,10 +115,7 @@ fn parse_digits(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > PAYLOAD_DIGITS {
         return None;
     }
-    s.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit()
-            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))?
-    })
+    s.iter().try_fold(0u64, |n, &b| b.is_ascii_digit().then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))?)
 }
 
 /// Encodes submit packets for the jobs of a set, reusing its buffers.
@@ -148,8 +141,7 @@ impl Submitter {
     /// Queues the submit of job `n` on `conn`.
     pub fn push(&mut self, conn: &mut Conn, kind: PacketType, n: u64) {
         self.unique.truncate(self.prefix_len);
-        self.unique
-            .extend_from_slice(self.digits.format(n).as_bytes());
+        self.unique.extend_from_slice(self.digits.format(n).as_bytes());
         let mut rest = n;
         for b in self.payload[..PAYLOAD_DIGITS].iter_mut().rev() {
             *b = b'0' + (rest % 10) as u8;
@@ -162,12 +154,7 @@ impl Submitter {
 /// A worker that holds one job at a time: GRAB_JOB_UNIQ, PRE_SLEEP on NO_JOB until a NOOP,
 /// and WORK_COMPLETE sent together with the next grab. Runs until aborted; `ready` fires
 /// once the server has answered, so its CAN_DO is registered.
-pub(crate) async fn worker(
-    addr: String,
-    function: Bytes,
-    jobs: Arc<JobSet>,
-    ready: oneshot::Sender<()>,
-) -> Result<()> {
+pub(crate) async fn worker(addr: String, function: Bytes, jobs: Arc<JobSet>, ready: oneshot::Sender<()>) -> Result<()> {
     let mut conn = Conn::connect(&addr).await?;
     conn.push(PacketType::CanDo, &[&function]);
     conn.push(PacketType::GrabJobUniq, &[]);
@@ -191,12 +178,7 @@ pub(crate) async fn worker(
                         conn.push(PacketType::GrabJobUniq, &[]);
                     }
                 }
-                Response::JobAssignUniq {
-                    handle,
-                    unique,
-                    data,
-                    ..
-                } => {
+                Response::JobAssignUniq { handle, unique, data, .. } => {
                     finished |= jobs.record(&unique, &data);
                     conn.push(PacketType::WorkComplete, &[&handle, b""]);
                     conn.push(PacketType::GrabJobUniq, &[]);

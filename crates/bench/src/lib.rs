@@ -107,14 +107,9 @@ pub struct BenchArgs {
 /// fails if it timed out or any job was lost, run twice or garbled.
 pub fn run(args: BenchArgs) -> Result<()> {
     let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads as usize)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads as usize).enable_all().build()?
     };
     runtime.block_on(bench(args))
 }
@@ -134,10 +129,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
     };
     let jobs = Arc::new(JobSet::new(prefix, count, args.payload as usize));
 
-    let server = ctx
-        .server
-        .as_ref()
-        .map_or(String::new(), |s| format!(" ({}, pid {})", s.name, s.pid));
+    let server = ctx.server.as_ref().map_or(String::new(), |s| format!(" ({}, pid {})", s.name, s.pid));
     println!(
         "bench {}: {count} jobs, {} clients, {} workers, against {}{server}",
         args.mode.name(),
@@ -145,12 +137,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         ctx.workers,
         args.server
     );
-    let mut report = Report {
-        mode: args.mode,
-        server: args.server.clone(),
-        jobs: count,
-        ..Report::default()
-    };
+    let mut report = Report { mode: args.mode, server: args.server.clone(), jobs: count, ..Report::default() };
     let outcome = match args.mode {
         Mode::Bg => ctx.bg(&jobs, &mut report).await,
         Mode::Fg => ctx.fg(&jobs, &mut report).await,
@@ -194,10 +181,9 @@ struct Ctx {
 impl Ctx {
     async fn new(args: &BenchArgs, clients: usize) -> Result<Ctx> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-        let server =
-            tokio::time::timeout_at(deadline, ServerProc::find(&args.server, args.server_pid))
-                .await
-                .context("timed out looking for the server's PID")??;
+        let server = tokio::time::timeout_at(deadline, ServerProc::find(&args.server, args.server_pid))
+            .await
+            .context("timed out looking for the server's PID")??;
         let (fail_tx, fail_rx) = mpsc::unbounded_channel();
         let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
         seed.write_u128(std::time::UNIX_EPOCH.elapsed()?.as_nanos());
@@ -307,13 +293,10 @@ impl Ctx {
         phase: Option<(Instant, Option<u64>)>,
         report: &mut Report,
     ) -> Result<()> {
-        self.wait("waiting for the workers", jobs.done.notified())
-            .await?;
+        self.wait("waiting for the workers", jobs.done.notified()).await?;
         if let Some((start, cpu)) = phase {
             report.server_cpu_us = self.cpu_since(cpu);
-            let end = jobs
-                .finished_at()
-                .context("jobs done without an end time")?;
+            let end = jobs.finished_at().context("jobs done without an end time")?;
             report.elapsed = Some(end - start);
         }
         tokio::time::sleep(DUPLICATE_GRACE).await;
@@ -386,12 +369,7 @@ impl Ctx {
 
 /// Submits jobs `range` with `inflight` of them awaiting their JOB_CREATED at any time; every
 /// reply is answered by the next submit, all replies of one read by a single write.
-async fn submit_bg(
-    mut conn: Conn,
-    mut submitter: Submitter,
-    range: Range<u64>,
-    inflight: usize,
-) -> Result<()> {
+async fn submit_bg(mut conn: Conn, mut submitter: Submitter, range: Range<u64>, inflight: usize) -> Result<()> {
     let mut next = range.start;
     let mut pending = 0;
     while next < range.end && pending < inflight {
@@ -420,12 +398,7 @@ async fn submit_bg(
 
 /// Submits foreground jobs one at a time, numbers taken from `next` until `count`; returns
 /// each job's latency from submit to WORK_COMPLETE, in nanoseconds.
-async fn submit_fg(
-    mut conn: Conn,
-    mut submitter: Submitter,
-    count: u64,
-    next: &AtomicU64,
-) -> Result<Vec<u64>> {
+async fn submit_fg(mut conn: Conn, mut submitter: Submitter, count: u64, next: &AtomicU64) -> Result<Vec<u64>> {
     let mut latencies = Vec::new();
     loop {
         let n = next.fetch_add(1, Relaxed);
@@ -442,9 +415,7 @@ async fn submit_fg(
         loop {
             match conn.recv().await? {
                 Response::WorkComplete { handle: h, .. } if h == handle => break,
-                Response::WorkStatus { .. }
-                | Response::WorkData { .. }
-                | Response::WorkWarning { .. } => {}
+                Response::WorkStatus { .. } | Response::WorkData { .. } | Response::WorkWarning { .. } => {}
                 other => return Err(unexpected("client", &other)),
             }
         }

@@ -93,10 +93,7 @@ impl Report {
         }
         let v = &self.verdict;
         if v.ok() {
-            println!(
-                "  check       OK: {} of {} jobs ran exactly once",
-                self.completed, self.jobs
-            );
+            println!("  check       OK: {} of {} jobs ran exactly once", self.completed, self.jobs);
         } else {
             println!(
                 "  check       FAILED: {} lost, {} run more than once, {} with a wrong payload",
@@ -126,8 +123,7 @@ impl Report {
             json_string(&self.server),
             self.jobs,
             self.completed,
-            self.elapsed
-                .map_or("null".to_owned(), |e| format!("{:.4}", e.as_secs_f64())),
+            self.elapsed.map_or("null".to_owned(), |e| format!("{:.4}", e.as_secs_f64())),
             num(self.jobs_per_sec()),
             num(self.cpu_us_per_job()),
             num(pct.map(|p| p[0])),

@@ -29,18 +29,13 @@ impl ServerProc {
                     return Ok(None);
                 }
                 Err(_) => {
-                    eprintln!(
-                        "warning: `getpid` got no answer; server CPU and memory not measured"
-                    );
+                    eprintln!("warning: `getpid` got no answer; server CPU and memory not measured");
                     return Ok(None);
                 }
             },
         };
         match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-            Ok(name) => Ok(Some(ServerProc {
-                pid,
-                name: name.trim_end().to_owned(),
-            })),
+            Ok(name) => Ok(Some(ServerProc { pid, name: name.trim_end().to_owned() })),
             Err(_) if explicit.is_some() => bail!("no process {pid} on this host"),
             Err(_) => {
                 eprintln!(
@@ -67,20 +62,13 @@ impl ServerProc {
     pub fn rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line["VmRSS:".len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
+        let kb: u64 = line["VmRSS:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kb * 1024)
     }
 }
 
 async fn ask_pid(addr: &str) -> Result<u32> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
+    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     stream.write_all(b"getpid\n").await?;
     let mut reply = Vec::new();
     while !reply.contains(&b'\n') {

@@ -6,11 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "gearbox",
-    version,
-    about = "A durable, fast Gearman job server"
-)]
+#[command(name = "gearbox", version, about = "A durable, fast Gearman job server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,14 +27,9 @@ fn main() -> anyhow::Result<()> {
             let config = settings.resolve()?;
             init_logging(&config)?;
             let runtime = if config.threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?
             } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(config.threads)
-                    .enable_all()
-                    .build()?
+                tokio::runtime::Builder::new_multi_thread().worker_threads(config.threads).enable_all().build()?
             };
             runtime.block_on(gearbox_server::run(config))?;
             // Connections still open after the grace period are dropped with the runtime.
@@ -60,10 +51,7 @@ fn init_logging(config: &gearbox_server::Config) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(Mutex::new(file))
-                .init();
+            builder.with_ansi(false).with_writer(Mutex::new(file)).init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }

@@ -15,15 +15,7 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
-            .args([
-                "server",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--verbose",
-                "INFO",
-            ])
+            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--verbose", "INFO"])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -40,13 +32,8 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server announces its address");
-        Server {
-            child,
-            addr: addr.parse().unwrap(),
-        }
+        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("server announces its address");
+        Server { child, addr: addr.parse().unwrap() }
     }
 
     fn port(&self) -> String {
@@ -54,19 +41,13 @@ impl Server {
     }
 
     fn gearadmin(&self, args: &[&str]) -> String {
-        let out = run_tool(
-            "gearadmin",
-            &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat(),
-        );
+        let out = run_tool("gearadmin", &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat());
         assert!(out.status.success(), "gearadmin {args:?} failed: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     }
 
     fn gearman(&self, args: &[&str]) -> Output {
-        run_tool(
-            "gearman",
-            &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat(),
-        )
+        run_tool("gearman", &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat())
     }
 
     fn spawn_gearman(&self, args: &[&str]) -> Child {
@@ -81,19 +62,13 @@ impl Server {
     /// Sends SIGTERM and returns the exit status and how long the exit took.
     fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status, started.elapsed());
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "server did not exit after SIGTERM"
-            );
+            assert!(started.elapsed() < Duration::from_secs(10), "server did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -117,11 +92,7 @@ fn run_tool(tool: &str, args: &[&str]) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
     let out = child.wait_with_output().unwrap();
-    assert_ne!(
-        out.status.code(),
-        Some(127),
-        "{tool} is not installed (the README's test command installs it)"
-    );
+    assert_ne!(out.status.code(), Some(127), "{tool} is not installed (the README's test command installs it)");
     out
 }
 
@@ -154,48 +125,30 @@ fn gearadmin_reads_status_workers_and_jobs() {
         assert!(out.status.success(), "{out:?}");
     }
     let mut worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
-    wait_for("the worker to register", || {
-        server.gearadmin(&["--status"]).contains("rev\t0\t0\t1\n")
-    });
+    wait_for("the worker to register", || server.gearadmin(&["--status"]).contains("rev\t0\t0\t1\n"));
     let status = server.gearadmin(&["--status"]);
     assert!(status.contains("later\t2\t0\t0\n"), "{status:?}");
     assert!(status.ends_with(".\n"), "{status:?}");
 
     let workers = server.gearadmin(&["--workers"]);
-    assert!(
-        workers.lines().any(|l| l.ends_with(" : rev")),
-        "{workers:?}"
-    );
+    assert!(workers.lines().any(|l| l.ends_with(" : rev")), "{workers:?}");
 
     let jobs = server.gearadmin(&["--show-jobs"]);
-    let handles: Vec<&str> = jobs
-        .lines()
-        .filter(|l| *l != ".")
-        .map(|l| l.split('\t').next().unwrap())
-        .collect();
+    let handles: Vec<&str> = jobs.lines().filter(|l| *l != ".").map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(handles.len(), 2, "{jobs:?}");
     assert!(handles.iter().all(|h| h.starts_with("H:")), "{jobs:?}");
 
-    assert!(server
-        .gearadmin(&["--priority-status"])
-        .contains("later\t0\t2\t0\t0\n"));
-    assert_eq!(
-        server.gearadmin(&["--getpid"]).trim(),
-        server.child.id().to_string()
-    );
+    assert!(server.gearadmin(&["--priority-status"]).contains("later\t0\t2\t0\t0\n"));
+    assert_eq!(server.gearadmin(&["--getpid"]).trim(), server.child.id().to_string());
     assert!(server.gearadmin(&["--server-version"]).contains("gearbox"));
 
     let cancelled = server.gearadmin(&["--cancel-job", handles[0]]);
     assert!(!cancelled.contains("ERR"), "{cancelled:?}");
     assert!(server.gearadmin(&["--status"]).contains("later\t1\t0\t0\n"));
 
-    assert!(!server
-        .gearadmin(&["--create-function", "fresh"])
-        .contains("ERR"));
+    assert!(!server.gearadmin(&["--create-function", "fresh"]).contains("ERR"));
     assert!(server.gearadmin(&["--status"]).contains("fresh\t0\t0\t0\n"));
-    assert!(!server
-        .gearadmin(&["--drop-function", "fresh"])
-        .contains("ERR"));
+    assert!(!server.gearadmin(&["--drop-function", "fresh"]).contains("ERR"));
     assert!(!server.gearadmin(&["--status"]).contains("fresh"));
     let _ = worker.kill();
     let _ = worker.wait();
@@ -204,17 +157,10 @@ fn gearadmin_reads_status_workers_and_jobs() {
 #[test]
 fn perl_gearman_client_and_worker() {
     let server = Server::start(&[]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/perl_client_worker.pl"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/perl_client_worker.pl");
     let out = run_tool("perl", &[script, &server.addr.to_string()]);
     let tap = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "Perl interop failed:\n{tap}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "Perl interop failed:\n{tap}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(tap.contains("1..9") && !tap.contains("not ok"), "{tap}");
 }
 
@@ -225,10 +171,7 @@ fn sigterm_exits_promptly_with_idle_and_stalled_connections() {
     std::fs::create_dir_all(&dir).unwrap();
     let pid_file = dir.join("gearbox.pid");
     let mut server = Server::start(&["-P", pid_file.to_str().unwrap()]);
-    assert_eq!(
-        std::fs::read_to_string(&pid_file).unwrap().trim(),
-        server.child.id().to_string()
-    );
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), server.child.id().to_string());
 
     let _idle = std::net::TcpStream::connect(server.addr).unwrap();
     let mut stalled = std::net::TcpStream::connect(server.addr).unwrap();
@@ -256,8 +199,5 @@ fn bad_config_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown log level"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown log level"), "{out:?}");
 }

@@ -64,20 +64,13 @@ pub const OK: &str = "OK\r\n";
 
 impl AdminCommand {
     pub fn parse(line: &Bytes) -> Result<AdminCommand, AdminError> {
-        let words: Vec<Bytes> = line
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|w| !w.is_empty())
-            .map(|w| line.slice_ref(w))
-            .collect();
+        let words: Vec<Bytes> =
+            line.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()).map(|w| line.slice_ref(w)).collect();
         let Some(first) = words.first() else {
             return Err(AdminError::Empty);
         };
         let name = String::from_utf8_lossy(first).into_owned();
-        let is = |i: usize, word: &str| {
-            words
-                .get(i)
-                .is_some_and(|w| w.eq_ignore_ascii_case(word.as_bytes()))
-        };
+        let is = |i: usize, word: &str| words.get(i).is_some_and(|w| w.eq_ignore_ascii_case(word.as_bytes()));
         let invalid = || AdminError::InvalidArguments(name.clone());
         let cmd = match name.to_ascii_lowercase().as_str() {
             "status" => AdminCommand::Status,
@@ -90,37 +83,24 @@ impl AdminCommand {
                 1 => AdminCommand::MaxQueueList,
                 2 | 3 | 5 => {
                     let size = |i: usize| words.get(i).map_or(0, |w| atoi_non_negative(w));
-                    let limits = if words.len() == 5 {
-                        [size(2), size(3), size(4)]
-                    } else {
-                        [size(2); 3]
-                    };
-                    AdminCommand::MaxQueue {
-                        function: words[1].clone(),
-                        limits,
-                    }
+                    let limits = if words.len() == 5 { [size(2), size(3), size(4)] } else { [size(2); 3] };
+                    AdminCommand::MaxQueue { function: words[1].clone(), limits }
                 }
                 _ => return Err(invalid()),
             },
             "show" if words.len() == 2 && is(1, "jobs") => AdminCommand::ShowJobs,
-            "show" if words.len() == 3 && is(1, "unique") && is(2, "jobs") => {
-                AdminCommand::ShowUniqueJobs
-            }
+            "show" if words.len() == 3 && is(1, "unique") && is(2, "jobs") => AdminCommand::ShowUniqueJobs,
             "show" => return Err(AdminError::UnknownShowArguments),
-            "cancel" if words.len() == 3 && is(1, "job") => AdminCommand::CancelJob {
-                handle: words[2].clone(),
-            },
-            "create" if words.len() == 3 && is(1, "function") => AdminCommand::CreateFunction {
-                function: words[2].clone(),
-            },
-            "drop" if words.len() == 3 && is(1, "function") => AdminCommand::DropFunction {
-                function: words[2].clone(),
-            },
+            "cancel" if words.len() == 3 && is(1, "job") => AdminCommand::CancelJob { handle: words[2].clone() },
+            "create" if words.len() == 3 && is(1, "function") => {
+                AdminCommand::CreateFunction { function: words[2].clone() }
+            }
+            "drop" if words.len() == 3 && is(1, "function") => {
+                AdminCommand::DropFunction { function: words[2].clone() }
+            }
             "cancel" | "create" | "drop" => return Err(invalid()),
             "shutdown" if words.len() == 1 => AdminCommand::Shutdown { graceful: false },
-            "shutdown" if words.len() == 2 && is(1, "graceful") => {
-                AdminCommand::Shutdown { graceful: true }
-            }
+            "shutdown" if words.len() == 2 && is(1, "graceful") => AdminCommand::Shutdown { graceful: true },
             "shutdown" => return Err(invalid()),
             _ => return Err(AdminError::UnknownCommand(name)),
         };
@@ -152,61 +132,26 @@ mod tests {
         assert_eq!(parse("  workers  "), Ok(AdminCommand::Workers));
         assert_eq!(
             parse("create function resize"),
-            Ok(AdminCommand::CreateFunction {
-                function: Bytes::from_static(b"resize")
-            })
+            Ok(AdminCommand::CreateFunction { function: Bytes::from_static(b"resize") })
         );
     }
 
     #[test]
     fn maxqueue_takes_one_or_three_sizes() {
         let f = Bytes::from_static(b"f");
-        assert_eq!(
-            parse("maxqueue f"),
-            Ok(AdminCommand::MaxQueue {
-                function: f.clone(),
-                limits: [0; 3]
-            })
-        );
-        assert_eq!(
-            parse("maxqueue f 10"),
-            Ok(AdminCommand::MaxQueue {
-                function: f.clone(),
-                limits: [10; 3]
-            })
-        );
-        assert_eq!(
-            parse("maxqueue f 1 -2 3"),
-            Ok(AdminCommand::MaxQueue {
-                function: f,
-                limits: [1, 0, 3]
-            })
-        );
+        assert_eq!(parse("maxqueue f"), Ok(AdminCommand::MaxQueue { function: f.clone(), limits: [0; 3] }));
+        assert_eq!(parse("maxqueue f 10"), Ok(AdminCommand::MaxQueue { function: f.clone(), limits: [10; 3] }));
+        assert_eq!(parse("maxqueue f 1 -2 3"), Ok(AdminCommand::MaxQueue { function: f, limits: [1, 0, 3] }));
         assert_eq!(parse("maxqueue"), Ok(AdminCommand::MaxQueueList));
-        assert!(matches!(
-            parse("maxqueue f 1 2"),
-            Err(AdminError::InvalidArguments(_))
-        ));
+        assert!(matches!(parse("maxqueue f 1 2"), Err(AdminError::InvalidArguments(_))));
     }
 
     #[test]
     fn bad_lines_get_gearmand_errors() {
-        assert_eq!(
-            parse("bogus").unwrap_err().reply(),
-            "ERR UNKNOWN_COMMAND Unknown+server+commandbogus\r\n"
-        );
-        assert_eq!(
-            parse("show me").unwrap_err(),
-            AdminError::UnknownShowArguments
-        );
-        assert!(matches!(
-            parse("drop function"),
-            Err(AdminError::InvalidArguments(_))
-        ));
-        assert!(matches!(
-            parse("shutdown now"),
-            Err(AdminError::InvalidArguments(_))
-        ));
+        assert_eq!(parse("bogus").unwrap_err().reply(), "ERR UNKNOWN_COMMAND Unknown+server+commandbogus\r\n");
+        assert_eq!(parse("show me").unwrap_err(), AdminError::UnknownShowArguments);
+        assert!(matches!(parse("drop function"), Err(AdminError::InvalidArguments(_))));
+        assert!(matches!(parse("shutdown now"), Err(AdminError::InvalidArguments(_))));
         assert_eq!(parse(""), Err(AdminError::Empty));
     }
 }

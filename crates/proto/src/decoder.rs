@@ -80,10 +80,7 @@ impl Decoder {
         }
         let size = u32::from_be_bytes(buf[8..12].try_into().unwrap());
         if size > self.max_packet {
-            return Err(DecodeError::TooLarge {
-                size,
-                max: self.max_packet,
-            });
+            return Err(DecodeError::TooLarge { size, max: self.max_packet });
         }
         let total = HEADER_LEN + size as usize;
         if buf.len() < total {
@@ -147,40 +144,25 @@ mod tests {
         let mut buf = BytesMut::from(&b"\0RE"[..]);
         assert_eq!(Decoder::default().decode(&mut buf), Ok(None));
         let mut buf = BytesMut::from(&b"\0XY"[..]);
-        assert!(matches!(
-            Decoder::default().decode(&mut buf),
-            Err(DecodeError::BadMagic(_))
-        ));
+        assert!(matches!(Decoder::default().decode(&mut buf), Err(DecodeError::BadMagic(_))));
     }
 
     #[test]
     fn unknown_type_is_reported_before_the_size_arrives() {
         let mut buf = BytesMut::from(&b"\0REQ\0\0\0\x05"[..]);
-        assert_eq!(
-            Decoder::default().decode(&mut buf),
-            Err(DecodeError::UnknownType(5))
-        );
+        assert_eq!(Decoder::default().decode(&mut buf), Err(DecodeError::UnknownType(5)));
     }
 
     #[test]
     fn oversized_length_is_refused_from_the_header_alone() {
         let mut buf = BytesMut::from(&b"\0REQ\0\0\0\x07\x10\0\0\0"[..]);
-        assert_eq!(
-            Decoder::new(1024).decode(&mut buf),
-            Err(DecodeError::TooLarge {
-                size: 0x1000_0000,
-                max: 1024
-            })
-        );
+        assert_eq!(Decoder::new(1024).decode(&mut buf), Err(DecodeError::TooLarge { size: 0x1000_0000, max: 1024 }));
     }
 
     #[test]
     fn long_admin_line_is_refused() {
         let mut buf = BytesMut::from(&vec![b'a'; MAX_ADMIN_LINE][..]);
-        assert_eq!(
-            Decoder::default().decode(&mut buf),
-            Err(DecodeError::LineTooLong)
-        );
+        assert_eq!(Decoder::default().decode(&mut buf), Err(DecodeError::LineTooLong));
         let mut buf = BytesMut::from(&vec![b'a'; MAX_ADMIN_LINE - 1][..]);
         assert_eq!(Decoder::default().decode(&mut buf), Ok(None));
     }
@@ -188,25 +170,12 @@ mod tests {
     #[test]
     fn last_argument_keeps_its_nuls() {
         let mut buf = BytesMut::new();
-        encode_packet(
-            &mut buf,
-            Magic::Request,
-            PacketType::SubmitJob,
-            &[b"f", b"u", b"a\0b\0"],
-        );
-        let Some(Message::Packet(f)) = Decoder::default().decode(&mut buf).unwrap() else {
-            panic!("no packet")
-        };
+        encode_packet(&mut buf, Magic::Request, PacketType::SubmitJob, &[b"f", b"u", b"a\0b\0"]);
+        let Some(Message::Packet(f)) = Decoder::default().decode(&mut buf).unwrap() else { panic!("no packet") };
         let [func, uniq, data] = f.args::<3>().unwrap();
-        assert_eq!(
-            (&func[..], &uniq[..], &data[..]),
-            (&b"f"[..], &b"u"[..], &b"a\0b\0"[..])
-        );
+        assert_eq!((&func[..], &uniq[..], &data[..]), (&b"f"[..], &b"u"[..], &b"a\0b\0"[..]));
         assert!(f.args::<4>().is_some());
-        let two = Frame {
-            body: Bytes::from_static(b"noseparator"),
-            ..f
-        };
+        let two = Frame { body: Bytes::from_static(b"noseparator"), ..f };
         assert!(two.args::<2>().is_none());
     }
 }

@@ -46,84 +46,27 @@ pub struct Schedule {
 /// A packet sent to the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    CanDo {
-        function: Bytes,
-    },
-    CanDoTimeout {
-        function: Bytes,
-        timeout: u32,
-    },
-    CantDo {
-        function: Bytes,
-    },
+    CanDo { function: Bytes },
+    CanDoTimeout { function: Bytes, timeout: u32 },
+    CantDo { function: Bytes },
     ResetAbilities,
     PreSleep,
-    SubmitJob {
-        function: Bytes,
-        unique: Bytes,
-        data: Bytes,
-        priority: Priority,
-        background: bool,
-    },
-    SubmitJobEpoch {
-        function: Bytes,
-        unique: Bytes,
-        epoch: i64,
-        data: Bytes,
-    },
-    SubmitJobSched {
-        function: Bytes,
-        unique: Bytes,
-        schedule: Schedule,
-        data: Bytes,
-    },
-    SubmitReduceJob {
-        function: Bytes,
-        unique: Bytes,
-        reducer: Bytes,
-        data: Bytes,
-        background: bool,
-    },
+    SubmitJob { function: Bytes, unique: Bytes, data: Bytes, priority: Priority, background: bool },
+    SubmitJobEpoch { function: Bytes, unique: Bytes, epoch: i64, data: Bytes },
+    SubmitJobSched { function: Bytes, unique: Bytes, schedule: Schedule, data: Bytes },
+    SubmitReduceJob { function: Bytes, unique: Bytes, reducer: Bytes, data: Bytes, background: bool },
     GrabJob(GrabKind),
-    WorkStatus {
-        handle: Bytes,
-        numerator: u32,
-        denominator: u32,
-    },
-    WorkComplete {
-        handle: Bytes,
-        data: Bytes,
-    },
-    WorkFail {
-        handle: Bytes,
-    },
-    WorkException {
-        handle: Bytes,
-        data: Bytes,
-    },
-    WorkData {
-        handle: Bytes,
-        data: Bytes,
-    },
-    WorkWarning {
-        handle: Bytes,
-        data: Bytes,
-    },
-    GetStatus {
-        handle: Bytes,
-    },
-    GetStatusUnique {
-        unique: Bytes,
-    },
-    EchoReq {
-        data: Bytes,
-    },
-    OptionReq {
-        option: Bytes,
-    },
-    SetClientId {
-        id: Bytes,
-    },
+    WorkStatus { handle: Bytes, numerator: u32, denominator: u32 },
+    WorkComplete { handle: Bytes, data: Bytes },
+    WorkFail { handle: Bytes },
+    WorkException { handle: Bytes, data: Bytes },
+    WorkData { handle: Bytes, data: Bytes },
+    WorkWarning { handle: Bytes, data: Bytes },
+    GetStatus { handle: Bytes },
+    GetStatusUnique { unique: Bytes },
+    EchoReq { data: Bytes },
+    OptionReq { option: Bytes },
+    SetClientId { id: Bytes },
     AllYours,
 }
 
@@ -242,10 +185,7 @@ pub fn parse_u32_lenient(s: &[u8]) -> u32 {
 }
 
 fn parse_strict<T: std::str::FromStr>(s: &[u8], kind: PacketType) -> Result<T, ParseError> {
-    std::str::from_utf8(s)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or(ParseError::BadNumber(kind))
+    std::str::from_utf8(s).ok().and_then(|s| s.trim().parse().ok()).ok_or(ParseError::BadNumber(kind))
 }
 
 fn args<const N: usize>(frame: &Frame) -> Result<[Bytes; N], ParseError> {
@@ -269,28 +209,15 @@ impl Request {
         }
         let submit = |priority, background| -> Result<Request, ParseError> {
             let [function, unique, data] = args(frame)?;
-            Ok(Request::SubmitJob {
-                function,
-                unique,
-                data,
-                priority,
-                background,
-            })
+            Ok(Request::SubmitJob { function, unique, data, priority, background })
         };
         Ok(match kind {
-            T::CanDo => Request::CanDo {
-                function: trim_nul(&frame.body),
-            },
+            T::CanDo => Request::CanDo { function: trim_nul(&frame.body) },
             T::CanDoTimeout => {
                 let [function, timeout] = args(frame)?;
-                Request::CanDoTimeout {
-                    function,
-                    timeout: parse_strict(&timeout, kind)?,
-                }
+                Request::CanDoTimeout { function, timeout: parse_strict(&timeout, kind)? }
             }
-            T::CantDo => Request::CantDo {
-                function: trim_nul(&frame.body),
-            },
+            T::CantDo => Request::CantDo { function: trim_nul(&frame.body) },
             T::ResetAbilities => Request::ResetAbilities,
             T::PreSleep => Request::PreSleep,
             T::SubmitJob => submit(Priority::Normal, false)?,
@@ -301,60 +228,31 @@ impl Request {
             T::SubmitJobLowBg => submit(Priority::Low, true)?,
             T::SubmitJobEpoch => {
                 let [function, unique, epoch, data] = args(frame)?;
-                Request::SubmitJobEpoch {
-                    function,
-                    unique,
-                    epoch: parse_strict(&epoch, kind)?,
-                    data,
-                }
+                Request::SubmitJobEpoch { function, unique, epoch: parse_strict(&epoch, kind)?, data }
             }
             T::SubmitJobSched => {
-                let [function, unique, minute, hour, day_of_month, month, day_of_week, data] =
-                    args(frame)?;
-                let schedule = Schedule {
-                    minute,
-                    hour,
-                    day_of_month,
-                    month,
-                    day_of_week,
-                };
-                Request::SubmitJobSched {
-                    function,
-                    unique,
-                    schedule,
-                    data,
-                }
+                let [function, unique, minute, hour, day_of_month, month, day_of_week, data] = args(frame)?;
+                let schedule = Schedule { minute, hour, day_of_month, month, day_of_week };
+                Request::SubmitJobSched { function, unique, schedule, data }
             }
             T::SubmitReduceJob | T::SubmitReduceJobBackground => {
                 let [function, unique, reducer, data] = args(frame)?;
                 let background = kind == T::SubmitReduceJobBackground;
-                Request::SubmitReduceJob {
-                    function,
-                    unique,
-                    reducer,
-                    data,
-                    background,
-                }
+                Request::SubmitReduceJob { function, unique, reducer, data, background }
             }
             T::GrabJob => Request::GrabJob(GrabKind::Plain),
             T::GrabJobUniq => Request::GrabJob(GrabKind::Uniq),
             T::GrabJobAll => Request::GrabJob(GrabKind::All),
             T::WorkStatus => {
                 let [handle, num, den] = args(frame)?;
-                Request::WorkStatus {
-                    handle,
-                    numerator: parse_u32_lenient(&num),
-                    denominator: parse_u32_lenient(&den),
-                }
+                Request::WorkStatus { handle, numerator: parse_u32_lenient(&num), denominator: parse_u32_lenient(&den) }
             }
             T::WorkComplete => {
                 let [handle, data] = args(frame)?;
                 Request::WorkComplete { handle, data }
             }
             // Some workers send a trailing NUL after the handle; tolerate it.
-            T::WorkFail => Request::WorkFail {
-                handle: trim_nul(&frame.body),
-            },
+            T::WorkFail => Request::WorkFail { handle: trim_nul(&frame.body) },
             T::WorkException => {
                 let [handle, data] = args(frame)?;
                 Request::WorkException { handle, data }
@@ -367,21 +265,11 @@ impl Request {
                 let [handle, data] = args(frame)?;
                 Request::WorkWarning { handle, data }
             }
-            T::GetStatus => Request::GetStatus {
-                handle: trim_nul(&frame.body),
-            },
-            T::GetStatusUnique => Request::GetStatusUnique {
-                unique: trim_nul(&frame.body),
-            },
-            T::EchoReq => Request::EchoReq {
-                data: frame.body.clone(),
-            },
-            T::OptionReq => Request::OptionReq {
-                option: trim_nul(&frame.body),
-            },
-            T::SetClientId => Request::SetClientId {
-                id: trim_nul(&frame.body),
-            },
+            T::GetStatus => Request::GetStatus { handle: trim_nul(&frame.body) },
+            T::GetStatusUnique => Request::GetStatusUnique { unique: trim_nul(&frame.body) },
+            T::EchoReq => Request::EchoReq { data: frame.body.clone() },
+            T::OptionReq => Request::OptionReq { option: trim_nul(&frame.body) },
+            T::SetClientId => Request::SetClientId { id: trim_nul(&frame.body) },
             T::AllYours => Request::AllYours,
             T::Noop
             | T::JobCreated
@@ -408,13 +296,7 @@ impl Request {
             Request::CantDo { function } => put(T::CantDo, &[function]),
             Request::ResetAbilities => put(T::ResetAbilities, &[]),
             Request::PreSleep => put(T::PreSleep, &[]),
-            Request::SubmitJob {
-                function,
-                unique,
-                data,
-                priority,
-                background,
-            } => {
+            Request::SubmitJob { function, unique, data, priority, background } => {
                 let kind = match (priority, background) {
                     (Priority::High, false) => T::SubmitJobHigh,
                     (Priority::High, true) => T::SubmitJobHighBg,
@@ -425,62 +307,23 @@ impl Request {
                 };
                 put(kind, &[function, unique, data])
             }
-            Request::SubmitJobEpoch {
-                function,
-                unique,
-                epoch,
-                data,
-            } => put(
-                T::SubmitJobEpoch,
-                &[function, unique, epoch.to_string().as_bytes(), data],
-            ),
-            Request::SubmitJobSched {
-                function,
-                unique,
-                schedule: s,
-                data,
-            } => put(
+            Request::SubmitJobEpoch { function, unique, epoch, data } => {
+                put(T::SubmitJobEpoch, &[function, unique, epoch.to_string().as_bytes(), data])
+            }
+            Request::SubmitJobSched { function, unique, schedule: s, data } => put(
                 T::SubmitJobSched,
-                &[
-                    function,
-                    unique,
-                    &s.minute,
-                    &s.hour,
-                    &s.day_of_month,
-                    &s.month,
-                    &s.day_of_week,
-                    data,
-                ],
+                &[function, unique, &s.minute, &s.hour, &s.day_of_month, &s.month, &s.day_of_week, data],
             ),
-            Request::SubmitReduceJob {
-                function,
-                unique,
-                reducer,
-                data,
-                background,
-            } => {
-                let kind = if *background {
-                    T::SubmitReduceJobBackground
-                } else {
-                    T::SubmitReduceJob
-                };
+            Request::SubmitReduceJob { function, unique, reducer, data, background } => {
+                let kind = if *background { T::SubmitReduceJobBackground } else { T::SubmitReduceJob };
                 put(kind, &[function, unique, reducer, data])
             }
             Request::GrabJob(GrabKind::Plain) => put(T::GrabJob, &[]),
             Request::GrabJob(GrabKind::Uniq) => put(T::GrabJobUniq, &[]),
             Request::GrabJob(GrabKind::All) => put(T::GrabJobAll, &[]),
-            Request::WorkStatus {
-                handle,
-                numerator,
-                denominator,
-            } => put(
-                T::WorkStatus,
-                &[
-                    handle,
-                    numerator.to_string().as_bytes(),
-                    denominator.to_string().as_bytes(),
-                ],
-            ),
+            Request::WorkStatus { handle, numerator, denominator } => {
+                put(T::WorkStatus, &[handle, numerator.to_string().as_bytes(), denominator.to_string().as_bytes()])
+            }
             Request::WorkComplete { handle, data } => put(T::WorkComplete, &[handle, data]),
             Request::WorkFail { handle } => put(T::WorkFail, &[handle]),
             Request::WorkException { handle, data } => put(T::WorkException, &[handle, data]),
@@ -514,51 +357,28 @@ impl Response {
         Ok(match kind {
             T::Noop => Response::Noop,
             T::NoJob => Response::NoJob,
-            T::JobCreated => Response::JobCreated {
-                handle: frame.body.clone(),
-            },
+            T::JobCreated => Response::JobCreated { handle: frame.body.clone() },
             T::JobAssign => {
                 let [handle, function, data] = args(frame)?;
-                Response::JobAssign {
-                    handle,
-                    function,
-                    data,
-                }
+                Response::JobAssign { handle, function, data }
             }
             T::JobAssignUniq => {
                 let [handle, function, unique, data] = args(frame)?;
-                Response::JobAssignUniq {
-                    handle,
-                    function,
-                    unique,
-                    data,
-                }
+                Response::JobAssignUniq { handle, function, unique, data }
             }
             T::JobAssignAll => {
                 let [handle, function, unique, reducer, data] = args(frame)?;
-                Response::JobAssignAll {
-                    handle,
-                    function,
-                    unique,
-                    reducer,
-                    data,
-                }
+                Response::JobAssignAll { handle, function, unique, reducer, data }
             }
             T::WorkStatus => {
                 let [handle, n, d] = args(frame)?;
-                Response::WorkStatus {
-                    handle,
-                    numerator: num(&n),
-                    denominator: num(&d),
-                }
+                Response::WorkStatus { handle, numerator: num(&n), denominator: num(&d) }
             }
             T::WorkComplete => {
                 let [handle, data] = args(frame)?;
                 Response::WorkComplete { handle, data }
             }
-            T::WorkFail => Response::WorkFail {
-                handle: trim_nul(&frame.body),
-            },
+            T::WorkFail => Response::WorkFail { handle: trim_nul(&frame.body) },
             T::WorkException => {
                 let [handle, data] = args(frame)?;
                 Response::WorkException { handle, data }
@@ -592,16 +412,12 @@ impl Response {
                     waiting_clients: num(&waiting),
                 }
             }
-            T::EchoRes => Response::EchoRes {
-                data: frame.body.clone(),
-            },
+            T::EchoRes => Response::EchoRes { data: frame.body.clone() },
             T::Error => {
                 let [code, text] = args(frame)?;
                 Response::Error { code, text }
             }
-            T::OptionRes => Response::OptionRes {
-                option: frame.body.clone(),
-            },
+            T::OptionRes => Response::OptionRes { option: frame.body.clone() },
             _ => return Err(ParseError::WrongDirection(kind)),
         })
     }
@@ -614,61 +430,26 @@ impl Response {
             Response::Noop => put(T::Noop, &[]),
             Response::NoJob => put(T::NoJob, &[]),
             Response::JobCreated { handle } => put(T::JobCreated, &[handle]),
-            Response::JobAssign {
-                handle,
-                function,
-                data,
-            } => put(T::JobAssign, &[handle, function, data]),
-            Response::JobAssignUniq {
-                handle,
-                function,
-                unique,
-                data,
-            } => put(T::JobAssignUniq, &[handle, function, unique, data]),
-            Response::JobAssignAll {
-                handle,
-                function,
-                unique,
-                reducer,
-                data,
-            } => put(T::JobAssignAll, &[handle, function, unique, reducer, data]),
-            Response::WorkStatus {
-                handle,
-                numerator,
-                denominator,
-            } => put(
-                T::WorkStatus,
-                &[handle, s(numerator).as_bytes(), s(denominator).as_bytes()],
-            ),
+            Response::JobAssign { handle, function, data } => put(T::JobAssign, &[handle, function, data]),
+            Response::JobAssignUniq { handle, function, unique, data } => {
+                put(T::JobAssignUniq, &[handle, function, unique, data])
+            }
+            Response::JobAssignAll { handle, function, unique, reducer, data } => {
+                put(T::JobAssignAll, &[handle, function, unique, reducer, data])
+            }
+            Response::WorkStatus { handle, numerator, denominator } => {
+                put(T::WorkStatus, &[handle, s(numerator).as_bytes(), s(denominator).as_bytes()])
+            }
             Response::WorkComplete { handle, data } => put(T::WorkComplete, &[handle, data]),
             Response::WorkFail { handle } => put(T::WorkFail, &[handle]),
             Response::WorkException { handle, data } => put(T::WorkException, &[handle, data]),
             Response::WorkData { handle, data } => put(T::WorkData, &[handle, data]),
             Response::WorkWarning { handle, data } => put(T::WorkWarning, &[handle, data]),
-            Response::StatusRes {
-                handle,
-                known,
-                running,
-                numerator,
-                denominator,
-            } => put(
+            Response::StatusRes { handle, known, running, numerator, denominator } => put(
                 T::StatusRes,
-                &[
-                    handle,
-                    flag(*known),
-                    flag(*running),
-                    s(numerator).as_bytes(),
-                    s(denominator).as_bytes(),
-                ],
+                &[handle, flag(*known), flag(*running), s(numerator).as_bytes(), s(denominator).as_bytes()],
             ),
-            Response::StatusResUnique {
-                unique,
-                known,
-                running,
-                numerator,
-                denominator,
-                waiting_clients,
-            } => put(
+            Response::StatusResUnique { unique, known, running, numerator, denominator, waiting_clients } => put(
                 T::StatusResUnique,
                 &[
                     unique,

@@ -125,9 +125,7 @@ impl Frame {
 /// Splits `body` into exactly `N` arguments (see [`Frame::args`]).
 pub fn split_args<const N: usize>(body: &Bytes) -> Option<[Bytes; N]> {
     if N == 0 {
-        return body
-            .is_empty()
-            .then(|| std::array::from_fn(|_| Bytes::new()));
+        return body.is_empty().then(|| std::array::from_fn(|_| Bytes::new()));
     }
     let mut out: [Bytes; N] = std::array::from_fn(|_| Bytes::new());
     let mut start = 0;
@@ -147,8 +145,7 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
 /// Appends one packet to `buf`: header, then `args` joined by NUL.
 /// The hot path of the server: no allocation beyond growing `buf`.
 pub fn encode_packet(buf: &mut BytesMut, magic: Magic, kind: PacketType, args: &[&[u8]]) {
-    let body_len: usize =
-        args.iter().map(|a| a.len()).sum::<usize>() + args.len().saturating_sub(1);
+    let body_len: usize = args.iter().map(|a| a.len()).sum::<usize>() + args.len().saturating_sub(1);
     buf.reserve(HEADER_LEN + body_len);
     buf.put_slice(magic.bytes());
     buf.put_u32(kind as u32);

@@ -14,86 +14,34 @@ fn blob() -> impl Strategy<Value = Bytes> {
 }
 
 fn priority() -> impl Strategy<Value = Priority> {
-    prop_oneof![
-        Just(Priority::High),
-        Just(Priority::Normal),
-        Just(Priority::Low)
-    ]
+    prop_oneof![Just(Priority::High), Just(Priority::Normal), Just(Priority::Low)]
 }
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         word().prop_map(|function| Request::CanDo { function }),
-        (word(), any::<u32>())
-            .prop_map(|(function, timeout)| Request::CanDoTimeout { function, timeout }),
+        (word(), any::<u32>()).prop_map(|(function, timeout)| Request::CanDoTimeout { function, timeout }),
         word().prop_map(|function| Request::CantDo { function }),
         Just(Request::ResetAbilities),
         Just(Request::PreSleep),
         (word(), word(), blob(), priority(), any::<bool>()).prop_map(
             |(function, unique, data, priority, background)| {
-                Request::SubmitJob {
-                    function,
-                    unique,
-                    data,
-                    priority,
-                    background,
-                }
+                Request::SubmitJob { function, unique, data, priority, background }
             }
         ),
-        (word(), word(), any::<i64>(), blob()).prop_map(|(function, unique, epoch, data)| {
-            Request::SubmitJobEpoch {
-                function,
-                unique,
-                epoch,
-                data,
-            }
+        (word(), word(), any::<i64>(), blob())
+            .prop_map(|(function, unique, epoch, data)| { Request::SubmitJobEpoch { function, unique, epoch, data } }),
+        (word(), word(), [word(), word(), word(), word(), word()], blob()).prop_map(|(function, unique, s, data)| {
+            let [minute, hour, day_of_month, month, day_of_week] = s;
+            let schedule = Schedule { minute, hour, day_of_month, month, day_of_week };
+            Request::SubmitJobSched { function, unique, schedule, data }
         }),
-        (
-            word(),
-            word(),
-            [word(), word(), word(), word(), word()],
-            blob()
-        )
-            .prop_map(|(function, unique, s, data)| {
-                let [minute, hour, day_of_month, month, day_of_week] = s;
-                let schedule = Schedule {
-                    minute,
-                    hour,
-                    day_of_month,
-                    month,
-                    day_of_week,
-                };
-                Request::SubmitJobSched {
-                    function,
-                    unique,
-                    schedule,
-                    data,
-                }
-            }),
-        (word(), word(), word(), blob(), any::<bool>()).prop_map(
-            |(function, unique, reducer, data, background)| {
-                Request::SubmitReduceJob {
-                    function,
-                    unique,
-                    reducer,
-                    data,
-                    background,
-                }
-            }
-        ),
-        prop_oneof![
-            Just(GrabKind::Plain),
-            Just(GrabKind::Uniq),
-            Just(GrabKind::All)
-        ]
-        .prop_map(Request::GrabJob),
-        (word(), any::<u32>(), any::<u32>()).prop_map(|(handle, numerator, denominator)| {
-            Request::WorkStatus {
-                handle,
-                numerator,
-                denominator,
-            }
+        (word(), word(), word(), blob(), any::<bool>()).prop_map(|(function, unique, reducer, data, background)| {
+            Request::SubmitReduceJob { function, unique, reducer, data, background }
         }),
+        prop_oneof![Just(GrabKind::Plain), Just(GrabKind::Uniq), Just(GrabKind::All)].prop_map(Request::GrabJob),
+        (word(), any::<u32>(), any::<u32>())
+            .prop_map(|(handle, numerator, denominator)| { Request::WorkStatus { handle, numerator, denominator } }),
         (word(), blob()).prop_map(|(handle, data)| Request::WorkComplete { handle, data }),
         word().prop_map(|handle| Request::WorkFail { handle }),
         (word(), blob()).prop_map(|(handle, data)| Request::WorkException { handle, data }),
@@ -113,78 +61,30 @@ fn response() -> impl Strategy<Value = Response> {
         Just(Response::Noop),
         Just(Response::NoJob),
         word().prop_map(|handle| Response::JobCreated { handle }),
-        (word(), word(), blob()).prop_map(|(handle, function, data)| Response::JobAssign {
-            handle,
-            function,
-            data
-        }),
+        (word(), word(), blob()).prop_map(|(handle, function, data)| Response::JobAssign { handle, function, data }),
         (word(), word(), word(), blob()).prop_map(|(handle, function, unique, data)| {
-            Response::JobAssignUniq {
-                handle,
-                function,
-                unique,
-                data,
-            }
+            Response::JobAssignUniq { handle, function, unique, data }
         }),
-        (word(), word(), word(), word(), blob()).prop_map(
-            |(handle, function, unique, reducer, data)| {
-                Response::JobAssignAll {
-                    handle,
-                    function,
-                    unique,
-                    reducer,
-                    data,
-                }
-            }
-        ),
-        (word(), any::<u32>(), any::<u32>()).prop_map(|(handle, numerator, denominator)| {
-            Response::WorkStatus {
-                handle,
-                numerator,
-                denominator,
-            }
+        (word(), word(), word(), word(), blob()).prop_map(|(handle, function, unique, reducer, data)| {
+            Response::JobAssignAll { handle, function, unique, reducer, data }
         }),
+        (word(), any::<u32>(), any::<u32>())
+            .prop_map(|(handle, numerator, denominator)| { Response::WorkStatus { handle, numerator, denominator } }),
         (word(), blob()).prop_map(|(handle, data)| Response::WorkComplete { handle, data }),
         word().prop_map(|handle| Response::WorkFail { handle }),
         (word(), blob()).prop_map(|(handle, data)| Response::WorkException { handle, data }),
         (word(), blob()).prop_map(|(handle, data)| Response::WorkData { handle, data }),
         (word(), blob()).prop_map(|(handle, data)| Response::WorkWarning { handle, data }),
-        (
-            word(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<u32>(),
-            any::<u32>()
-        )
-            .prop_map(|(handle, known, running, numerator, denominator)| {
-                Response::StatusRes {
-                    handle,
-                    known,
-                    running,
-                    numerator,
-                    denominator,
-                }
-            }),
-        (
-            word(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>()
-        )
-            .prop_map(
-                |(unique, known, running, numerator, denominator, waiting_clients)| {
-                    Response::StatusResUnique {
-                        unique,
-                        known,
-                        running,
-                        numerator,
-                        denominator,
-                        waiting_clients,
-                    }
-                }
-            ),
+        (word(), any::<bool>(), any::<bool>(), any::<u32>(), any::<u32>()).prop_map(
+            |(handle, known, running, numerator, denominator)| {
+                Response::StatusRes { handle, known, running, numerator, denominator }
+            }
+        ),
+        (word(), any::<bool>(), any::<bool>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(unique, known, running, numerator, denominator, waiting_clients)| {
+                Response::StatusResUnique { unique, known, running, numerator, denominator, waiting_clients }
+            }
+        ),
         blob().prop_map(|data| Response::EchoRes { data }),
         (word(), blob()).prop_map(|(code, text)| Response::Error { code, text }),
         word().prop_map(|option| Response::OptionRes { option }),

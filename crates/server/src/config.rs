@@ -61,15 +61,9 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("bad config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("unknown log level {0:?} (use ERROR, WARNING, INFO, DEBUG or TRACE)")]
     Verbose(String),
 }
@@ -112,8 +106,7 @@ impl Settings {
         };
         let s = self.or(file);
         let verbose = s.verbose.unwrap_or_else(|| "INFO".into());
-        let log_level =
-            parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
+        let log_level = parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
         let host = s.hostname.unwrap_or_else(host_name);
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
@@ -123,14 +116,8 @@ impl Settings {
             pid_file: s.pid_file,
             log_file: s.log_file,
             serve: ServeOptions {
-                broker: BrokerConfig {
-                    job_retries: s.job_retries.unwrap_or(0),
-                    host,
-                    ..BrokerConfig::default()
-                },
-                max_packet: s
-                    .max_packet_size
-                    .unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
+                broker: BrokerConfig { job_retries: s.job_retries.unwrap_or(0), host, ..BrokerConfig::default() },
+                max_packet: s.max_packet_size.unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
             },
@@ -139,14 +126,8 @@ impl Settings {
 }
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.into(),
-        source,
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
 }
 
 fn parse_level(s: &str) -> Option<tracing::Level> {
@@ -200,30 +181,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gearbox.toml");
         std::fs::write(&path, "prot = 5000\n").unwrap();
-        let err = Settings {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err();
+        let err = Settings { config: Some(path), ..Default::default() }.resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn gearmand_log_levels_are_understood() {
-        let config = Settings {
-            verbose: Some("notice".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let config = Settings { verbose: Some("notice".into()), ..Default::default() }.resolve().unwrap();
         assert_eq!(config.log_level, tracing::Level::INFO);
-        assert!(Settings {
-            verbose: Some("loud".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .is_err());
+        assert!(Settings { verbose: Some("loud".into()), ..Default::default() }.resolve().is_err());
     }
 }

@@ -23,11 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(config: Config) -> std::io::Result<()> {
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let addr = format!(
-            "{}:{}",
-            addr.trim_start_matches('[').trim_end_matches(']'),
-            config.port
-        );
+        let addr = format!("{}:{}", addr.trim_start_matches('[').trim_end_matches(']'), config.port);
         let bind = if addr.matches(':').count() > 1 {
             format!("[{}]:{}", addr.rsplit_once(':').unwrap().0, config.port)
         } else {
@@ -54,10 +50,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
 
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -58,9 +58,7 @@ impl Outbox {
     }
 
     pub fn close(&self) {
-        let _ = self
-            .fate
-            .compare_exchange(OPEN, CLOSING, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.fate.compare_exchange(OPEN, CLOSING, Ordering::Relaxed, Ordering::Relaxed);
         self.notify.notify_one();
     }
 

@@ -43,11 +43,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves on `listeners` until `shutdown` is cancelled (by the caller, a signal handler, or
 /// the admin `shutdown` command), then stops accepting, lets connections flush, and returns.
-pub async fn serve(
-    listeners: Vec<TcpListener>,
-    options: ServeOptions,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listeners: Vec<TcpListener>, options: ServeOptions, shutdown: CancellationToken) {
     let broker = Broker::new(options.broker);
     let timer = broker.timer_notify();
     let shared = Arc::new(Shared {
@@ -69,10 +65,7 @@ pub async fn serve(
     shutdown.cancelled().await;
     shared.broker.lock().unwrap().close_all();
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         tracing::warn!("some connections did not finish in time; closing them");
     }
 }

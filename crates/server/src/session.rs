@@ -21,29 +21,17 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
-    let ip = stream
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| "-".into());
+    let ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "-".into());
     let fd = stream.as_raw_fd();
     let outbox = Arc::new(Outbox::default());
-    let id = shared
-        .broker
-        .lock()
-        .unwrap()
-        .connect(outbox.clone(), fd, &ip);
+    let id = shared.broker.lock().unwrap().connect(outbox.clone(), fd, &ip);
     if let Err(e) = drive(&mut stream, id, &outbox, &shared).await {
         tracing::debug!(%ip, "connection ended: {e}");
     }
     shared.broker.lock().unwrap().disconnect(id);
 }
 
-async fn drive(
-    stream: &mut TcpStream,
-    id: ConnId,
-    outbox: &Outbox,
-    shared: &Shared,
-) -> std::io::Result<()> {
+async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Shared) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let decoder = Decoder::new(shared.max_packet);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -68,9 +56,7 @@ async fn drive(
             }
             Fate::Closing if !closing => {
                 closing = true;
-                close_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + CLOSE_FLUSH);
+                close_timer.as_mut().reset(tokio::time::Instant::now() + CLOSE_FLUSH);
                 continue;
             }
             Fate::Closing => {}
@@ -112,9 +98,7 @@ fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) 
             },
             Ok(Some(Message::AdminLine(line))) => match AdminCommand::parse(&line) {
                 Ok(cmd) => {
-                    if let AdminEffect::Shutdown { graceful } =
-                        broker.admin(id, cmd, &shared.admin_info)
-                    {
+                    if let AdminEffect::Shutdown { graceful } = broker.admin(id, cmd, &shared.admin_info) {
                         tracing::info!(graceful, "shutdown requested over the admin protocol");
                         shared.shutdown.cancel();
                     }
@@ -124,18 +108,10 @@ fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) 
             Err(e) => {
                 tracing::info!("closing connection after bad input: {e}");
                 match e {
-                    DecodeError::LineTooLong => {
-                        broker.send_text(id, "ERR LINE_TOO_LONG Admin+line+too+long\r\n")
-                    }
-                    DecodeError::BadMagic(_) => {
-                        broker.send_error(id, "INVALID_MAGIC", &e.to_string())
-                    }
-                    DecodeError::UnknownType(_) => {
-                        broker.send_error(id, "INVALID_COMMAND", &e.to_string())
-                    }
-                    DecodeError::TooLarge { .. } => {
-                        broker.send_error(id, "ARGUMENT_TOO_LARGE", &e.to_string())
-                    }
+                    DecodeError::LineTooLong => broker.send_text(id, "ERR LINE_TOO_LONG Admin+line+too+long\r\n"),
+                    DecodeError::BadMagic(_) => broker.send_error(id, "INVALID_MAGIC", &e.to_string()),
+                    DecodeError::UnknownType(_) => broker.send_error(id, "INVALID_COMMAND", &e.to_string()),
+                    DecodeError::TooLarge { .. } => broker.send_error(id, "ARGUMENT_TOO_LARGE", &e.to_string()),
                 }
                 rbuf.clear();
                 return false;

@@ -40,25 +40,14 @@ async fn framing_errors_close_only_that_connection() {
     expect_error_and_close(&server, b"\0XYZ\0\0\0\x01\0\0\0\0", "INVALID_MAGIC").await;
     expect_error_and_close(&server, b"\0REQ\0\0\0\x63", "INVALID_COMMAND").await;
     // A length header past the limit is refused before the body arrives.
-    expect_error_and_close(
-        &server,
-        b"\0REQ\0\0\0\x07\x7f\xff\xff\xff",
-        "ARGUMENT_TOO_LARGE",
-    )
-    .await;
+    expect_error_and_close(&server, b"\0REQ\0\0\0\x07\x7f\xff\xff\xff", "ARGUMENT_TOO_LARGE").await;
     expect_error_and_close(&server, &vec![b'x'; 9000], "ERR LINE_TOO_LONG").await;
 
     bystander.send(Request::EchoReq { data: b("alive") }).await;
-    assert_eq!(
-        bystander.recv().await,
-        Response::EchoRes { data: b("alive") }
-    );
+    assert_eq!(bystander.recv().await, Response::EchoRes { data: b("alive") });
     let mut worker = Conn::worker(server.addr, &["f"]).await;
     let (h, _, unique, data) = worker.grab_some().await;
-    assert_eq!(
-        (h, &unique[..], &data[..]),
-        (queued, &b"keep-me"[..], &b"precious"[..])
-    );
+    assert_eq!((h, &unique[..], &data[..]), (queued, &b"keep-me"[..], &b"precious"[..]));
 }
 
 #[tokio::test]
@@ -82,10 +71,7 @@ async fn malformed_arguments_get_an_error_and_the_connection_goes_on() {
     })
     .await;
     assert!(matches!(c.recv().await, Response::Error { code, .. } if code == "ARGUMENT_TOO_LARGE"));
-    assert_eq!(
-        c.admin("").await,
-        "ERR UNKNOWN_COMMAND Unknown+server+commandNULL\r\n"
-    );
+    assert_eq!(c.admin("").await, "ERR UNKNOWN_COMMAND Unknown+server+commandNULL\r\n");
     c.send(Request::EchoReq { data: b("ok") }).await;
     assert_eq!(c.recv().await, Response::EchoRes { data: b("ok") });
 }
@@ -111,20 +97,12 @@ async fn packets_split_across_many_writes_decode() {
     let mut c = server.conn().await;
     let mut bytes = bytes::BytesMut::new();
     for i in 0..50 {
-        Request::EchoReq {
-            data: b(&format!("echo-{i}")),
-        }
-        .encode(&mut bytes);
+        Request::EchoReq { data: b(&format!("echo-{i}")) }.encode(&mut bytes);
     }
     for chunk in bytes.chunks(7) {
         c.send_raw(chunk).await;
     }
     for i in 0..50 {
-        assert_eq!(
-            c.recv().await,
-            Response::EchoRes {
-                data: b(&format!("echo-{i}"))
-            }
-        );
+        assert_eq!(c.recv().await, Response::EchoRes { data: b(&format!("echo-{i}")) });
     }
 }

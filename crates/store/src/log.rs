@@ -481,7 +481,14 @@ mod tests {
     }
 
     fn add(batch: &mut Batch, seq: u64) {
-        batch.push_add(seq, (seq % 3) as u8, seq as i64 * 10, b"fn", format!("u{seq}").as_bytes(), &[seq as u8, 0, 255]);
+        batch.push_add(
+            seq,
+            (seq % 3) as u8,
+            seq as i64 * 10,
+            b"fn",
+            format!("u{seq}").as_bytes(),
+            &[seq as u8, 0, 255],
+        );
     }
 
     #[test]

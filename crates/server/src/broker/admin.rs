@@ -4,14 +4,8 @@ use gearbox_proto::PacketType as T;
 
 use super::{AdminEffect, Broker, ConnId, JobState};
 
-
 impl Broker {
-    pub fn admin(
-        &mut self,
-        conn: ConnId,
-        cmd: gearbox_proto::AdminCommand,
-        info: &AdminInfo,
-    ) -> AdminEffect {
+    pub fn admin(&mut self, conn: ConnId, cmd: gearbox_proto::AdminCommand, info: &AdminInfo) -> AdminEffect {
         use gearbox_proto::admin::OK;
         use gearbox_proto::AdminCommand as A;
         use std::fmt::Write;
@@ -36,17 +30,10 @@ impl Broker {
             }
             A::Workers => {
                 for (_, c) in &self.conns {
-                    let id = c
-                        .client_id
-                        .as_deref()
-                        .map_or("-".into(), String::from_utf8_lossy);
+                    let id = c.client_id.as_deref().map_or("-".into(), String::from_utf8_lossy);
                     let _ = write!(out, "{} {} {id} :", c.fd, c.ip);
                     for a in &c.abilities {
-                        let _ = write!(
-                            out,
-                            " {}",
-                            String::from_utf8_lossy(&self.functions[a.function as usize].name)
-                        );
+                        let _ = write!(out, " {}", String::from_utf8_lossy(&self.functions[a.function as usize].name));
                     }
                     out.push('\n');
                 }
@@ -68,29 +55,17 @@ impl Broker {
                 out.push_str(".\n");
             }
             A::ShowJobs => {
-                for (_, j) in self
-                    .jobs
-                    .iter()
-                    .filter(|(_, j)| j.state != JobState::Dropped)
-                {
+                for (_, j) in self.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped) {
                     let running = matches!(j.state, JobState::Running(_));
                     let retries = j.attempts - u16::from(running);
                     let handle = self.handle(j.seq);
-                    let _ = writeln!(
-                        out,
-                        "{}\t{retries}\t0\t{}",
-                        String::from_utf8_lossy(&handle),
-                        u8::from(j.background)
-                    );
+                    let _ =
+                        writeln!(out, "{}\t{retries}\t0\t{}", String::from_utf8_lossy(&handle), u8::from(j.background));
                 }
                 out.push_str(".\n");
             }
             A::ShowUniqueJobs => {
-                for (_, j) in self
-                    .jobs
-                    .iter()
-                    .filter(|(_, j)| j.state != JobState::Dropped)
-                {
+                for (_, j) in self.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped) {
                     let _ = writeln!(out, "{}", String::from_utf8_lossy(j.unique()));
                 }
                 out.push_str(".\n");
@@ -117,9 +92,7 @@ impl Broker {
                 Some(fid) => {
                     let f = &self.functions[fid as usize];
                     if f.workers > 0 || f.running > 0 {
-                        out.push_str(
-                            "ERR there are still connected workers or executing clients\r\n",
-                        );
+                        out.push_str("ERR there are still connected workers or executing clients\r\n");
                     } else if f.queued_total() > 0 || f.scheduled > 0 {
                         out.push_str("ERR there are still queued jobs\r\n");
                     } else {
@@ -137,9 +110,7 @@ impl Broker {
                     effect = AdminEffect::Shutdown { graceful };
                     out.push_str(OK);
                 } else {
-                    out.push_str(
-                        "ERR SHUTDOWN_DISABLED Start+the+server+with+--allow-shutdown\r\n",
-                    );
+                    out.push_str("ERR SHUTDOWN_DISABLED Start+the+server+with+--allow-shutdown\r\n");
                 }
             }
         }
@@ -154,4 +125,3 @@ pub struct AdminInfo {
     pub verbose: String,
     pub allow_shutdown: bool,
 }
-

@@ -46,11 +46,7 @@ pub struct BrokerConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig {
-            job_retries: 0,
-            host: "gearbox".into(),
-            max_outbox: 256 * 1024 * 1024,
-        }
+        BrokerConfig { job_retries: 0, host: "gearbox".into(), max_outbox: 256 * 1024 * 1024 }
     }
 }
 
@@ -197,9 +193,7 @@ pub struct Broker {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 fn seq_hash(seq: u64) -> u64 {
@@ -208,16 +202,9 @@ fn seq_hash(seq: u64) -> u64 {
 
 impl Broker {
     pub fn new(config: BrokerConfig) -> Broker {
-        let host: String = config
-            .host
-            .chars()
-            .filter(|c| !c.is_whitespace() && *c != ':')
-            .take(36)
-            .collect();
+        let host: String = config.host.chars().filter(|c| !c.is_whitespace() && *c != ':').take(36).collect();
         let handle_prefix = format!("H:{host}:").into_bytes();
-        let boot_micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
+        let boot_micros = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
         Broker {
             config,
             handle_prefix,
@@ -312,10 +299,7 @@ impl Broker {
     }
 
     fn handle(&self, seq: u64) -> Handle {
-        let mut h = Handle {
-            buf: [0; 64],
-            len: self.handle_prefix.len(),
-        };
+        let mut h = Handle { buf: [0; 64], len: self.handle_prefix.len() };
         h.buf[..h.len].copy_from_slice(&self.handle_prefix);
         let mut digits = itoa::Buffer::new();
         let d = digits.format(seq).as_bytes();
@@ -331,9 +315,7 @@ impl Broker {
 
     fn find_by_handle(&self, handle: &[u8]) -> Option<JobKey> {
         let seq = self.parse_handle(handle)?;
-        self.by_seq
-            .find(seq_hash(seq), |&k| self.jobs[k as usize].seq == seq)
-            .copied()
+        self.by_seq.find(seq_hash(seq), |&k| self.jobs[k as usize].seq == seq).copied()
     }
 
     fn unique_hash(&self, function: FunctionId, unique: &[u8]) -> u64 {
@@ -373,32 +355,15 @@ impl Broker {
 
     pub fn apply(&mut self, conn: ConnId, req: Request) {
         match req {
-            Request::SubmitJob {
-                function,
-                unique,
-                data,
-                priority,
-                background,
-            } => self.submit(conn, &function, &unique, &data, priority, background, None),
-            Request::SubmitJobEpoch {
-                function,
-                unique,
-                epoch,
-                data,
-            } => self.submit(
-                conn,
-                &function,
-                &unique,
-                &data,
-                Priority::Normal,
-                true,
-                Some(epoch),
-            ),
-            Request::SubmitJobSched { .. } => self.send_error(
-                conn,
-                "INVALID_COMMAND",
-                "SUBMIT_JOB_SCHED is not supported; use SUBMIT_JOB_EPOCH",
-            ),
+            Request::SubmitJob { function, unique, data, priority, background } => {
+                self.submit(conn, &function, &unique, &data, priority, background, None)
+            }
+            Request::SubmitJobEpoch { function, unique, epoch, data } => {
+                self.submit(conn, &function, &unique, &data, Priority::Normal, true, Some(epoch))
+            }
+            Request::SubmitJobSched { .. } => {
+                self.send_error(conn, "INVALID_COMMAND", "SUBMIT_JOB_SCHED is not supported; use SUBMIT_JOB_EPOCH")
+            }
             Request::SubmitReduceJob { .. } => {
                 self.send_error(conn, "INVALID_COMMAND", "Reduce jobs are not supported")
             }
@@ -406,8 +371,7 @@ impl Broker {
             Request::PreSleep => self.pre_sleep(conn),
             Request::CanDo { function } => self.can_do(conn, &function, None),
             Request::CanDoTimeout { function, timeout } => {
-                let timeout = (timeout > 0)
-                    .then(|| Duration::from_millis(timeout.into()).max(MIN_JOB_TIMEOUT));
+                let timeout = (timeout > 0).then(|| Duration::from_millis(timeout.into()).max(MIN_JOB_TIMEOUT));
                 self.can_do(conn, &function, timeout)
             }
             Request::CantDo { function } => self.cant_do(conn, &function),
@@ -417,11 +381,7 @@ impl Broker {
                     self.functions[ability.function as usize].workers -= 1;
                 }
             }
-            Request::WorkStatus {
-                handle,
-                numerator,
-                denominator,
-            } => {
+            Request::WorkStatus { handle, numerator, denominator } => {
                 let Some(key) = self.running_job(conn, &handle) else {
                     return;
                 };
@@ -430,19 +390,13 @@ impl Broker {
                 job.denominator = denominator;
                 let mut n = itoa::Buffer::new();
                 let mut d = itoa::Buffer::new();
-                let args: [&[u8]; 3] = [
-                    &handle,
-                    n.format(numerator).as_bytes(),
-                    d.format(denominator).as_bytes(),
-                ];
+                let args: [&[u8]; 3] = [&handle, n.format(numerator).as_bytes(), d.format(denominator).as_bytes()];
                 for &c in &self.jobs[key as usize].clients {
                     self.send(c, T::WorkStatus, &args);
                 }
             }
             Request::WorkData { handle, data } => self.forward(conn, T::WorkData, &handle, &data),
-            Request::WorkWarning { handle, data } => {
-                self.forward(conn, T::WorkWarning, &handle, &data)
-            }
+            Request::WorkWarning { handle, data } => self.forward(conn, T::WorkWarning, &handle, &data),
             Request::WorkComplete { handle, data } => {
                 if let Some(key) = self.running_job(conn, &handle) {
                     for &c in &self.jobs[key as usize].clients {
@@ -511,11 +465,7 @@ impl Broker {
                         ];
                         self.send(conn, T::StatusResUnique, &args);
                     }
-                    None => self.send(
-                        conn,
-                        T::StatusResUnique,
-                        &[&unique, b"0", b"0", b"0", b"0", b"0"],
-                    ),
+                    None => self.send(conn, T::StatusResUnique, &[&unique, b"0", b"0", b"0", b"0", b"0"]),
                 }
             }
             Request::EchoReq { data } => self.send(conn, T::EchoRes, &[&data]),
@@ -524,11 +474,7 @@ impl Broker {
                     self.conns[conn as usize].exceptions = true;
                     self.send(conn, T::OptionRes, &[&option]);
                 } else {
-                    self.send_error(
-                        conn,
-                        "UNKNOWN_OPTION",
-                        "Server does not recognize given option",
-                    );
+                    self.send_error(conn, "UNKNOWN_OPTION", "Server does not recognize given option");
                 }
             }
             Request::SetClientId { id } => self.conns[conn as usize].client_id = Some(id),
@@ -555,11 +501,7 @@ impl Broker {
         }
         let fid = self.function_id(function);
         // A unique key of "-" asks for coalescing on the payload itself (libgearman's convention).
-        let unique: &[u8] = if unique == b"-" && data.len() <= MAX_UNIQUE {
-            data
-        } else {
-            unique
-        };
+        let unique: &[u8] = if unique == b"-" && data.len() <= MAX_UNIQUE { data } else { unique };
         if !unique.is_empty() {
             if let Some(key) = self.find_by_unique(fid, unique) {
                 if !background {
@@ -587,11 +529,7 @@ impl Broker {
             function: fid,
             priority,
             background,
-            state: if scheduled {
-                JobState::Scheduled
-            } else {
-                JobState::Queued
-            },
+            state: if scheduled { JobState::Scheduled } else { JobState::Queued },
             attempts: 0,
             unique_len: unique.len() as u16,
             numerator: 0,
@@ -619,8 +557,7 @@ impl Broker {
     fn index(&mut self, key: JobKey) {
         let job = &self.jobs[key as usize];
         let jobs = &self.jobs;
-        self.by_seq
-            .insert_unique(seq_hash(job.seq), key, |&k| seq_hash(jobs[k as usize].seq));
+        self.by_seq.insert_unique(seq_hash(job.seq), key, |&k| seq_hash(jobs[k as usize].seq));
         if job.unique_len > 0 {
             let hasher = &self.hasher;
             let hash = hasher.hash_one((job.function, job.unique()));
@@ -714,11 +651,7 @@ impl Broker {
         let Some((p, _, fid)) = best else {
             return self.send(conn, T::NoJob, &[]);
         };
-        let timeout = c
-            .abilities
-            .iter()
-            .find(|a| a.function == fid)
-            .and_then(|a| a.timeout);
+        let timeout = c.abilities.iter().find(|a| a.function == fid).and_then(|a| a.timeout);
         let f = &mut self.functions[fid as usize];
         let key = f.queues[p].pop_front().expect("candidate exists");
         f.queued[p] -= 1;
@@ -729,8 +662,7 @@ impl Broker {
         job.attempts = job.attempts.saturating_add(1);
         if let Some(t) = timeout {
             let deadline = Instant::now() + t;
-            self.timeouts
-                .push(Reverse((deadline, job.seq, job.attempts, key)));
+            self.timeouts.push(Reverse((deadline, job.seq, job.attempts, key)));
             self.arm_timer(deadline);
         }
         let job = &self.jobs[key as usize];
@@ -738,20 +670,15 @@ impl Broker {
         let name = &self.functions[fid as usize].name;
         match kind {
             GrabKind::Plain => self.send(conn, T::JobAssign, &[&handle, name, job.data()]),
-            GrabKind::Uniq | GrabKind::All => self.send(
-                conn,
-                T::JobAssignUniq,
-                &[&handle, name, job.unique(), job.data()],
-            ),
+            GrabKind::Uniq | GrabKind::All => {
+                self.send(conn, T::JobAssignUniq, &[&handle, name, job.unique(), job.data()])
+            }
         }
     }
 
     fn pre_sleep(&mut self, conn: ConnId) {
         let c = &self.conns[conn as usize];
-        let has_work = c
-            .abilities
-            .iter()
-            .any(|a| self.functions[a.function as usize].queued_total() > 0);
+        let has_work = c.abilities.iter().any(|a| self.functions[a.function as usize].queued_total() > 0);
         if has_work {
             return self.send(conn, T::Noop, &[]);
         }
@@ -775,10 +702,7 @@ impl Broker {
             a.timeout = timeout;
             return;
         }
-        c.abilities.push(Ability {
-            function: fid,
-            timeout,
-        });
+        c.abilities.push(Ability { function: fid, timeout });
         let (sleeping, epoch) = (c.sleeping, c.sleep_epoch);
         let f = &mut self.functions[fid as usize];
         f.workers += 1;
@@ -807,12 +731,7 @@ impl Broker {
     fn running_job(&self, conn: ConnId, handle: &[u8]) -> Option<JobKey> {
         let seq = self.parse_handle(handle);
         let c = &self.conns[conn as usize];
-        let found = seq.and_then(|seq| {
-            c.running
-                .iter()
-                .copied()
-                .find(|&k| self.jobs[k as usize].seq == seq)
-        });
+        let found = seq.and_then(|seq| c.running.iter().copied().find(|&k| self.jobs[k as usize].seq == seq));
         if found.is_none() && (seq.is_none() || seq != c.excepted) {
             self.send_error(conn, "JOB_NOT_FOUND", "Job given in work result not found");
         }
@@ -848,12 +767,8 @@ impl Broker {
         let job = &mut self.jobs[key as usize];
         self.functions[job.function as usize].running -= 1;
         job.state = JobState::Queued;
-        let (seq, attempts, background, abandoned) = (
-            job.seq,
-            u32::from(job.attempts),
-            job.background,
-            job.clients.is_empty(),
-        );
+        let (seq, attempts, background, abandoned) =
+            (job.seq, u32::from(job.attempts), job.background, job.clients.is_empty());
         let retries = self.config.job_retries;
         if retries > 0 && attempts >= retries {
             let handle = self.handle(seq);
@@ -971,11 +886,7 @@ impl Broker {
 /// Records a sleeping worker for a function, pruning stale entries when they pile up.
 fn push_sleeper(f: &mut Function, conn: ConnId, epoch: u32, conns: &Slab<Conn>) {
     if f.sleepers.len() > 2 * f.workers as usize + 8 {
-        f.sleepers.retain(|&(c, e)| {
-            conns
-                .get(c as usize)
-                .is_some_and(|c| c.sleeping && c.sleep_epoch == e)
-        });
+        f.sleepers.retain(|&(c, e)| conns.get(c as usize).is_some_and(|c| c.sleeping && c.sleep_epoch == e));
     }
     f.sleepers.push_back((conn, epoch));
 }
@@ -1003,24 +914,13 @@ mod tests {
         let mut b = Broker::new(BrokerConfig::default());
         let client = b.connect(Arc::new(Outbox::default()), 0, "test");
         let worker = b.connect(Arc::new(Outbox::default()), 1, "test");
-        b.apply(
-            worker,
-            Request::CanDo {
-                function: Bytes::from_static(b"f"),
-            },
-        );
+        b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
         for i in 0..1000 {
             submit(&mut b, client, &format!("u{i}"), i % 2 == 0);
             b.apply(worker, Request::GrabJob(GrabKind::Uniq));
             let key = b.conns[worker as usize].running[0];
             let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
-            b.apply(
-                worker,
-                Request::WorkComplete {
-                    handle,
-                    data: Bytes::new(),
-                },
-            );
+            b.apply(worker, Request::WorkComplete { handle, data: Bytes::new() });
         }
         assert_eq!((b.jobs.len(), b.by_seq.len(), b.by_unique.len()), (0, 0, 0));
         assert!(b.conns[client as usize].waiting.is_empty());

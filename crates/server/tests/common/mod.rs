@@ -28,16 +28,8 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(gearbox_server::serve(
-            vec![listener],
-            options,
-            shutdown.clone(),
-        ));
-        TestServer {
-            addr,
-            shutdown,
-            task,
-        }
+        let task = tokio::spawn(gearbox_server::serve(vec![listener], options, shutdown.clone()));
+        TestServer { addr, shutdown, task }
     }
 
     pub async fn conn(&self) -> Conn {
@@ -64,10 +56,7 @@ impl Conn {
     pub async fn connect(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        Conn {
-            stream,
-            buf: BytesMut::new(),
-        }
+        Conn { stream, buf: BytesMut::new() }
     }
 
     pub async fn send(&mut self, req: Request) {
@@ -82,10 +71,7 @@ impl Conn {
 
     /// The next response, or a panic after the deadline.
     pub async fn recv(&mut self) -> Response {
-        tokio::time::timeout(DEADLINE, self.try_recv())
-            .await
-            .expect("no response in time")
-            .expect("connection closed")
+        tokio::time::timeout(DEADLINE, self.try_recv()).await.expect("no response in time").expect("connection closed")
     }
 
     /// The next response, or None if the server closed the connection.
@@ -115,11 +101,7 @@ impl Conn {
             loop {
                 let text = String::from_utf8_lossy(&self.buf).into_owned();
                 let single = text.starts_with("OK") || text.starts_with("ERR");
-                let done = if single {
-                    text.ends_with('\n')
-                } else {
-                    text == ".\n" || text.ends_with("\n.\n")
-                };
+                let done = if single { text.ends_with('\n') } else { text == ".\n" || text.ends_with("\n.\n") };
                 if done && !text.is_empty() {
                     self.buf.clear();
                     return text;
@@ -134,21 +116,8 @@ impl Conn {
     }
 
     /// Submits a job and returns its handle.
-    pub async fn submit(
-        &mut self,
-        function: &str,
-        unique: &str,
-        data: &str,
-        background: bool,
-    ) -> Bytes {
-        self.submit_prio(
-            function,
-            unique,
-            data,
-            gearbox_proto::Priority::Normal,
-            background,
-        )
-        .await
+    pub async fn submit(&mut self, function: &str, unique: &str, data: &str, background: bool) -> Bytes {
+        self.submit_prio(function, unique, data, gearbox_proto::Priority::Normal, background).await
     }
 
     pub async fn submit_prio(
@@ -159,14 +128,8 @@ impl Conn {
         priority: gearbox_proto::Priority,
         background: bool,
     ) -> Bytes {
-        self.send(Request::SubmitJob {
-            function: b(function),
-            unique: b(unique),
-            data: b(data),
-            priority,
-            background,
-        })
-        .await;
+        self.send(Request::SubmitJob { function: b(function), unique: b(unique), data: b(data), priority, background })
+            .await;
         match self.recv().await {
             Response::JobCreated { handle } => handle,
             other => panic!("expected JOB_CREATED, got {other:?}"),
@@ -184,15 +147,9 @@ impl Conn {
 
     /// GRAB_JOB_UNIQ; returns (handle, function, unique, data) or None on NO_JOB.
     pub async fn grab(&mut self) -> Option<(Bytes, Bytes, Bytes, Bytes)> {
-        self.send(Request::GrabJob(gearbox_proto::GrabKind::Uniq))
-            .await;
+        self.send(Request::GrabJob(gearbox_proto::GrabKind::Uniq)).await;
         match self.recv().await {
-            Response::JobAssignUniq {
-                handle,
-                function,
-                unique,
-                data,
-            } => Some((handle, function, unique, data)),
+            Response::JobAssignUniq { handle, function, unique, data } => Some((handle, function, unique, data)),
             Response::NoJob => None,
             other => panic!("expected a job or NO_JOB, got {other:?}"),
         }
@@ -206,10 +163,7 @@ impl Conn {
             if reply == expected {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{line:?} still answers {reply:?}, not {expected:?}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "{line:?} still answers {reply:?}, not {expected:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
