@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::broker::BrokerConfig;
 use crate::server::ServeOptions;
+use crate::store::QueueSpec;
 
 /// Every setting is optional here so that the sources can be layered.
 #[derive(clap::Args, Deserialize, Debug, Default, Clone)]
@@ -53,6 +54,15 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_ALLOW_SHUTDOWN", num_args = 0..=1, default_missing_value = "true")]
     pub allow_shutdown: Option<bool>,
 
+    /// Where queued jobs are kept: embedded (durable, in --data-dir), memory (lost on restart),
+    /// mysql://USER[:PASS]@HOST:PORT/DB or postgres://USER@HOST:PORT/DB [default: embedded]
+    #[arg(long, env = "GEARBOX_QUEUE")]
+    pub queue: Option<String>,
+
+    /// Directory of the embedded queue [default: ~/.local/share/gearbox]
+    #[arg(long, env = "GEARBOX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
     /// Host name used in job handles [default: the machine's host name]
     #[arg(long, env = "GEARBOX_HOSTNAME")]
     pub hostname: Option<String>,
@@ -66,6 +76,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("unknown log level {0:?} (use ERROR, WARNING, INFO, DEBUG or TRACE)")]
     Verbose(String),
+    #[error("{0}")]
+    Queue(String),
 }
 
 /// Settings with every source applied.
@@ -95,6 +107,8 @@ impl Settings {
             log_file: self.log_file.or(other.log_file),
             allow_shutdown: self.allow_shutdown.or(other.allow_shutdown),
             hostname: self.hostname.or(other.hostname),
+            queue: self.queue.or(other.queue),
+            data_dir: self.data_dir.or(other.data_dir),
         }
     }
 
@@ -108,6 +122,8 @@ impl Settings {
         let verbose = s.verbose.unwrap_or_else(|| "INFO".into());
         let log_level = parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
         let host = s.hostname.unwrap_or_else(host_name);
+        let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
+        let queue = QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
@@ -120,6 +136,7 @@ impl Settings {
                 max_packet: s.max_packet_size.unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
+                queue,
             },
         })
     }
@@ -140,6 +157,14 @@ fn parse_level(s: &str) -> Option<tracing::Level> {
         "TRACE" => Level::TRACE,
         _ => return None,
     })
+}
+
+/// `$XDG_DATA_HOME/gearbox`, else `~/.local/share/gearbox`.
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("share"))
+    });
+    base.unwrap_or_else(|| PathBuf::from(".")).join("gearbox")
 }
 
 fn host_name() -> String {

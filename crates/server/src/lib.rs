@@ -4,6 +4,7 @@
 //! - [`broker`]: all job-queue state and the rules that change it (pure, synchronous).
 //! - [`outbox`]: per-connection output buffers the broker writes into.
 //! - `session`: one task per connection (read, decode, apply, write).
+//! - [`store`]: the durable queue: choosing a store, loading it, the store thread.
 //! - [`server`]: listeners, the timer task, and shutdown; [`serve`] runs a server on
 //!   listeners a caller has bound (tests bind `127.0.0.1:0`).
 
@@ -12,9 +13,12 @@ pub mod config;
 pub mod outbox;
 pub mod server;
 mod session;
+pub mod store;
 
 pub use config::{Config, ConfigError, Settings};
 pub use server::{serve, ServeOptions};
+pub use gearbox_store::StoreError;
+pub use store::QueueSpec;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +44,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    serve(listeners, config.serve, shutdown).await;
+    serve(listeners, config.serve, shutdown).await.map_err(std::io::Error::other)?;
     if let Some(path) = &config.pid_file {
         let _ = std::fs::remove_file(path);
     }

@@ -1,6 +1,6 @@
 //! Accepting connections, the timer task, and orderly shutdown.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{AdminInfo, Broker, BrokerConfig};
+use crate::store::{QueueSpec, StoreThread};
 
 /// What every connection task shares.
 pub(crate) struct Shared {
@@ -15,6 +16,8 @@ pub(crate) struct Shared {
     pub max_packet: u32,
     pub admin_info: AdminInfo,
     pub shutdown: CancellationToken,
+    /// Wakes the store thread; used with `broker`'s mutex.
+    pub store_wake: Arc<Condvar>,
 }
 
 /// Settings of a running server that are not about sockets or processes.
@@ -25,6 +28,7 @@ pub struct ServeOptions {
     pub allow_shutdown: bool,
     /// Reported by the admin `verbose` command.
     pub verbose: String,
+    pub queue: QueueSpec,
 }
 
 impl Default for ServeOptions {
@@ -34,6 +38,7 @@ impl Default for ServeOptions {
             max_packet: gearbox_proto::DEFAULT_MAX_PACKET,
             allow_shutdown: false,
             verbose: "INFO".into(),
+            queue: QueueSpec::Memory,
         }
     }
 }
@@ -42,9 +47,15 @@ impl Default for ServeOptions {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves on `listeners` until `shutdown` is cancelled (by the caller, a signal handler, or
-/// the admin `shutdown` command), then stops accepting, lets connections flush, and returns.
-pub async fn serve(listeners: Vec<TcpListener>, options: ServeOptions, shutdown: CancellationToken) {
-    let broker = Broker::new(options.broker);
+/// the admin `shutdown` command), then stops accepting, lets connections flush, commits what
+/// the store still has pending, and returns. Fails if the queue store cannot be opened.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), gearbox_store::StoreError> {
+    let store_wake = Arc::new(Condvar::new());
+    let (broker, store) = crate::store::open(&options.queue, Broker::new(options.broker), store_wake.clone())?;
     let timer = broker.timer_notify();
     let shared = Arc::new(Shared {
         broker: Mutex::new(broker),
@@ -55,7 +66,9 @@ pub async fn serve(listeners: Vec<TcpListener>, options: ServeOptions, shutdown:
             allow_shutdown: options.allow_shutdown,
         },
         shutdown: shutdown.clone(),
+        store_wake,
     });
+    let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
     let tasks = TaskTracker::new();
 
     tasks.spawn(run_timer(shared.clone(), timer));
@@ -68,6 +81,11 @@ pub async fn serve(listeners: Vec<TcpListener>, options: ServeOptions, shutdown:
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         tracing::warn!("some connections did not finish in time; closing them");
     }
+    if let Some(thread) = store_thread {
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || thread.stop(&shared)).await;
+    }
+    Ok(())
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {

@@ -72,7 +72,7 @@ impl Broker {
             }
             A::CancelJob { handle } => match self.find_by_handle(&handle) {
                 None => out.push_str("ERR UNKNOWN_JOB\r\n"),
-                Some(key) if matches!(self.jobs[key as usize].state, JobState::Running(_)) => {
+                Some(key) if matches!(self.jobs[key as usize].state, JobState::Running(_) | JobState::Pending) => {
                     out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n")
                 }
                 Some(key) => {

@@ -19,8 +19,13 @@ use tokio::sync::Notify;
 use crate::outbox::Outbox;
 
 mod admin;
+mod durable;
 
 pub use admin::AdminInfo;
+pub use durable::PAYLOAD_RAM_BUDGET;
+use durable::{Durability, Held};
+use gearbox_store::Loc;
+use std::cell::RefCell;
 
 pub type ConnId = u32;
 type JobKey = u32;
@@ -95,6 +100,8 @@ enum JobState {
     /// Waiting for its epoch time (SUBMIT_JOB_EPOCH).
     Scheduled,
     Running(ConnId),
+    /// Waiting for the durable store to commit it; not yet runnable.
+    Pending,
     /// Removed from every index but still referenced by a queue or the schedule heap.
     Dropped,
 }
@@ -109,8 +116,13 @@ struct Job {
     unique_len: u16,
     numerator: u32,
     denominator: u32,
-    /// The unique key followed by the payload, in one allocation.
+    /// The unique key followed by the payload (when `in_ram`), in one allocation.
     body: Box<[u8]>,
+    payload_len: u32,
+    /// False when the payload was dropped from memory to be read back from the store.
+    in_ram: bool,
+    /// Where the durable store keeps the job.
+    loc: Loc,
     /// Foreground clients waiting for the result.
     clients: Vec<ConnId>,
 }
@@ -120,6 +132,7 @@ impl Job {
         &self.body[..self.unique_len as usize]
     }
 
+    /// The payload, when in memory (see [`Broker::payload`]).
     fn data(&self) -> &[u8] {
         &self.body[self.unique_len as usize..]
     }
@@ -147,6 +160,8 @@ struct Conn {
     excepted: Option<u64>,
     /// Foreground jobs this client waits on.
     waiting: HashSet<JobKey>,
+    /// Replies waiting behind a JOB_CREATED that waits for the durable store.
+    held: RefCell<Option<VecDeque<Held>>>,
 }
 
 /// What an admin command asks of the server beyond its reply.
@@ -190,6 +205,9 @@ pub struct Broker {
     timer: Arc<Notify>,
     timer_at: Option<Instant>,
     last_sweep: Instant,
+    durable: Option<Durability>,
+    /// Connections with held replies.
+    held_conns: Vec<ConnId>,
 }
 
 fn unix_now() -> i64 {
@@ -222,6 +240,8 @@ impl Broker {
             timer: Arc::new(Notify::new()),
             timer_at: None,
             last_sweep: Instant::now(),
+            durable: None,
+            held_conns: Vec::new(),
         }
     }
 
@@ -245,6 +265,7 @@ impl Broker {
             running: Vec::new(),
             excepted: None,
             waiting: HashSet::new(),
+            held: RefCell::new(None),
         }) as ConnId
     }
 
@@ -282,6 +303,23 @@ impl Broker {
     }
 
     fn send_raw(&self, conn: ConnId, write: impl FnOnce(&mut BytesMut)) {
+        let Some(c) = self.conns.get(conn as usize) else { return };
+        if let Some(queue) = c.held.borrow_mut().as_mut() {
+            match queue.back_mut() {
+                Some(Held::Bytes(bytes)) => write(bytes),
+                _ => {
+                    let mut bytes = BytesMut::new();
+                    write(&mut bytes);
+                    queue.push_back(Held::Bytes(bytes));
+                }
+            }
+            return;
+        }
+        self.push_out(conn, write);
+    }
+
+    /// Writes to a connection's outbox, bypassing any held replies.
+    fn push_out(&self, conn: ConnId, write: impl FnOnce(&mut BytesMut)) {
         if let Some(c) = self.conns.get(conn as usize) {
             let len = c.outbox.push(self.current == Some(conn), write);
             if len > self.config.max_outbox {
@@ -314,7 +352,10 @@ impl Broker {
     }
 
     fn find_by_handle(&self, handle: &[u8]) -> Option<JobKey> {
-        let seq = self.parse_handle(handle)?;
+        self.find_by_seq(self.parse_handle(handle)?)
+    }
+
+    fn find_by_seq(&self, seq: u64) -> Option<JobKey> {
         self.by_seq.find(seq_hash(seq), |&k| self.jobs[k as usize].seq == seq).copied()
     }
 
@@ -507,7 +548,11 @@ impl Broker {
                 if !background {
                     self.attach(conn, key);
                 }
-                let handle = self.handle(self.jobs[key as usize].seq);
+                let job = &self.jobs[key as usize];
+                if job.state == JobState::Pending {
+                    return self.hold_ack(conn, job.seq);
+                }
+                let handle = self.handle(job.seq);
                 return self.send(conn, T::JobCreated, &[&handle]);
             }
         }
@@ -519,39 +564,65 @@ impl Broker {
 
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut body = Vec::with_capacity(unique.len() + data.len());
-        body.extend_from_slice(unique);
-        body.extend_from_slice(data);
+        let key = self.insert_job(seq, fid, priority, background, unique, data);
         let now = unix_now();
-        let scheduled = run_at.is_some_and(|t| t > now);
-        let key = self.jobs.insert(Job {
-            seq,
-            function: fid,
-            priority,
-            background,
-            state: if scheduled { JobState::Scheduled } else { JobState::Queued },
-            attempts: 0,
-            unique_len: unique.len() as u16,
-            numerator: 0,
-            denominator: 0,
-            body: body.into_boxed_slice(),
-            clients: Vec::new(),
-        }) as JobKey;
-        self.index(key);
+        let run_at = run_at.unwrap_or(0);
+        if background && self.durable.is_some() {
+            self.jobs[key as usize].state = JobState::Pending;
+            return self.store_add(conn, key, run_at);
+        }
         if !background {
             self.attach(conn, key);
         }
-        if scheduled {
-            let at = run_at.unwrap_or(now);
-            self.functions[fid as usize].scheduled += 1;
-            self.scheduled.push(Reverse((at, seq, key)));
-            let wait = Duration::from_secs((at - now) as u64);
-            self.arm_timer(Instant::now() + wait);
+        if run_at > now {
+            self.schedule(key, run_at, now);
         } else {
             self.enqueue(key, false);
         }
         let handle = self.handle(seq);
         self.send(conn, T::JobCreated, &[&handle]);
+    }
+
+    /// Creates an indexed job, not yet queued.
+    fn insert_job(
+        &mut self,
+        seq: u64,
+        function: FunctionId,
+        priority: Priority,
+        background: bool,
+        unique: &[u8],
+        data: &[u8],
+    ) -> JobKey {
+        let mut body = Vec::with_capacity(unique.len() + data.len());
+        body.extend_from_slice(unique);
+        body.extend_from_slice(data);
+        let key = self.jobs.insert(Job {
+            seq,
+            function,
+            priority,
+            background,
+            state: JobState::Queued,
+            attempts: 0,
+            unique_len: unique.len() as u16,
+            numerator: 0,
+            denominator: 0,
+            body: body.into_boxed_slice(),
+            payload_len: data.len() as u32,
+            in_ram: true,
+            loc: Loc::NONE,
+            clients: Vec::new(),
+        }) as JobKey;
+        self.index(key);
+        key
+    }
+
+    /// Holds a job until its epoch time.
+    fn schedule(&mut self, key: JobKey, at: i64, now: i64) {
+        let job = &mut self.jobs[key as usize];
+        job.state = JobState::Scheduled;
+        self.functions[job.function as usize].scheduled += 1;
+        self.scheduled.push(Reverse((at, job.seq, key)));
+        self.arm_timer(Instant::now() + Duration::from_secs((at - now).max(0) as u64));
     }
 
     fn index(&mut self, key: JobKey) {
@@ -668,11 +739,21 @@ impl Broker {
         let job = &self.jobs[key as usize];
         let handle = self.handle(job.seq);
         let name = &self.functions[fid as usize].name;
-        match kind {
-            GrabKind::Plain => self.send(conn, T::JobAssign, &[&handle, name, job.data()]),
-            GrabKind::Uniq | GrabKind::All => {
-                self.send(conn, T::JobAssignUniq, &[&handle, name, job.unique(), job.data()])
+        let data = match self.payload(job) {
+            Ok(data) => data,
+            Err(e) => {
+                // The store cannot give the payload back: the job cannot run anywhere.
+                tracing::error!(handle = %String::from_utf8_lossy(&handle), "dropping a job whose payload cannot be read: {e}");
+                for &c in &job.clients {
+                    self.send(c, T::WorkFail, &[&handle]);
+                }
+                self.finish(key);
+                return self.grab(conn, kind);
             }
+        };
+        match kind {
+            GrabKind::Plain => self.send(conn, T::JobAssign, &[&handle, name, &data]),
+            GrabKind::Uniq | GrabKind::All => self.send(conn, T::JobAssignUniq, &[&handle, name, job.unique(), &data]),
         }
     }
 
@@ -757,6 +838,7 @@ impl Broker {
                 }
             }
         }
+        self.unstore(key);
         self.unindex(key);
         self.jobs.remove(key as usize);
     }
@@ -776,6 +858,7 @@ impl Broker {
             for &c in &self.jobs[key as usize].clients {
                 self.send(c, T::WorkFail, &[&handle]);
             }
+            self.unstore(key);
             self.unindex(key);
             self.jobs.remove(key as usize);
         } else if !background && abandoned {
@@ -805,6 +888,7 @@ impl Broker {
             JobState::Scheduled => f.scheduled -= 1,
             _ => unreachable!("only queued or scheduled jobs are dropped"),
         }
+        self.unstore(key);
         self.unindex(key);
         self.jobs[key as usize].state = JobState::Dropped;
     }

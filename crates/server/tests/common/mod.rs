@@ -16,7 +16,7 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
+    pub task: tokio::task::JoinHandle<Result<(), gearbox_server::StoreError>>,
 }
 
 impl TestServer {
@@ -29,7 +29,19 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(gearbox_server::serve(vec![listener], options, shutdown.clone()));
-        TestServer { addr, shutdown, task }
+        let server = TestServer { addr, shutdown, task };
+        // Ready once it answers: a durable store is open and loaded by then.
+        let mut probe = server.conn().await;
+        probe.send(Request::EchoReq { data: b("ready") }).await;
+        assert_eq!(probe.recv().await, Response::EchoRes { data: b("ready") });
+        server
+    }
+
+    /// Stops the server (as on SIGTERM) and waits until it has.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        task.await.unwrap().unwrap();
     }
 
     pub async fn conn(&self) -> Conn {

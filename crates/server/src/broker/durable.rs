@@ -1,0 +1,262 @@
+//! Background jobs on a durable store.
+//!
+//! A background submission becomes a *pending* job: it is indexed (so duplicates coalesce
+//! onto it) but not dispatchable, and its record joins the batch the store thread commits
+//! next. The client's JOB_CREATED waits for that commit. Replies to one connection must keep
+//! their order, so once a connection waits for a commit, everything else sent to it waits
+//! behind it in a queue of held replies, released in order as commits complete.
+//!
+//! Payloads of committed jobs are kept in memory up to a budget; past it they are dropped
+//! and read back from the store when a worker takes the job.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar};
+
+use bytes::BytesMut;
+use gearbox_proto::PacketType as T;
+use gearbox_store::{Batch, Loc, PayloadReader, StoredJob};
+
+use super::{unix_now, Broker, ConnId, Job, JobKey, JobState};
+
+/// Payload bytes of stored jobs kept in memory; the rest are read back when needed.
+pub const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;
+
+pub(super) struct Durability {
+    /// Changes not yet handed to the store thread.
+    pending: Batch,
+    /// Wakes the store thread (it waits on the broker's mutex).
+    wake: Arc<Condvar>,
+    reader: Option<Arc<dyn PayloadReader>>,
+    ram_bytes: usize,
+    /// Why the last failed commit failed, for the clients whose submissions it lost.
+    last_error: String,
+}
+
+/// A reply to a connection that waits for a commit.
+pub(super) enum Held {
+    Bytes(BytesMut),
+    /// JOB_CREATED for the job with this sequence number, once it is committed.
+    Ack(u64),
+}
+
+impl Broker {
+    /// Switches background submissions to the durable path. `wake` is notified (while the
+    /// broker lock is held) whenever changes wait for the store thread.
+    pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>) {
+        self.durable = Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new() });
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.durable.is_some()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.durable.as_ref().is_some_and(|d| !d.pending.is_empty())
+    }
+
+    /// Moves the pending changes into `batch` (which the caller has cleared).
+    pub fn take_pending(&mut self, batch: &mut Batch) {
+        if let Some(d) = self.durable.as_mut() {
+            std::mem::swap(&mut d.pending, batch);
+        }
+    }
+
+    fn pending(&mut self) -> &mut Batch {
+        let d = self.durable.as_mut().expect("durable store enabled");
+        if d.pending.is_empty() {
+            d.wake.notify_one();
+        }
+        &mut d.pending
+    }
+
+    /// Records a new background job for the store; its submitter's JOB_CREATED is held.
+    pub(super) fn store_add(&mut self, conn: ConnId, key: JobKey, run_at: i64) {
+        let job = &self.jobs[key as usize];
+        let (seq, priority) = (job.seq, job.priority as u8);
+        let name = self.functions[job.function as usize].name.clone();
+        let d = self.durable.as_mut().expect("durable store enabled");
+        if d.pending.is_empty() {
+            d.wake.notify_one();
+        }
+        d.pending.push_add(seq, priority, run_at, &name, job.unique(), job.data());
+        self.hold_ack(conn, seq);
+    }
+
+    /// Forgets a stored job (it finished, failed or was cancelled).
+    pub(super) fn unstore(&mut self, key: JobKey) {
+        let job = &self.jobs[key as usize];
+        if self.durable.is_none() || !job.background || job.state == JobState::Pending {
+            return;
+        }
+        let (seq, loc, in_ram, len) = (job.seq, job.loc, job.in_ram, job.payload_len as usize);
+        if in_ram {
+            self.durable.as_mut().unwrap().ram_bytes -= len;
+        }
+        self.pending().push_remove(seq, loc);
+    }
+
+    /// Queues JOB_CREATED for `seq` behind everything already held for `conn`.
+    pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64) {
+        let Some(c) = self.conns.get(conn as usize) else { return };
+        let mut held = c.held.borrow_mut();
+        if held.is_none() {
+            self.held_conns.push(conn);
+        }
+        held.get_or_insert_with(VecDeque::new).push_back(Held::Ack(seq));
+    }
+
+    /// Applies the outcome of committing `batch`: committed jobs become runnable and their
+    /// submitters get JOB_CREATED; on failure they are dropped and get an ERROR instead.
+    pub fn committed(&mut self, batch: &Batch, outcome: Result<&[Loc], String>) {
+        self.current = None;
+        let now = unix_now();
+        for (i, add) in batch.adds().enumerate() {
+            let Some(key) = self.find_by_seq(add.seq) else { continue };
+            if self.jobs[key as usize].state != JobState::Pending {
+                continue;
+            }
+            match &outcome {
+                Ok(locs) => {
+                    self.jobs[key as usize].loc = locs[i];
+                    self.keep_or_evict(key);
+                    self.release(key, add.run_at, now);
+                }
+                Err(_) => {
+                    self.unindex(key);
+                    self.jobs.remove(key as usize);
+                }
+            }
+        }
+        if let Err(why) = outcome {
+            tracing::error!("queue store commit failed: {why}");
+            // Nobody waits on removals: retry them with the next batch.
+            for &(seq, loc) in batch.removes() {
+                self.pending().push_remove(seq, loc);
+            }
+            self.durable.as_mut().unwrap().last_error = why;
+        }
+        self.release_held();
+    }
+
+    /// Makes a committed or restored job runnable (now or at its time).
+    fn release(&mut self, key: JobKey, run_at: i64, now: i64) {
+        if run_at > now {
+            self.schedule(key, run_at, now);
+        } else {
+            self.enqueue(key, false);
+        }
+    }
+
+    /// Keeps the payload in memory within the budget; past it, drops it for the store to
+    /// serve later.
+    fn keep_or_evict(&mut self, key: JobKey) {
+        let d = self.durable.as_mut().unwrap();
+        let job = &mut self.jobs[key as usize];
+        let len = job.payload_len as usize;
+        if d.reader.is_some() && d.ram_bytes + len > PAYLOAD_RAM_BUDGET && job.loc != Loc::NONE {
+            job.body = job.unique().into();
+            job.in_ram = false;
+        } else {
+            d.ram_bytes += len;
+        }
+    }
+
+    /// Sends what held connections may now receive, in order.
+    fn release_held(&mut self) {
+        let mut still_held = Vec::new();
+        for conn in std::mem::take(&mut self.held_conns) {
+            let Some(c) = self.conns.get(conn as usize) else { continue };
+            let mut queue = c.held.borrow_mut().take().unwrap_or_default();
+            while let Some(front) = queue.front_mut() {
+                match front {
+                    Held::Bytes(bytes) => {
+                        let bytes = std::mem::take(bytes);
+                        self.push_out(conn, |b| b.extend_from_slice(&bytes));
+                    }
+                    Held::Ack(seq) => {
+                        let seq = *seq;
+                        match self.find_by_seq(seq) {
+                            Some(key) if self.jobs[key as usize].state == JobState::Pending => break,
+                            Some(_) => {
+                                let handle = self.handle(seq);
+                                self.push_out(conn, |b| {
+                                    gearbox_proto::encode_packet(b, gearbox_proto::Magic::Response, T::JobCreated, &[&handle])
+                                });
+                            }
+                            None => {
+                                let why = format!("could not store the job: {}", self.durable.as_ref().unwrap().last_error);
+                                self.push_out(conn, |b| {
+                                    gearbox_proto::encode_packet(
+                                        b,
+                                        gearbox_proto::Magic::Response,
+                                        T::Error,
+                                        &[b"QUEUE_ERROR", why.as_bytes()],
+                                    )
+                                });
+                            }
+                        }
+                    }
+                }
+                queue.pop_front();
+            }
+            if !queue.is_empty() {
+                *self.conns[conn as usize].held.borrow_mut() = Some(queue);
+                still_held.push(conn);
+            }
+        }
+        self.held_conns = still_held;
+    }
+
+    /// A job's payload, from memory or read back from the store.
+    pub(super) fn payload<'a>(&self, job: &'a Job) -> std::io::Result<Cow<'a, [u8]>> {
+        if job.in_ram {
+            return Ok(Cow::Borrowed(job.data()));
+        }
+        let reader = self.durable.as_ref().and_then(|d| d.reader.as_ref());
+        match reader {
+            Some(r) => r.read(job.loc, job.payload_len).map(Cow::Owned),
+            None => Err(std::io::Error::other("payload not in memory and the store cannot read it back")),
+        }
+    }
+
+    /// Puts a job loaded from the store back in the queue, with its original handle.
+    pub fn restore(&mut self, stored: StoredJob) {
+        let fid = self.function_id(&stored.function);
+        let priority = match stored.priority {
+            0 => gearbox_proto::Priority::High,
+            2 => gearbox_proto::Priority::Low,
+            _ => gearbox_proto::Priority::Normal,
+        };
+        self.next_seq = self.next_seq.max(stored.seq + 1);
+        if self.find_by_seq(stored.seq).is_some() {
+            return;
+        }
+        let key = self.insert_job(stored.seq, fid, priority, true, &stored.unique, &stored.data);
+        let job = &mut self.jobs[key as usize];
+        job.loc = stored.loc;
+        job.state = JobState::Pending;
+        if !job.unique().is_empty() && self.find_by_unique(fid, &stored.unique) != Some(key) {
+            // Two stored jobs with one unique key (possible after an import): keep both.
+            tracing::warn!("restored job {} shares its unique key with another", stored.seq);
+        }
+        self.keep_or_evict(key);
+        self.release(key, stored.run_at, unix_now());
+    }
+
+    /// Which of `seqs` are stored jobs still wanted (for compaction).
+    pub fn live_stored(&self, seqs: &[u64]) -> Vec<u64> {
+        seqs.iter().copied().filter(|&s| self.find_by_seq(s).is_some()).collect()
+    }
+
+    /// Records where the store moved jobs. A job that ended while it was being moved gets
+    /// its removal written again, after the copy.
+    pub fn relocate(&mut self, moved: &[(u64, Loc)]) {
+        for &(seq, loc) in moved {
+            match self.find_by_seq(seq) {
+                Some(key) => self.jobs[key as usize].loc = loc,
+                None => self.pending().push_remove(seq, loc),
+            }
+        }
+    }
+}

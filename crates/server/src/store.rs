@@ -1,0 +1,135 @@
+//! The durable queue's side of the server: choosing a store, loading it at start, and the
+//! store thread that commits the broker's pending changes in batches.
+//!
+//! The store thread sleeps on a condition variable tied to the broker's mutex. It takes
+//! everything pending in one swap, commits it without holding the lock (submissions keep
+//! arriving meanwhile and form the next batch: group commit), then applies the outcome.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar};
+use std::thread::JoinHandle;
+
+use gearbox_store::{log::LogStore, Batch, QueueStore, StoreError};
+
+use crate::broker::Broker;
+use crate::server::Shared;
+
+/// Where the queue is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueSpec {
+    /// Not durable: a restart loses every queued job.
+    Memory,
+    /// The embedded log in this directory.
+    Embedded(PathBuf),
+    /// A MariaDB/MySQL or PostgreSQL URL.
+    Sql(String),
+}
+
+impl QueueSpec {
+    /// Reads `--queue`: `memory`, `embedded` (in `data_dir`), or a `mysql://` / `postgres://` URL.
+    pub fn parse(queue: &str, data_dir: &Path) -> Result<QueueSpec, String> {
+        match queue {
+            "memory" => Ok(QueueSpec::Memory),
+            "embedded" => Ok(QueueSpec::Embedded(data_dir.to_path_buf())),
+            url if ["mysql://", "mariadb://", "postgres://", "postgresql://"].iter().any(|p| url.starts_with(p)) => {
+                Ok(QueueSpec::Sql(url.to_string()))
+            }
+            other => Err(format!(
+                "unknown queue {other:?}: use memory, embedded, mysql://USER@HOST:PORT/DB or postgres://USER@HOST:PORT/DB"
+            )),
+        }
+    }
+}
+
+/// Opens the store and loads its jobs into `broker`. Runs on a thread of its own: stores
+/// block, and SQL stores drive a runtime of their own.
+pub(crate) fn open(
+    spec: &QueueSpec,
+    broker: Broker,
+    wake: Arc<Condvar>,
+) -> Result<(Broker, Option<Box<dyn QueueStore>>), StoreError> {
+    let spec = spec.clone();
+    std::thread::spawn(move || {
+        let mut broker = broker;
+        let mut store: Box<dyn QueueStore> = match &spec {
+            QueueSpec::Memory => return Ok((broker, None)),
+            QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
+            QueueSpec::Sql(url) => return Err(StoreError::Database(format!("TODO sql {url}"))),
+        };
+        broker.enable_durability(wake, store.payload_reader());
+        let started = std::time::Instant::now();
+        let mut count = 0usize;
+        store.load(&mut |job| {
+            count += 1;
+            broker.restore(job);
+        })?;
+        tracing::info!("queue store: {}; {count} queued jobs loaded in {:.1?}", store.describe(), started.elapsed());
+        Ok((broker, Some(store)))
+    })
+    .join()
+    .expect("the store loader does not panic")
+}
+
+pub(crate) struct StoreThread {
+    handle: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StoreThread {
+    pub(crate) fn start(store: Box<dyn QueueStore>, shared: Arc<Shared>) -> StoreThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("gearbox-store".into())
+            .spawn(move || commit_loop(store, &shared, &thread_stop))
+            .expect("spawn the store thread");
+        StoreThread { handle, stop }
+    }
+
+    /// Commits what is still pending, then ends the thread.
+    pub(crate) fn stop(self, shared: &Shared) {
+        {
+            let _broker = shared.broker.lock().unwrap();
+            self.stop.store(true, Ordering::Relaxed);
+            shared.store_wake.notify_all();
+        }
+        let _ = self.handle.join();
+    }
+}
+
+fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBool) {
+    let mut batch = Batch::default();
+    let mut locs = Vec::new();
+    loop {
+        {
+            let broker = shared.broker.lock().unwrap();
+            let mut broker = shared
+                .store_wake
+                .wait_while(broker, |b| !b.has_pending() && !stop.load(Ordering::Relaxed))
+                .unwrap();
+            if !broker.has_pending() {
+                return;
+            }
+            batch.clear();
+            broker.take_pending(&mut batch);
+        }
+        let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
+        shared.broker.lock().unwrap().committed(&batch, outcome);
+        if let Err(e) = compact(store.as_mut(), shared) {
+            tracing::error!("queue store compaction failed: {e}");
+        }
+    }
+}
+
+/// Lets the store move the jobs still queued out of space it wants to reclaim.
+fn compact(store: &mut dyn QueueStore, shared: &Shared) -> Result<(), StoreError> {
+    let candidates = store.compaction_candidates()?;
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let live = shared.broker.lock().unwrap().live_stored(&candidates);
+    let moved = store.compact(&live)?;
+    shared.broker.lock().unwrap().relocate(&moved);
+    Ok(())
+}
