@@ -123,7 +123,8 @@ impl Settings {
         let log_level = parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
         let host = s.hostname.unwrap_or_else(host_name);
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
-        let queue = QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
+        let queue =
+            QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
@@ -161,9 +162,9 @@ fn parse_level(s: &str) -> Option<tracing::Level> {
 
 /// `$XDG_DATA_HOME/gearbox`, else `~/.local/share/gearbox`.
 fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("share"))
-    });
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("share")));
     base.unwrap_or_else(|| PathBuf::from(".")).join("gearbox")
 }
 

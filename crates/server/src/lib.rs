@@ -16,8 +16,8 @@ mod session;
 pub mod store;
 
 pub use config::{Config, ConfigError, Settings};
-pub use server::{serve, ServeOptions};
 pub use gearbox_store::StoreError;
+pub use server::{serve, ServeOptions};
 pub use store::QueueSpec;
 
 use tokio::net::TcpListener;

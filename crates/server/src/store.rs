@@ -55,7 +55,7 @@ pub(crate) fn open(
         let mut store: Box<dyn QueueStore> = match &spec {
             QueueSpec::Memory => return Ok((broker, None)),
             QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
-            QueueSpec::Sql(url) => return Err(StoreError::Database(format!("TODO sql {url}"))),
+            QueueSpec::Sql(url) => gearbox_store::open_sql(url)?,
         };
         broker.enable_durability(wake, store.payload_reader());
         let started = std::time::Instant::now();
@@ -104,10 +104,8 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
     loop {
         {
             let broker = shared.broker.lock().unwrap();
-            let mut broker = shared
-                .store_wake
-                .wait_while(broker, |b| !b.has_pending() && !stop.load(Ordering::Relaxed))
-                .unwrap();
+            let mut broker =
+                shared.store_wake.wait_while(broker, |b| !b.has_pending() && !stop.load(Ordering::Relaxed)).unwrap();
             if !broker.has_pending() {
                 return;
             }

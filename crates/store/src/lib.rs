@@ -94,3 +94,9 @@ pub trait QueueStore: Send {
         Ok(Vec::new())
     }
 }
+
+mod gearmand_import;
+mod sql;
+
+pub use gearmand_import::{import_gearmand, GearmandJob};
+pub use sql::open_sql;

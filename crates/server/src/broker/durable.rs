@@ -44,7 +44,8 @@ impl Broker {
     /// Switches background submissions to the durable path. `wake` is notified (while the
     /// broker lock is held) whenever changes wait for the store thread.
     pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>) {
-        self.durable = Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new() });
+        self.durable =
+            Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new() });
     }
 
     pub fn is_durable(&self) -> bool {
@@ -181,11 +182,17 @@ impl Broker {
                             Some(_) => {
                                 let handle = self.handle(seq);
                                 self.push_out(conn, |b| {
-                                    gearbox_proto::encode_packet(b, gearbox_proto::Magic::Response, T::JobCreated, &[&handle])
+                                    gearbox_proto::encode_packet(
+                                        b,
+                                        gearbox_proto::Magic::Response,
+                                        T::JobCreated,
+                                        &[&handle],
+                                    )
                                 });
                             }
                             None => {
-                                let why = format!("could not store the job: {}", self.durable.as_ref().unwrap().last_error);
+                                let why =
+                                    format!("could not store the job: {}", self.durable.as_ref().unwrap().last_error);
                                 self.push_out(conn, |b| {
                                     gearbox_proto::encode_packet(
                                         b,

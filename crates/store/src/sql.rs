@@ -1,0 +1,775 @@
+//! MariaDB/MySQL and PostgreSQL queue stores: the queue is one table, a row per job, owned by
+//! one server at a time.
+//!
+//! [`open_sql`] takes `mysql://USER[:PASS]@HOST:PORT/DB` (or `mariadb://`) or
+//! `postgres://USER[:PASS]@HOST:PORT/DB` (or `postgresql://`), with an optional `table=NAME`
+//! parameter (default `gearbox_queue`). It creates the table if needed (the table's comment
+//! records the schema version, so later versions can migrate it) and takes an exclusive lock
+//! for the store's lifetime, on the connection the store writes through: `GET_LOCK` on MySQL,
+//! a session advisory lock on PostgreSQL. Payloads stay in the database: jobs load with
+//! [`Loc::NONE`].
+//!
+//! Each batch is one transaction: multi-row INSERTs, then `DELETE … WHERE seq IN (…)`, chunked
+//! under the protocols' 65,535 bind parameters and MySQL's `max_allowed_packet`. When the
+//! connection breaks (the database restarted, the session was killed), a commit reconnects,
+//! takes the lock again and retries the whole batch with backoff for up to ten seconds. If
+//! another server took the table meanwhile, this store fails every later commit.
+//!
+//! The methods block: they drive a single-threaded tokio runtime of the store's own, so they
+//! must be called from a plain thread, not from within another runtime.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, Executor, Row};
+use tokio::runtime::Runtime;
+use url::Url;
+
+use crate::{AddView, Batch, Loc, QueueStore, Result, StoreError, StoredJob};
+
+const DEFAULT_TABLE: &str = "gearbox_queue";
+const SCHEMA_VERSION: u32 = 1;
+/// The table comment that marks a gearbox queue table, followed by the schema version.
+const SCHEMA_TAG: &str = "gearbox queue, schema ";
+/// Both protocols count a statement's bind parameters in 16 bits.
+const MAX_PARAMS: usize = 65_535;
+const ADD_PARAMS: usize = 6;
+/// Payload bytes per INSERT on PostgreSQL; on MySQL, half its `max_allowed_packet`.
+const PG_STATEMENT_BYTES: usize = 16 << 20;
+/// Room for a row's framing in a statement, beyond its payload.
+const ROW_OVERHEAD: usize = 64;
+/// Statements of up to this many rows recur with every batch and stay prepared on the
+/// connection; bigger ones are rare and costly to keep prepared on the server.
+const CACHED_ROWS: usize = 64;
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a commit keeps retrying once it lost the connection.
+const RETRY_FOR: Duration = Duration::from_secs(10);
+/// Bounds one attempt, so that a database that stops answering fails commits instead of
+/// hanging them until TCP gives up.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// MySQL truncates longer `GET_LOCK` names.
+const MYSQL_LOCK_NAME_MAX: usize = 64;
+
+/// Opens (creating if needed) the queue table named by `url` and locks it for this store.
+pub fn open_sql(url: &str) -> Result<Box<dyn QueueStore>> {
+    let target = Target::parse(url, DEFAULT_TABLE)?;
+    let rt = runtime()?;
+    let db = rt.block_on(Db::open(target))?;
+    Ok(Box::new(SqlStore { rt, db, broken: None }))
+}
+
+pub(crate) fn runtime() -> Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::io("starting the database client runtime", e))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    MySql,
+    Postgres,
+}
+
+impl Kind {
+    /// The backend a URL names by its scheme, if it is a database URL.
+    pub(crate) fn of_url(url: &str) -> Option<Kind> {
+        let (scheme, _) = url.split_once("://")?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "mysql" | "mariadb" => Some(Kind::MySql),
+            "postgres" | "postgresql" => Some(Kind::Postgres),
+            _ => None,
+        }
+    }
+}
+
+/// A database URL, split into what the driver connects with and the table.
+pub(crate) struct Target {
+    pub(crate) kind: Kind,
+    /// The URL less the `table` parameter.
+    url: Url,
+    /// Validated: `[A-Za-z0-9_]+`, so it can be spliced into SQL. Lowercase on PostgreSQL,
+    /// which folds unquoted names.
+    pub(crate) table: String,
+    /// The URL without password or parameters, and the table: for logs and errors.
+    pub(crate) public: String,
+}
+
+impl Target {
+    pub(crate) fn parse(url: &str, default_table: &str) -> Result<Target> {
+        let bad = |why: &str| StoreError::Database(format!("bad database URL: {why}"));
+        let kind =
+            Kind::of_url(url).ok_or_else(|| bad("use mysql://USER@HOST:PORT/DB or postgres://USER@HOST:PORT/DB"))?;
+        let mut url = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let mut table = None;
+        let rest: Vec<(String, String)> = url
+            .query_pairs()
+            .filter_map(|(k, v)| {
+                if k == "table" {
+                    table = Some(v.into_owned());
+                    None
+                } else {
+                    Some((k.into_owned(), v.into_owned()))
+                }
+            })
+            .collect();
+        if rest.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(&rest);
+        }
+        if kind == Kind::MySql && url.scheme() != "mysql" {
+            url.set_scheme("mysql").map_err(|()| bad("cannot use it as a mysql:// URL"))?;
+        }
+        let table = table.unwrap_or_else(|| default_table.to_string());
+        if table.is_empty() || table.len() > 63 || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(bad(&format!("table {table:?}: use 1 to 63 letters, digits and underscores")));
+        }
+        let table = if kind == Kind::Postgres { table.to_ascii_lowercase() } else { table };
+        let mut shown = url.clone();
+        // Fails only for URLs that cannot have a password, which then has none to hide.
+        let _ = shown.set_password(None);
+        shown.set_query(None);
+        let public = format!("{shown} table {table}");
+        Ok(Target { kind, url, table, public })
+    }
+
+    pub(crate) async fn connect(&self) -> sqlx::Result<Conn> {
+        Ok(match self.kind {
+            Kind::MySql => Conn::MySql(MySqlConnectOptions::from_url(&self.url)?.connect().await?),
+            Kind::Postgres => Conn::Postgres(PgConnectOptions::from_url(&self.url)?.connect().await?),
+        })
+    }
+
+    pub(crate) fn error(&self, e: sqlx::Error) -> StoreError {
+        StoreError::Database(format!("{}: {e}", self.public))
+    }
+}
+
+pub(crate) enum Conn {
+    MySql(MySqlConnection),
+    Postgres(PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to the backend's value inside `$enum` (a [`Conn`] or [`Tx`])
+/// and `$db` naming its database type: the same code, compiled once per backend.
+macro_rules! per_backend {
+    ($enum:ident, $value:expr, $c:ident, $db:ident => $body:expr) => {
+        match $value {
+            $enum::MySql($c) => {
+                #[allow(dead_code)]
+                type $db = sqlx::MySql;
+                $body
+            }
+            $enum::Postgres($c) => {
+                #[allow(dead_code)]
+                type $db = sqlx::Postgres;
+                $body
+            }
+        }
+    };
+}
+
+impl Conn {
+    async fn database(&mut self) -> sqlx::Result<Option<String>> {
+        match self {
+            Conn::MySql(c) => sqlx::query_scalar("SELECT DATABASE()").fetch_one(c).await,
+            Conn::Postgres(c) => sqlx::query_scalar("SELECT current_database()").fetch_one(c).await,
+        }
+    }
+
+    /// Takes the table's lock for this session without waiting; false if another holds it.
+    async fn try_lock(&mut self, lock_id: &str) -> sqlx::Result<bool> {
+        match self {
+            Conn::MySql(c) => {
+                let got: Option<i64> =
+                    sqlx::query_scalar("SELECT GET_LOCK(?, 0)").bind(mysql_lock_name(lock_id)).fetch_one(c).await?;
+                Ok(got == Some(1))
+            }
+            Conn::Postgres(c) => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(pg_lock_key(lock_id)).fetch_one(c).await
+            }
+        }
+    }
+
+    async fn unlock(&mut self, lock_id: &str) -> sqlx::Result<()> {
+        match self {
+            Conn::MySql(c) => {
+                sqlx::query("DO RELEASE_LOCK(?)").bind(mysql_lock_name(lock_id)).execute(c).await?;
+            }
+            Conn::Postgres(c) => {
+                sqlx::query("SELECT pg_advisory_unlock($1)").bind(pg_lock_key(lock_id)).execute(c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(self) -> sqlx::Result<()> {
+        per_backend!(Conn, self, c, _DB => c.close().await)
+    }
+
+    /// Creates the queue table, or checks that an existing one is a gearbox queue of this
+    /// schema version.
+    async fn ensure_schema(&mut self, target: &Target) -> Result<()> {
+        let t = &target.table;
+        let comment: Option<Option<String>> = match self {
+            Conn::MySql(c) => sqlx::query_scalar(
+                "SELECT TABLE_COMMENT FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            )
+            .bind(t)
+            .fetch_optional(c)
+            .await
+            .map_err(|e| target.error(e))?,
+            Conn::Postgres(c) => sqlx::query_scalar(
+                "SELECT obj_description(oid, 'pg_class') FROM (SELECT to_regclass($1) AS oid) r \
+                 WHERE oid IS NOT NULL",
+            )
+            .bind(t)
+            .fetch_optional(c)
+            .await
+            .map_err(|e| target.error(e))?,
+        };
+        if let Some(comment) = comment {
+            let version =
+                comment.as_deref().and_then(|c| c.strip_prefix(SCHEMA_TAG)).and_then(|v| v.parse::<u32>().ok());
+            // A later schema version migrates older tables here.
+            return match version {
+                Some(SCHEMA_VERSION) => Ok(()),
+                Some(v) => Err(StoreError::Database(format!(
+                    "{}: schema version {v}, but this gearbox uses version {SCHEMA_VERSION}",
+                    target.public
+                ))),
+                None => {
+                    Err(StoreError::Database(format!("{}: the table exists and is not a gearbox queue", target.public)))
+                }
+            };
+        }
+        let ddl = match self.kind() {
+            Kind::MySql => format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                   seq BIGINT NOT NULL PRIMARY KEY, \
+                   priority SMALLINT NOT NULL, \
+                   run_at BIGINT NOT NULL, \
+                   function_name BLOB NOT NULL, \
+                   unique_key BLOB NOT NULL, \
+                   data LONGBLOB NOT NULL, \
+                   created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)\
+                 ) ENGINE=InnoDB COMMENT='{SCHEMA_TAG}{SCHEMA_VERSION}'"
+            ),
+            Kind::Postgres => format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                   seq BIGINT NOT NULL PRIMARY KEY, \
+                   priority SMALLINT NOT NULL, \
+                   run_at BIGINT NOT NULL, \
+                   function_name BYTEA NOT NULL, \
+                   unique_key BYTEA NOT NULL, \
+                   data BYTEA NOT NULL, \
+                   created_at TIMESTAMPTZ NOT NULL DEFAULT now()\
+                 ); \
+                 COMMENT ON TABLE {t} IS '{SCHEMA_TAG}{SCHEMA_VERSION}'"
+            ),
+        };
+        // PostgreSQL runs the two statements of one simple query in one transaction.
+        per_backend!(Conn, self, c, _DB => c.execute(ddl.as_str()).await.map(drop)).map_err(|e| target.error(e))?;
+        Ok(())
+    }
+
+    /// Payload bytes per INSERT, and the largest job the database accepts.
+    async fn limits(&mut self) -> sqlx::Result<(usize, usize)> {
+        match self {
+            Conn::MySql(c) => {
+                let packet: i64 =
+                    sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS SIGNED)").fetch_one(c).await?;
+                let packet = usize::try_from(packet).unwrap_or(usize::MAX);
+                Ok((packet / 2, packet.saturating_sub(4 * ROW_OVERHEAD)))
+            }
+            Conn::Postgres(_) => Ok((PG_STATEMENT_BYTES, usize::MAX)),
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Conn::MySql(_) => Kind::MySql,
+            Conn::Postgres(_) => Kind::Postgres,
+        }
+    }
+}
+
+fn mysql_lock_name(lock_id: &str) -> Cow<'_, str> {
+    if lock_id.len() <= MYSQL_LOCK_NAME_MAX {
+        Cow::Borrowed(lock_id)
+    } else {
+        Cow::Owned(format!("gearbox:{:016x}", fnv1a(lock_id)))
+    }
+}
+
+fn pg_lock_key(lock_id: &str) -> i64 {
+    fnv1a(lock_id) as i64
+}
+
+/// A hash that stays the same across builds and platforms: lock identities must agree
+/// between servers.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Whether the error means the connection is gone or unusable, so that reconnecting may help.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            if let Some(my) = db.try_downcast_ref::<MySqlDatabaseError>() {
+                // Too many connections, shutdown in progress, aborted or killed connection,
+                // network read/write errors, disconnected for inactivity.
+                if matches!(my.number(), 1040 | 1053 | 1152 | 1158..=1161 | 1184 | 1927 | 4031) {
+                    return true;
+                }
+            }
+            // Connection exceptions; PostgreSQL's admin/crash shutdown, starting up, too many
+            // connections.
+            db.code().is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300"))
+        }
+        _ => false,
+    }
+}
+
+/// Why an attempt at a batch failed.
+enum Failure {
+    /// The connection broke or could not be made: a retry may succeed.
+    Lost { error: String, maybe_committed: bool },
+    /// Reconnected, but another server holds the table now.
+    Locked,
+    /// The database refused the batch.
+    Refused(String),
+}
+
+impl Failure {
+    fn from_sqlx(e: sqlx::Error, committing: bool) -> Failure {
+        if is_connection_error(&e) {
+            Failure::Lost { error: e.to_string(), maybe_committed: committing }
+        } else {
+            Failure::Refused(e.to_string())
+        }
+    }
+}
+
+/// Why the store refuses every batch.
+enum Broken {
+    Locked,
+    /// A commit failed at a point where the database may have applied it.
+    Unknown(String),
+}
+
+struct SqlStore {
+    rt: Runtime,
+    db: Db,
+    broken: Option<Broken>,
+}
+
+struct Db {
+    target: Target,
+    /// Names the table's lock; the backend derives its lock name or key from it.
+    lock_id: String,
+    /// None after the connection broke, until a commit reconnects.
+    conn: Option<Conn>,
+    statement_bytes: usize,
+    max_job_bytes: usize,
+    /// Set while a COMMIT is in flight: losing the connection then leaves the outcome unknown.
+    committing: bool,
+}
+
+impl Db {
+    async fn open(target: Target) -> Result<Db> {
+        let mut conn = target.connect().await.map_err(|e| target.error(e))?;
+        let database = conn
+            .database()
+            .await
+            .map_err(|e| target.error(e))?
+            .ok_or_else(|| StoreError::Database(format!("{}: the URL names no database", target.public)))?;
+        let lock_id = format!("gearbox:{database}:{}", target.table);
+        if !conn.try_lock(&lock_id).await.map_err(|e| target.error(e))? {
+            return Err(StoreError::Locked(target.public.clone()));
+        }
+        conn.ensure_schema(&target).await?;
+        let (statement_bytes, max_job_bytes) = conn.limits().await.map_err(|e| target.error(e))?;
+        Ok(Db { target, lock_id, conn: Some(conn), statement_bytes, max_job_bytes, committing: false })
+    }
+
+    async fn write(&mut self, plan: &Plan<'_>, idempotent: bool) -> std::result::Result<(), Failure> {
+        self.committing = false;
+        let table = &self.target.table;
+        let conn = connection(&mut self.conn, &self.target, &self.lock_id).await?;
+        let kind = conn.kind();
+        let mut tx = per_backend!(Conn, conn, c, _DB => c.begin().await.map(Tx::from))
+            .map_err(|e| Failure::from_sqlx(e, false))?;
+        for rows in plan.add_chunks.iter().map(|r| &plan.adds[r.clone()]) {
+            let sql = insert_sql(kind, table, rows.len(), idempotent);
+            per_backend!(Tx, &mut tx, t, DB => {
+                let mut q = sqlx::query::<DB>(&sql).persistent(rows.len() <= CACHED_ROWS);
+                for a in rows {
+                    q = q.bind(a.seq as i64).bind(i16::from(a.priority)).bind(a.run_at).bind(a.function).bind(a.unique).bind(a.data);
+                }
+                q.execute(&mut **t).await.map(drop)
+            })
+            .map_err(|e| Failure::from_sqlx(e, false))?;
+        }
+        for seqs in plan.removes.chunks(MAX_PARAMS) {
+            let sql = delete_sql(kind, table, seqs.len());
+            per_backend!(Tx, &mut tx, t, DB => {
+                let mut q = sqlx::query::<DB>(&sql).persistent(seqs.len() <= CACHED_ROWS);
+                for &seq in seqs {
+                    q = q.bind(seq);
+                }
+                q.execute(&mut **t).await.map(drop)
+            })
+            .map_err(|e| Failure::from_sqlx(e, false))?;
+        }
+        self.committing = true;
+        per_backend!(Tx, tx, t, _DB => t.commit().await).map_err(|e| Failure::from_sqlx(e, true))?;
+        self.committing = false;
+        Ok(())
+    }
+
+    async fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()> {
+        let public = self.target.public.clone();
+        let sql = format!(
+            "SELECT seq, priority, run_at, function_name, unique_key, data FROM {} ORDER BY seq",
+            self.target.table
+        );
+        let conn = connection(&mut self.conn, &self.target, &self.lock_id).await.map_err(|f| match f {
+            Failure::Locked => StoreError::Locked(public.clone()),
+            Failure::Lost { error, .. } | Failure::Refused(error) => StoreError::Database(format!("{public}: {error}")),
+        })?;
+        let db_error = |e: sqlx::Error| StoreError::Database(format!("{public}: {e}"));
+        let corrupt = |what: &str, seq: i64| StoreError::Corrupt(format!("{public}: job {seq} has a bad {what}"));
+        per_backend!(Conn, conn, c, DB => {
+            let mut rows = sqlx::query::<DB>(&sql).fetch(&mut *c);
+            while let Some(row) = rows.try_next().await.map_err(db_error)? {
+                let seq: i64 = row.try_get(0).map_err(db_error)?;
+                let priority: i16 = row.try_get(1).map_err(db_error)?;
+                each(StoredJob {
+                    seq: u64::try_from(seq).map_err(|_| corrupt("sequence number", seq))?,
+                    priority: u8::try_from(priority).ok().filter(|&p| p <= 2).ok_or_else(|| corrupt("priority", seq))?,
+                    run_at: row.try_get(2).map_err(db_error)?,
+                    function: row.try_get(3).map_err(db_error)?,
+                    unique: row.try_get(4).map_err(db_error)?,
+                    data: row.try_get(5).map_err(db_error)?,
+                    loc: Loc::NONE,
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A transaction on either backend.
+enum Tx<'c> {
+    MySql(sqlx::Transaction<'c, sqlx::MySql>),
+    Postgres(sqlx::Transaction<'c, sqlx::Postgres>),
+}
+
+impl<'c> From<sqlx::Transaction<'c, sqlx::MySql>> for Tx<'c> {
+    fn from(t: sqlx::Transaction<'c, sqlx::MySql>) -> Self {
+        Tx::MySql(t)
+    }
+}
+
+impl<'c> From<sqlx::Transaction<'c, sqlx::Postgres>> for Tx<'c> {
+    fn from(t: sqlx::Transaction<'c, sqlx::Postgres>) -> Self {
+        Tx::Postgres(t)
+    }
+}
+
+/// The connection, reconnecting (and taking the lock again) if it was lost.
+async fn connection<'a>(
+    slot: &'a mut Option<Conn>,
+    target: &Target,
+    lock_id: &str,
+) -> std::result::Result<&'a mut Conn, Failure> {
+    let conn = match slot.take() {
+        Some(conn) => conn,
+        None => {
+            let mut conn = target.connect().await.map_err(|e| Failure::from_sqlx(e, false))?;
+            if !conn.try_lock(lock_id).await.map_err(|e| Failure::from_sqlx(e, false))? {
+                return Err(Failure::Locked);
+            }
+            tracing::info!("queue database {}: reconnected", target.public);
+            conn
+        }
+    };
+    Ok(slot.insert(conn))
+}
+
+/// A batch as the statements carry it: jobs both added and removed in it are left out.
+struct Plan<'a> {
+    adds: Vec<AddView<'a>>,
+    /// Ranges of `adds` that go into one INSERT each.
+    add_chunks: Vec<Range<usize>>,
+    removes: Vec<i64>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(batch: &'a Batch, statement_bytes: usize, max_job_bytes: usize) -> Result<Plan<'a>> {
+        let seq_param = |seq: u64| {
+            i64::try_from(seq).map_err(|_| StoreError::Database(format!("sequence number {seq} does not fit a BIGINT")))
+        };
+        let (adds, removes): (Vec<AddView<'a>>, Vec<u64>) = if batch.removes().is_empty() || batch.adds().len() == 0 {
+            (batch.adds().collect(), batch.removes().iter().map(|&(seq, _)| seq).collect())
+        } else {
+            let removed: HashSet<u64> = batch.removes().iter().map(|&(seq, _)| seq).collect();
+            let added: HashSet<u64> = batch.adds().map(|a| a.seq).collect();
+            (
+                batch.adds().filter(|a| !removed.contains(&a.seq)).collect(),
+                batch.removes().iter().map(|&(seq, _)| seq).filter(|seq| !added.contains(seq)).collect(),
+            )
+        };
+        let rows_per_insert = MAX_PARAMS / ADD_PARAMS;
+        let mut add_chunks = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, add) in adds.iter().enumerate() {
+            seq_param(add.seq)?;
+            let size = ROW_OVERHEAD + add.function.len() + add.unique.len() + add.data.len();
+            if size > max_job_bytes {
+                return Err(StoreError::Database(format!(
+                    "job {} of {size} bytes exceeds the database's packet limit of {max_job_bytes}",
+                    add.seq
+                )));
+            }
+            if i > start && (i - start == rows_per_insert || bytes + size > statement_bytes) {
+                add_chunks.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        if start < adds.len() {
+            add_chunks.push(start..adds.len());
+        }
+        let removes = removes.into_iter().map(seq_param).collect::<Result<_>>()?;
+        Ok(Plan { adds, add_chunks, removes })
+    }
+}
+
+/// `n` placeholders from the `first`-th (1-based) on: `?, ?` or `$3, $4`.
+fn push_placeholders(sql: &mut String, kind: Kind, first: usize, n: usize) {
+    for i in first..first + n {
+        if i > first {
+            sql.push_str(", ");
+        }
+        match kind {
+            Kind::MySql => sql.push('?'),
+            Kind::Postgres => {
+                let _ = write!(sql, "${i}");
+            }
+        }
+    }
+}
+
+fn insert_sql(kind: Kind, table: &str, rows: usize, idempotent: bool) -> String {
+    let mut sql = format!("INSERT INTO {table} (seq, priority, run_at, function_name, unique_key, data) VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        push_placeholders(&mut sql, kind, row * ADD_PARAMS + 1, ADD_PARAMS);
+        sql.push(')');
+    }
+    // A retry after a COMMIT whose outcome was lost must not fail on the rows it did write.
+    if idempotent {
+        sql.push_str(match kind {
+            Kind::MySql => " ON DUPLICATE KEY UPDATE seq = seq",
+            Kind::Postgres => " ON CONFLICT (seq) DO NOTHING",
+        });
+    }
+    sql
+}
+
+fn delete_sql(kind: Kind, table: &str, n: usize) -> String {
+    let mut sql = format!("DELETE FROM {table} WHERE seq IN (");
+    push_placeholders(&mut sql, kind, 1, n);
+    sql.push(')');
+    sql
+}
+
+impl QueueStore for SqlStore {
+    fn describe(&self) -> String {
+        self.db.target.public.clone()
+    }
+
+    fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()> {
+        self.rt.block_on(self.db.load(each))
+    }
+
+    fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()> {
+        let public = &self.db.target.public;
+        match &self.broken {
+            Some(Broken::Locked) => return Err(StoreError::Locked(public.clone())),
+            Some(Broken::Unknown(why)) => {
+                return Err(StoreError::Database(format!(
+                    "{public}: refusing batches since a commit may or may not have been applied ({why}); \
+                     restart to reload the queue"
+                )))
+            }
+            None => {}
+        }
+        locs.clear();
+        locs.resize(batch.adds().len(), Loc::NONE);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let plan = Plan::new(batch, self.db.statement_bytes, self.db.max_job_bytes)?;
+        if plan.adds.is_empty() && plan.removes.is_empty() {
+            return Ok(());
+        }
+        let mut deadline = None;
+        let mut delay = RETRY_FIRST;
+        let mut maybe_committed = false;
+        loop {
+            let write = self.db.write(&plan, maybe_committed);
+            let attempt = self.rt.block_on(async { tokio::time::timeout(ATTEMPT_TIMEOUT, write).await });
+            let failure = match attempt {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::Lost {
+                    error: format!("no answer in {ATTEMPT_TIMEOUT:?}"),
+                    maybe_committed: self.db.committing,
+                },
+            };
+            let public = &self.db.target.public;
+            let error = match failure {
+                Failure::Lost { error, maybe_committed: m } => {
+                    self.db.conn = None;
+                    maybe_committed |= m;
+                    if Instant::now() + delay < *deadline.get_or_insert_with(|| Instant::now() + RETRY_FOR) {
+                        tracing::warn!("queue database {public}: {error}; retrying in {delay:?}");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                    StoreError::Database(format!("{public}: connection lost, gave up after {RETRY_FOR:?}: {error}"))
+                }
+                Failure::Locked => {
+                    self.db.conn = None;
+                    self.broken = Some(Broken::Locked);
+                    return Err(StoreError::Locked(public.clone()));
+                }
+                Failure::Refused(error) => StoreError::Database(format!("{public}: {error}")),
+            };
+            if maybe_committed {
+                self.broken = Some(Broken::Unknown(error.to_string()));
+            }
+            return Err(error);
+        }
+    }
+}
+
+impl Drop for SqlStore {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.db.conn.take() else { return };
+        // Release the lock rather than leave it to the server, which frees a closed session's
+        // locks only once it notices: a successor may be opening the table right now.
+        let lock_id = &self.db.lock_id;
+        let release = async {
+            let _ = conn.unlock(lock_id).await;
+            conn.close().await
+        };
+        let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), release).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_password_and_table() {
+        let t =
+            Target::parse("mysql://gb:secret@db.example:3307/jobs?table=Q_1&ssl-mode=disabled", DEFAULT_TABLE).unwrap();
+        assert_eq!(t.kind, Kind::MySql);
+        assert_eq!(t.table, "Q_1");
+        assert_eq!(t.public, "mysql://gb@db.example:3307/jobs table Q_1");
+        assert_eq!(t.url.as_str(), "mysql://gb:secret@db.example:3307/jobs?ssl-mode=disabled");
+
+        let t = Target::parse("mariadb://gb@db:3306/jobs", DEFAULT_TABLE).unwrap();
+        assert_eq!((t.kind, t.url.scheme(), t.table.as_str()), (Kind::MySql, "mysql", DEFAULT_TABLE));
+
+        let t = Target::parse("postgresql://gb:pw@db:5432/jobs?password=pw2&table=Queue", DEFAULT_TABLE).unwrap();
+        assert_eq!(t.kind, Kind::Postgres);
+        // PostgreSQL folds unquoted names: lock and table must agree on one spelling.
+        assert_eq!(t.public, "postgresql://gb@db:5432/jobs table queue");
+        assert!(!t.public.contains("pw"));
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for url in [
+            "redis://localhost/0",
+            "mysql://root@localhost/test?table=",
+            "mysql://root@localhost/test?table=a;drop",
+            "postgres://root@localhost/test?table=a%20b",
+        ] {
+            assert!(matches!(Target::parse(url, DEFAULT_TABLE), Err(StoreError::Database(_))), "{url}");
+        }
+    }
+
+    #[test]
+    fn statements() {
+        assert_eq!(
+            insert_sql(Kind::Postgres, "q", 2, true),
+            "INSERT INTO q (seq, priority, run_at, function_name, unique_key, data) \
+             VALUES ($1, $2, $3, $4, $5, $6), ($7, $8, $9, $10, $11, $12) ON CONFLICT (seq) DO NOTHING"
+        );
+        assert!(insert_sql(Kind::MySql, "q", 1, false).ends_with("VALUES (?, ?, ?, ?, ?, ?)"));
+        assert_eq!(delete_sql(Kind::MySql, "q", 3), "DELETE FROM q WHERE seq IN (?, ?, ?)");
+        assert_eq!(delete_sql(Kind::Postgres, "q", 2), "DELETE FROM q WHERE seq IN ($1, $2)");
+    }
+
+    #[test]
+    fn plan_skips_jobs_added_and_removed_together() {
+        let mut b = Batch::default();
+        b.push_add(1, 1, 0, b"f", b"", b"a");
+        b.push_add(2, 1, 0, b"f", b"", b"b");
+        b.push_remove(2, Loc::NONE);
+        b.push_remove(0, Loc::NONE);
+        let plan = Plan::new(&b, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(plan.adds.iter().map(|a| a.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(plan.add_chunks, vec![Range { start: 0, end: 1 }]);
+        assert_eq!(plan.removes, [0]);
+    }
+
+    #[test]
+    fn plan_chunks_by_parameters_and_bytes() {
+        let mut b = Batch::default();
+        let rows = MAX_PARAMS / ADD_PARAMS;
+        for seq in 0..rows as u64 + 5 {
+            b.push_add(seq, 1, 0, b"", b"", b"");
+        }
+        let plan = Plan::new(&b, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(plan.add_chunks, [0..rows, rows..rows + 5]);
+
+        let mut b = Batch::default();
+        for seq in 0..5 {
+            b.push_add(seq, 1, 0, b"", b"", &[0; 1000 - ROW_OVERHEAD]);
+        }
+        let plan = Plan::new(&b, 2500, 1000).unwrap();
+        assert_eq!(plan.add_chunks, [0..2, 2..4, 4..5]);
+        assert!(matches!(Plan::new(&b, 2500, 999), Err(StoreError::Database(_))));
+
+        let mut b = Batch::default();
+        b.push_remove(u64::MAX, Loc::NONE);
+        assert!(matches!(Plan::new(&b, 2500, 1000), Err(StoreError::Database(_))));
+    }
+
+    #[test]
+    fn mysql_lock_names_fit() {
+        assert_eq!(mysql_lock_name("gearbox:test:q"), "gearbox:test:q");
+        let long = format!("gearbox:{}:{}", "d".repeat(64), "t".repeat(63));
+        assert!(mysql_lock_name(&long).len() <= MYSQL_LOCK_NAME_MAX);
+        assert_ne!(mysql_lock_name(&long), mysql_lock_name(&long.replace('t', "u")));
+    }
+}

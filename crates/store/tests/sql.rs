@@ -1,0 +1,587 @@
+//! The SQL queue stores against real databases: the shared MariaDB and PostgreSQL (root, no
+//! password, database `test`), each test on a table of its own, and private instances that
+//! the restart tests start, stop and start again.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gearbox_store::{open_sql, Batch, Loc, QueueStore, StoreError, StoredJob};
+use sqlx::mysql::MySqlConnection;
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Executor};
+
+const MYSQL: &str = "mysql://root@127.0.0.1:3306/test";
+const POSTGRES: &str = "postgres://root@127.0.0.1:5432/test";
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+fn is_mysql(base: &str) -> bool {
+    base.starts_with("mysql:")
+}
+
+/// Runs statements on a connection of their own.
+async fn exec(base: &str, statements: &[&str]) -> sqlx::Result<()> {
+    if is_mysql(base) {
+        let mut c = MySqlConnection::connect(base).await?;
+        for s in statements {
+            c.execute(*s).await?;
+        }
+    } else {
+        let mut c = PgConnection::connect(base).await?;
+        for s in statements {
+            c.execute(*s).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A table name of this test's own, dropped at the end.
+struct Table {
+    base: String,
+    name: String,
+}
+
+impl Table {
+    fn new(base: &str) -> Table {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos();
+        let name = format!("t_{}_{nanos:x}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        Table { base: base.to_string(), name }
+    }
+
+    /// The store's URL. On PostgreSQL the session is named after the table, so that a test
+    /// can find and end it.
+    fn url(&self) -> String {
+        if is_mysql(&self.base) {
+            format!("{}?table={}", self.base, self.name)
+        } else {
+            format!("{}?table={}&application_name={}", self.base, self.name, self.name)
+        }
+    }
+
+    /// Ends the store's database session behind its back, as a database restart would.
+    fn kill_session(&self) {
+        block_on(async {
+            if is_mysql(&self.base) {
+                let mut c = MySqlConnection::connect(&self.base).await?;
+                let holder: Option<i64> = sqlx::query_scalar("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)")
+                    .bind(format!("gearbox:test:{}", self.name))
+                    .fetch_one(&mut c)
+                    .await?;
+                let holder = holder.expect("the store holds its lock");
+                c.execute(format!("KILL {holder}").as_str()).await?;
+            } else {
+                let mut c = PgConnection::connect(&self.base).await?;
+                let ended: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1",
+                )
+                .bind(&self.name)
+                .fetch_all(&mut c)
+                .await?;
+                assert_eq!(ended, [true]);
+            }
+            Ok::<(), sqlx::Error>(())
+        })
+        .expect("end the store's session");
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let drop_table = format!("DROP TABLE IF EXISTS {}", self.name);
+        if let Err(e) = block_on(exec(&self.base, &[&drop_table])) {
+            eprintln!("could not drop {}: {e}", self.name);
+        }
+    }
+}
+
+fn job(seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], data: &[u8]) -> StoredJob {
+    StoredJob {
+        seq,
+        priority,
+        run_at,
+        function: function.to_vec(),
+        unique: unique.to_vec(),
+        data: data.to_vec(),
+        loc: Loc::NONE,
+    }
+}
+
+fn batch_of(adds: &[&StoredJob], removes: &[u64]) -> Batch {
+    let mut b = Batch::default();
+    for j in adds {
+        b.push_add(j.seq, j.priority, j.run_at, &j.function, &j.unique, &j.data);
+    }
+    for &seq in removes {
+        b.push_remove(seq, Loc::NONE);
+    }
+    b
+}
+
+fn commit(store: &mut dyn QueueStore, batch: &Batch) -> Result<(), StoreError> {
+    let mut locs = vec![Loc(7)];
+    store.commit(batch, &mut locs)?;
+    assert_eq!(locs, vec![Loc::NONE; batch.adds().len()]);
+    Ok(())
+}
+
+fn load(store: &mut dyn QueueStore) -> Vec<StoredJob> {
+    let mut jobs = Vec::new();
+    store.load(&mut |j| jobs.push(j)).expect("load");
+    jobs
+}
+
+fn open(url: &str) -> Box<dyn QueueStore> {
+    open_sql(url).unwrap_or_else(|e| panic!("open {url}: {e}"))
+}
+
+fn assert_locked(url: &str, table: &str) {
+    match open_sql(url) {
+        Err(StoreError::Locked(what)) => assert!(what.ends_with(&format!(" table {table}")), "{what}"),
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("opened a table another store holds"),
+    }
+}
+
+fn roundtrip(base: &str) {
+    let table = Table::new(base);
+    let mut store = open(&table.url());
+    assert_eq!(store.describe(), format!("{base} table {}", table.name));
+    assert!(load(&mut *store).is_empty());
+
+    let big = vec![0xAB; 200_000];
+    let jobs = [
+        job(1, 0, 0, b"f", b"", b""),
+        job(2, 1, 1_700_000_000, b"fn\0nul", b"\x80\xff", b"\0\x01\xff\xfe not utf-8: \xc3\x28"),
+        job(3, 2, i64::MAX, b"reports", b"u3", &big),
+        job(4, 1, 0, b"g", b"u4", b"four"),
+        job(5, 0, 42, b"g", b"u5", b"five"),
+    ];
+    commit(&mut *store, &batch_of(&jobs.iter().collect::<Vec<_>>(), &[])).expect("commit adds");
+    assert_eq!(load(&mut *store), jobs);
+
+    // Removes, one of a job that is not there, and a job added and removed in one batch.
+    let six = job(6, 1, 0, b"g", b"u6", b"gone at once");
+    let seven = job(7, 2, 7, b"h", b"u7", b"seven");
+    commit(&mut *store, &batch_of(&[&six, &seven], &[2, 999, 6])).expect("commit mixed");
+    commit(&mut *store, &batch_of(&[], &[4])).expect("commit removes");
+    commit(&mut *store, &Batch::default()).expect("commit nothing");
+    drop(store);
+
+    let mut store = open(&table.url());
+    let expected = vec![jobs[0].clone(), jobs[2].clone(), jobs[4].clone(), seven];
+    assert_eq!(load(&mut *store), expected);
+}
+
+fn big_batch(base: &str) {
+    const N: u64 = 50_000;
+    let table = Table::new(base);
+    let mut store = open(&table.url());
+    let payload = |seq: u64| -> Vec<u8> { (0..200).map(|i| (seq as u8).wrapping_mul(31).wrapping_add(i)).collect() };
+    let mut batch = Batch::default();
+    for seq in 1..=N {
+        batch.push_add(seq, (seq % 3) as u8, seq as i64, b"bulk", format!("u{seq}").as_bytes(), &payload(seq));
+    }
+    let started = Instant::now();
+    commit(&mut *store, &batch).expect("commit 50,000 adds");
+    eprintln!("{base}: 50,000 adds committed in {:.1?}", started.elapsed());
+
+    let mut next = 1;
+    store
+        .load(&mut |j| {
+            assert_eq!(j.seq, next);
+            assert_eq!((j.priority, j.run_at), ((next % 3) as u8, next as i64));
+            assert_eq!(j.unique, format!("u{next}").as_bytes());
+            assert_eq!(j.data, payload(next));
+            next += 1;
+        })
+        .expect("load");
+    assert_eq!(next, N + 1);
+
+    let removes: Vec<u64> = (1..=N).collect();
+    commit(&mut *store, &batch_of(&[], &removes)).expect("commit 50,000 removes");
+    assert!(load(&mut *store).is_empty());
+}
+
+fn lock(base: &str) {
+    let table = Table::new(base);
+    let first = open(&table.url());
+    assert_locked(&table.url(), &table.name);
+    drop(first);
+    let mut second = open(&table.url());
+    assert!(load(&mut *second).is_empty());
+}
+
+fn reconnect_after_session_killed(base: &str) {
+    let table = Table::new(base);
+    let mut store = open(&table.url());
+    let one = job(1, 1, 0, b"f", b"u1", b"one");
+    let two = job(2, 1, 0, b"f", b"u2", b"two");
+    commit(&mut *store, &batch_of(&[&one], &[])).expect("commit");
+    table.kill_session();
+    commit(&mut *store, &batch_of(&[&two], &[])).expect("commit after the session ended");
+    assert_eq!(load(&mut *store), [one, two]);
+    // The new session holds the lock again.
+    assert_locked(&table.url(), &table.name);
+}
+
+fn lock_taken_while_disconnected(base: &str) {
+    let table = Table::new(base);
+    let mut first = open(&table.url());
+    let one = job(1, 1, 0, b"f", b"u1", b"one");
+    commit(&mut *first, &batch_of(&[&one], &[])).expect("commit");
+    table.kill_session();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut second = loop {
+        match open_sql(&table.url()) {
+            Ok(store) => break store,
+            Err(StoreError::Locked(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("second open: {e}"),
+        }
+    };
+    let two = job(2, 1, 0, b"f", b"u2", b"two");
+    for _ in 0..2 {
+        match commit(&mut *first, &batch_of(&[&two], &[])) {
+            Err(StoreError::Locked(_)) => {}
+            other => panic!("expected Locked, got {other:?}"),
+        }
+    }
+    let three = job(3, 1, 0, b"f", b"u3", b"three");
+    commit(&mut *second, &batch_of(&[&three], &[])).expect("commit by the new owner");
+    assert_eq!(load(&mut *second), [one, three]);
+}
+
+/// A job bigger than MySQL's `max_allowed_packet` fails at once and leaves the store usable; on
+/// PostgreSQL it exceeds a statement's byte budget and goes into an INSERT of its own.
+fn oversized_job(base: &str) {
+    let table = Table::new(base);
+    let mut store = open(&table.url());
+    let packet = if is_mysql(base) {
+        block_on(async {
+            let mut c = MySqlConnection::connect(base).await?;
+            sqlx::query_scalar::<_, i64>("SELECT CAST(@@max_allowed_packet AS SIGNED)").fetch_one(&mut c).await
+        })
+        .expect("max_allowed_packet")
+    } else {
+        16 << 20
+    };
+    let small = job(1, 1, 0, b"f", b"u1", b"small");
+    let huge = job(2, 1, 0, b"f", b"u2", &vec![7; usize::try_from(packet).expect("size") + 1]);
+    let batch = batch_of(&[&small, &huge], &[]);
+    let started = Instant::now();
+    let outcome = commit(&mut *store, &batch);
+    if is_mysql(base) {
+        match outcome {
+            Err(StoreError::Database(why)) => assert!(why.contains("packet limit"), "{why}"),
+            other => panic!("expected a database error, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "it was retried");
+        commit(&mut *store, &batch_of(&[&small], &[])).expect("commit after the refusal");
+        assert_eq!(load(&mut *store), [small]);
+    } else {
+        outcome.expect("commit");
+        assert_eq!(load(&mut *store), [small, huge]);
+    }
+}
+
+fn not_a_queue_table(base: &str) {
+    let table = Table::new(base);
+    block_on(exec(base, &[&format!("CREATE TABLE {} (a INT)", table.name)])).expect("create");
+    match open_sql(&table.url()) {
+        Err(StoreError::Database(why)) => assert!(why.contains("not a gearbox queue"), "{why}"),
+        Err(e) => panic!("expected a database error, got {e}"),
+        Ok(_) => panic!("opened a table that is not a queue"),
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod mysql {
+            $(#[test] fn $test() { super::$test(super::MYSQL) })*
+        }
+        mod postgres {
+            $(#[test] fn $test() { super::$test(super::POSTGRES) })*
+        }
+    };
+}
+
+on_both_backends!(
+    roundtrip,
+    big_batch,
+    lock,
+    reconnect_after_session_killed,
+    lock_taken_while_disconnected,
+    oversized_job,
+    not_a_queue_table
+);
+
+// --- Database restarts, on private instances ---
+
+fn spare_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local address").port()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The first of `names` found on the PATH or in the sbin directories, which a non-root PATH
+/// may lack.
+fn program(names: &[&str]) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs: Vec<&str> = path.split(':').chain(["/usr/sbin", "/usr/local/sbin", "/sbin"]).collect();
+    names
+        .iter()
+        .flat_map(|name| dirs.iter().map(move |dir| Path::new(dir).join(name)))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("none of {names:?} is installed"))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+/// Signals a child this test started and waits for it to exit, killing it after a deadline.
+fn stop_child(child: &mut Option<Child>, signal: libc::c_int) {
+    let Some(mut child) = child.take() else { return };
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: plain syscall; `pid` is our own child, not yet reaped.
+    unsafe { libc::kill(pid, signal) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `url` accepts connections.
+fn wait_ready(url: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let connected = block_on(async {
+            if is_mysql(url) {
+                MySqlConnection::connect(url).await.map(drop)
+            } else {
+                PgConnection::connect(url).await.map(drop)
+            }
+        });
+        match connected {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => {
+                panic!("{url} not ready: {e}\n{}", std::fs::read_to_string(log).unwrap_or_default())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+trait Instance {
+    /// The URL of its database `test`.
+    fn url(&self) -> String;
+    fn start(&mut self);
+    fn stop(&mut self);
+}
+
+struct Mariadb {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Mariadb {
+    fn new() -> Mariadb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut install = Command::new(program(&["mariadb-install-db", "mysql_install_db"]));
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        if is_root() {
+            install.arg("--user=root");
+        }
+        run(&mut install);
+        let mut db = Mariadb { dir, port: spare_port(), child: None };
+        db.start();
+        let server = format!("mysql://root@127.0.0.1:{}", db.port);
+        block_on(exec(&server, &["CREATE DATABASE test"])).expect("create database");
+        db
+    }
+}
+
+impl Instance for Mariadb {
+    fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/test", self.port)
+    }
+
+    fn start(&mut self) {
+        let dir = self.dir.path();
+        let log = dir.join("error.log");
+        let mut cmd = Command::new(program(&["mariadbd", "mysqld"]));
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--socket={}", dir.join("sock").display()))
+            .arg(format!("--pid-file={}", dir.join("pid").display()))
+            .arg(format!("--log-error={}", log.display()))
+            .args(["--bind-address=127.0.0.1", "--skip-log-bin", "--innodb-buffer-pool-size=16M"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        self.child = Some(cmd.spawn().expect("start mariadbd"));
+        wait_ready(&format!("mysql://root@127.0.0.1:{}", self.port), &log);
+    }
+
+    fn stop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM);
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGKILL);
+    }
+}
+
+struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    /// postgres refuses to run as root: run it as the `postgres` user then.
+    user: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    fn new() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries in /usr/lib/postgresql")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+            .expect("a PostgreSQL version in /usr/lib/postgresql");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let user = is_root().then(|| {
+            // SAFETY: getpwnam with a NUL-terminated name; the record is read at once.
+            let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
+            assert!(!pw.is_null(), "no postgres user to run PostgreSQL as");
+            // SAFETY: non-null, points to the static record getpwnam filled in.
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the temp dir");
+            (uid, gid)
+        });
+        let mut db = Postgres { dir, bin, port: spare_port(), user, child: None };
+        let mut initdb = db.command("initdb");
+        initdb.arg("-D").arg(db.dir.path().join("data")).args(["-A", "trust", "-U", "root", "--no-sync"]);
+        run(&mut initdb);
+        db.start();
+        let server = format!("postgres://root@127.0.0.1:{}/postgres", db.port);
+        block_on(exec(&server, &["CREATE DATABASE test"])).expect("create database");
+        db
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Instance for Postgres {
+    fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/test", self.port)
+    }
+
+    fn start(&mut self) {
+        let dir = self.dir.path();
+        let log_path = dir.join("postgres.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(dir.join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("start postgres"));
+        wait_ready(&format!("postgres://root@127.0.0.1:{}/postgres", self.port), &log_path);
+    }
+
+    fn stop(&mut self) {
+        // Fast shutdown: sessions are ended at once.
+        stop_child(&mut self.child, libc::SIGINT);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGQUIT);
+    }
+}
+
+/// A commit made while the database is down waits for it to come back, then succeeds.
+fn survives_restart(db: &mut dyn Instance) {
+    let url = format!("{}?table=gearbox_queue", db.url());
+    let mut store = open(&url);
+    let before: Vec<StoredJob> =
+        (1..=3).map(|seq| job(seq, 1, 0, b"f", format!("u{seq}").as_bytes(), b"before")).collect();
+    commit(&mut *store, &batch_of(&before.iter().collect::<Vec<_>>(), &[])).expect("commit");
+
+    db.stop();
+    let during: Vec<StoredJob> =
+        (4..=6).map(|seq| job(seq, 2, 0, b"f", format!("u{seq}").as_bytes(), b"during")).collect();
+    let batch = batch_of(&during.iter().collect::<Vec<_>>(), &[1]);
+    let committing = std::thread::spawn(move || {
+        let outcome = commit(&mut *store, &batch);
+        (store, outcome)
+    });
+    // An outage of half a second, during which the commit must keep retrying.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!committing.is_finished(), "the commit returned while the database was down");
+    let restarted = Instant::now();
+    db.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !committing.is_finished() {
+        assert!(Instant::now() < deadline, "the commit still waits after the restart");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut store, outcome) = committing.join().expect("commit thread");
+    outcome.expect("commit across the restart");
+    eprintln!("{}: committed {:.1?} after the restart began", db.url(), restarted.elapsed());
+
+    let expected: Vec<StoredJob> = before[1..].iter().chain(&during).cloned().collect();
+    assert_eq!(load(&mut *store), expected);
+    // The store took its lock again.
+    assert_locked(&url, "gearbox_queue");
+}
+
+#[test]
+fn mysql_restart() {
+    survives_restart(&mut Mariadb::new());
+}
+
+#[test]
+fn postgres_restart() {
+    survives_restart(&mut Postgres::new());
+}
