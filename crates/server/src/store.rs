@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use gearbox_store::{log::LogStore, Batch, QueueStore, StoreError};
 
@@ -98,15 +99,39 @@ impl StoreThread {
     }
 }
 
+/// A commit waits this long after the first job it carries for others to join it...
+const GROUP_WINDOW: Duration = Duration::from_micros(500);
+/// ...unless this many jobs are already waiting.
+const GROUP_FULL: usize = 256;
+/// Removals alone are written this long after the first of them.
+const REMOVE_DELAY: Duration = Duration::from_millis(100);
+
 fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBool) {
     let mut batch = Batch::default();
     let mut locs = Vec::new();
     loop {
         {
-            let broker = shared.broker.lock().unwrap();
-            let mut broker =
-                shared.store_wake.wait_while(broker, |b| !b.has_pending() && !stop.load(Ordering::Relaxed)).unwrap();
-            if !broker.has_pending() {
+            let mut broker = shared.broker.lock().unwrap();
+            loop {
+                let stopping = stop.load(Ordering::Relaxed);
+                let state = broker.pending_state();
+                let wait = match (state.jobs_since, state.changes_since) {
+                    _ if stopping => None,
+                    // Group commit: one sync for many submissions costs far less than one each.
+                    (Some(since), _) if state.jobs < GROUP_FULL => Some(GROUP_WINDOW.saturating_sub(since.elapsed())),
+                    (Some(_), _) => None,
+                    (None, Some(since)) => Some(REMOVE_DELAY.saturating_sub(since.elapsed())),
+                    (None, None) => Some(Duration::MAX),
+                };
+                match wait {
+                    Some(left) if left == Duration::MAX => broker = shared.store_wake.wait(broker).unwrap(),
+                    Some(left) if !left.is_zero() => {
+                        broker = shared.store_wake.wait_timeout(broker, left).unwrap().0;
+                    }
+                    _ => break,
+                }
+            }
+            if stop.load(Ordering::Relaxed) && !broker.has_pending() {
                 return;
             }
             batch.clear();

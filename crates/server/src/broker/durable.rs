@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use gearbox_proto::PacketType as T;
@@ -31,6 +32,17 @@ pub(super) struct Durability {
     ram_bytes: usize,
     /// Why the last failed commit failed, for the clients whose submissions it lost.
     last_error: String,
+    /// When the oldest pending change, and the oldest pending job, arrived.
+    change_since: Option<Instant>,
+    add_since: Option<Instant>,
+}
+
+/// What waits for the store thread: how many new jobs since when, and since when anything.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingState {
+    pub jobs: usize,
+    pub jobs_since: Option<Instant>,
+    pub changes_since: Option<Instant>,
 }
 
 /// A reply to a connection that waits for a commit.
@@ -45,7 +57,7 @@ impl Broker {
     /// broker lock is held) whenever changes wait for the store thread.
     pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>) {
         self.durable =
-            Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new() });
+            Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new(), change_since: None, add_since: None });
     }
 
     pub fn is_durable(&self) -> bool {
@@ -56,19 +68,32 @@ impl Broker {
         self.durable.as_ref().is_some_and(|d| !d.pending.is_empty())
     }
 
+    /// What waits for the store thread.
+    pub fn pending_state(&self) -> PendingState {
+        match &self.durable {
+            Some(d) => PendingState { jobs: d.pending.adds().len(), jobs_since: d.add_since, changes_since: d.change_since },
+            None => PendingState { jobs: 0, jobs_since: None, changes_since: None },
+        }
+    }
+
     /// Moves the pending changes into `batch` (which the caller has cleared).
     pub fn take_pending(&mut self, batch: &mut Batch) {
         if let Some(d) = self.durable.as_mut() {
             std::mem::swap(&mut d.pending, batch);
+            d.change_since = None;
+            d.add_since = None;
         }
     }
 
-    fn pending(&mut self) -> &mut Batch {
+    /// Records a removal. Nobody waits for one: it is written with the next jobs, or after
+    /// a short delay (a crash before then runs the job again: at-least-once).
+    fn pending_remove(&mut self, seq: u64, loc: Loc) {
         let d = self.durable.as_mut().expect("durable store enabled");
-        if d.pending.is_empty() {
+        if d.change_since.is_none() {
+            d.change_since = Some(Instant::now());
             d.wake.notify_one();
         }
-        &mut d.pending
+        d.pending.push_remove(seq, loc);
     }
 
     /// Records a new background job for the store; its submitter's JOB_CREATED is held.
@@ -77,7 +102,10 @@ impl Broker {
         let (seq, priority) = (job.seq, job.priority as u8);
         let name = self.functions[job.function as usize].name.clone();
         let d = self.durable.as_mut().expect("durable store enabled");
-        if d.pending.is_empty() {
+        if d.add_since.is_none() {
+            let now = Instant::now();
+            d.add_since = Some(now);
+            d.change_since.get_or_insert(now);
             d.wake.notify_one();
         }
         d.pending.push_add(seq, priority, run_at, &name, job.unique(), job.data());
@@ -94,7 +122,7 @@ impl Broker {
         if in_ram {
             self.durable.as_mut().unwrap().ram_bytes -= len;
         }
-        self.pending().push_remove(seq, loc);
+        self.pending_remove(seq, loc);
     }
 
     /// Queues JOB_CREATED for `seq` behind everything already held for `conn`.
@@ -133,7 +161,7 @@ impl Broker {
             tracing::error!("queue store commit failed: {why}");
             // Nobody waits on removals: retry them with the next batch.
             for &(seq, loc) in batch.removes() {
-                self.pending().push_remove(seq, loc);
+                self.pending_remove(seq, loc);
             }
             self.durable.as_mut().unwrap().last_error = why;
         }
@@ -262,7 +290,7 @@ impl Broker {
         for &(seq, loc) in moved {
             match self.find_by_seq(seq) {
                 Some(key) => self.jobs[key as usize].loc = loc,
-                None => self.pending().push_remove(seq, loc),
+                None => self.pending_remove(seq, loc),
             }
         }
     }

@@ -22,7 +22,7 @@ mod admin;
 mod durable;
 
 pub use admin::AdminInfo;
-pub use durable::PAYLOAD_RAM_BUDGET;
+pub use durable::{PendingState, PAYLOAD_RAM_BUDGET};
 use durable::{Durability, Held};
 use gearbox_store::Loc;
 use std::cell::RefCell;
