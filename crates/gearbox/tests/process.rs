@@ -2,108 +2,12 @@
 //! `gearadmin` tools, Perl's Gearman::Client), signals, pid file.
 //! The README's test command installs gearman-tools and libgearman-client-perl.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
+use std::process::Command;
+use std::time::Duration;
 
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
-            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--verbose", "INFO"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gearbox");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("server announces its address");
-        Server { child, addr: addr.parse().unwrap() }
-    }
-
-    fn port(&self) -> String {
-        self.addr.port().to_string()
-    }
-
-    fn gearadmin(&self, args: &[&str]) -> String {
-        let out = run_tool("gearadmin", &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat());
-        assert!(out.status.success(), "gearadmin {args:?} failed: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn gearman(&self, args: &[&str]) -> Output {
-        run_tool("gearman", &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat())
-    }
-
-    fn spawn_gearman(&self, args: &[&str]) -> Child {
-        Command::new("gearman")
-            .args(["-h", "127.0.0.1", "-p", &self.port()])
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the gearman tool (Debian gearman-tools) is installed")
-    }
-
-    /// Sends SIGTERM and returns the exit status and how long the exit took.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(started.elapsed() < Duration::from_secs(10), "server did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a tool with a deadline so a hang fails the test instead of stalling it.
-fn run_tool(tool: &str, args: &[&str]) -> Output {
-    let child = Command::new("timeout")
-        .arg("20")
-        .arg(tool)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    let out = child.wait_with_output().unwrap();
-    assert_ne!(out.status.code(), Some(127), "{tool} is not installed (the README's test command installs it)");
-    out
-}
-
-/// Repeats `check` until it returns true, or panics after a deadline.
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{run_tool, wait_for, Server};
 
 #[test]
 fn gearman_cli_worker_and_client() {

@@ -56,8 +56,15 @@ impl Broker {
     /// Switches background submissions to the durable path. `wake` is notified (while the
     /// broker lock is held) whenever changes wait for the store thread.
     pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>) {
-        self.durable =
-            Some(Durability { pending: Batch::default(), wake, reader, ram_bytes: 0, last_error: String::new(), change_since: None, add_since: None });
+        self.durable = Some(Durability {
+            pending: Batch::default(),
+            wake,
+            reader,
+            ram_bytes: 0,
+            last_error: String::new(),
+            change_since: None,
+            add_since: None,
+        });
     }
 
     pub fn is_durable(&self) -> bool {
@@ -71,7 +78,9 @@ impl Broker {
     /// What waits for the store thread.
     pub fn pending_state(&self) -> PendingState {
         match &self.durable {
-            Some(d) => PendingState { jobs: d.pending.adds().len(), jobs_since: d.add_since, changes_since: d.change_since },
+            Some(d) => {
+                PendingState { jobs: d.pending.adds().len(), jobs_since: d.add_since, changes_since: d.change_since }
+            }
             None => PendingState { jobs: 0, jobs_since: None, changes_since: None },
         }
     }
