@@ -1,5 +1,7 @@
 //! The `gearbox` command: the job server and the tools around it.
 
+mod import;
+
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -16,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the job server (Gearman protocol and admin protocol on one port)
     Server(gearbox_server::Settings),
+    /// Copy the jobs of a gearmand persistent queue (libsqlite3, MySQL, PostgreSQL) into gearbox's queue
+    ImportGearmand(import::ImportArgs),
     /// Load a Gearman server (gearbox or gearmand) and measure it; checks no job is lost or run twice
     Bench(gearbox_bench::BenchArgs),
 }
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         }
         // The load generator builds the runtime it wants.
         Command::Bench(args) => gearbox_bench::run(args)?,
+        Command::ImportGearmand(args) => import::run(args)?,
     }
     Ok(())
 }

@@ -105,3 +105,47 @@ fn bad_config_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown log level"), "{out:?}");
 }
+
+#[test]
+fn import_gearmand_sqlite_queue() {
+    let dir = common::temp_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("gearmand.sqlite");
+    // A real gearmand with its libsqlite3 queue, on a port of its own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let mut gearmand = Command::new("gearmand")
+        .args(["--listen", "127.0.0.1", "--port", &port, "--log-file", "none", "-q", "libsqlite3"])
+        .arg(format!("--libsqlite3-db={}", db.display()))
+        .arg(format!("--pid-file={}", dir.join("gearmand.pid").display()))
+        .spawn()
+        .expect("gearmand (Debian gearman-job-server) is installed");
+    wait_for("gearmand to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok()
+    });
+    for (flag, unique, data) in [("-L", "u-low", "low"), ("-b", "u-normal", "normal"), ("-I", "u-high", "high")] {
+        let mut args = vec!["-h", "127.0.0.1", "-p", &port, "-f", "migrated", "-u", unique];
+        if flag != "-b" {
+            args.push(flag);
+        }
+        args.extend(["-b", data]);
+        let out = run_tool("gearman", &args);
+        assert!(out.status.success(), "{out:?}");
+    }
+    gearmand.kill().unwrap();
+    gearmand.wait().unwrap();
+
+    let data_dir = dir.join("gearbox");
+    let out = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["import-gearmand", db.to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 3 jobs"), "{out:?}");
+
+    let server = Server::start_in(data_dir, &[]);
+    assert!(server.gearadmin(&["--status"]).contains("migrated\t3\t0\t0\n"));
+    let out = server.gearman(&["-w", "-f", "migrated", "-c", "3", "--", "cat"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(server.gearadmin(&["--status"]).contains("migrated\t0\t0\t0\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

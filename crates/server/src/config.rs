@@ -161,7 +161,7 @@ fn parse_level(s: &str) -> Option<tracing::Level> {
 }
 
 /// `$XDG_DATA_HOME/gearbox`, else `~/.local/share/gearbox`.
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("share")));

@@ -43,6 +43,16 @@ impl QueueSpec {
     }
 }
 
+/// Opens the store `spec` names (`None` for memory). Call it outside any async runtime:
+/// SQL stores drive one of their own.
+pub fn open_store(spec: &QueueSpec) -> Result<Option<Box<dyn QueueStore>>, StoreError> {
+    Ok(Some(match spec {
+        QueueSpec::Memory => return Ok(None),
+        QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
+        QueueSpec::Sql(url) => gearbox_store::open_sql(url)?,
+    }))
+}
+
 /// Opens the store and loads its jobs into `broker`. Runs on a thread of its own: stores
 /// block, and SQL stores drive a runtime of their own.
 pub(crate) fn open(
@@ -53,11 +63,7 @@ pub(crate) fn open(
     let spec = spec.clone();
     std::thread::spawn(move || {
         let mut broker = broker;
-        let mut store: Box<dyn QueueStore> = match &spec {
-            QueueSpec::Memory => return Ok((broker, None)),
-            QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
-            QueueSpec::Sql(url) => gearbox_store::open_sql(url)?,
-        };
+        let Some(mut store) = open_store(&spec)? else { return Ok((broker, None)) };
         broker.enable_durability(wake, store.payload_reader());
         let started = std::time::Instant::now();
         let mut count = 0usize;
