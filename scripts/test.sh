@@ -1,19 +1,74 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need on a fresh Debian machine, then runs every
-# test of the workspace. Safe to run again; it only installs or starts what is missing.
+# The test command: installs and starts what the tests need on a fresh Debian machine, then
+# runs every test of the workspace. Safe to run again: it only installs or starts what is
+# missing. Needs root (apt, services, and the disk-full test mounts a small tmpfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
-command -v gearman >/dev/null 2>&1 || need_pkgs+=(gearman-tools)
-command -v gearadmin >/dev/null 2>&1 || need_pkgs+=(gearman-tools)
-command -v gearmand >/dev/null 2>&1 || need_pkgs+=(gearman-job-server)
-perl -MGearman::Client -e1 >/dev/null 2>&1 || need_pkgs+=(libgearman-client-perl)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    echo "test.sh: installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+
+apt_updated=0
+install() {
+    if [ "$apt_updated" = 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Polls a command until it succeeds, for at most $1 seconds.
+wait_until() {
+    local seconds=$1
+    shift
+    for _ in $(seq $((seconds * 10))); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    "$@"
+}
+
+# --- Gearman tools and gearmand (interop tests, import tests), Perl Gearman::Client ---
+command -v gearman >/dev/null 2>&1 && command -v gearadmin >/dev/null 2>&1 || install gearman-tools
+command -v gearmand >/dev/null 2>&1 || install gearman-job-server
+perl -MGearman::Client -e1 >/dev/null 2>&1 || install libgearman-client-perl
+
+# --- MariaDB: root over TCP with an empty password, database `test` ---
+mariadb_ok() { mariadb -h 127.0.0.1 -u root -e 'SELECT 1' test; }
+if ! mariadb_ok >/dev/null 2>&1; then
+    command -v mariadbd >/dev/null 2>&1 || install mariadb-server mariadb-client
+    if ! mariadb -u root -e 'SELECT 1' >/dev/null 2>&1; then
+        log "starting MariaDB"
+        mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+        wait_until 30 mariadb -u root -e 'SELECT 1'
+    fi
+    mariadb -u root -e "
+        CREATE DATABASE IF NOT EXISTS test;
+        CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
+        GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+        ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('') OR unix_socket;
+        FLUSH PRIVILEGES;"
+    wait_until 10 mariadb_ok
+fi
+
+# --- PostgreSQL: trust on 127.0.0.1, roles postgres and root, database `test` ---
+pg_ok() { psql -h 127.0.0.1 -U postgres -d test -c 'SELECT 1'; }
+if ! pg_ok >/dev/null 2>&1; then
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || install postgresql postgresql-client
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    hba=/etc/postgresql/$version/main/pg_hba.conf
+    if ! grep -q 'gearbox tests' "$hba"; then
+        sed -i '1i host all all 127.0.0.1/32 trust # gearbox tests\nhost all all ::1/128 trust # gearbox tests' "$hba"
+    fi
+    log "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null ||
+        pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    wait_until 30 runuser -u postgres -- psql -c 'SELECT 1'
+    runuser -u postgres -- psql -qc "DO \$\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'root') THEN CREATE ROLE root SUPERUSER LOGIN; END IF; END\$\$;"
+    runuser -u postgres -- psql -tc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 ||
+        runuser -u postgres -- createdb test
+    wait_until 10 pg_ok
 fi
 
 cargo test --workspace --no-fail-fast "$@"

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs a server as configured until SIGTERM, SIGINT or an allowed admin `shutdown`.
 pub async fn run(config: Config) -> std::io::Result<()> {
+    // Installed before anything else: a signal that arrives early must not kill the process.
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let addr = format!("{}:{}", addr.trim_start_matches('[').trim_end_matches(']'), config.port);
@@ -36,14 +39,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         let listener = TcpListener::bind(&bind)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))?;
-        tracing::info!("listening on {}", listener.local_addr()?);
         listeners.push(listener);
     }
     if let Some(path) = &config.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(stop_on_signal(signals, shutdown.clone()));
     serve(listeners, config.serve, shutdown).await.map_err(std::io::Error::other)?;
     if let Some(path) = &config.pid_file {
         let _ = std::fs::remove_file(path);
@@ -52,12 +54,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn stop_on_signal(
+    signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    shutdown: CancellationToken,
+) {
+    let (mut term, mut int) = signals;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

@@ -69,6 +69,11 @@ pub async fn serve(
         store_wake,
     });
     let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("listening on {addr}");
+        }
+    }
     let tasks = TaskTracker::new();
 
     tasks.spawn(run_timer(shared.clone(), timer));

@@ -76,7 +76,7 @@ impl Broker {
                     out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n")
                 }
                 Some(key) => {
-                    for &c in &self.jobs[key as usize].clients {
+                    for &c in self.jobs[key as usize].clients() {
                         self.send(c, T::WorkFail, &[&handle]);
                     }
                     self.drop_queued(key);

@@ -106,28 +106,47 @@ enum JobState {
     Dropped,
 }
 
+/// Kept small: a deep queue holds millions of these.
 struct Job {
     seq: u64,
+    /// Where the durable store keeps the job.
+    loc: Loc,
+    /// The unique key followed by the payload (when `in_ram`), in one allocation.
+    body: Box<[u8]>,
+    /// Waiting clients and progress, for the jobs that have them.
+    extra: Option<Box<JobExtra>>,
     function: FunctionId,
-    priority: Priority,
-    background: bool,
+    payload_len: u32,
     state: JobState,
     attempts: u16,
     unique_len: u16,
-    numerator: u32,
-    denominator: u32,
-    /// The unique key followed by the payload (when `in_ram`), in one allocation.
-    body: Box<[u8]>,
-    payload_len: u32,
+    priority: Priority,
+    background: bool,
     /// False when the payload was dropped from memory to be read back from the store.
     in_ram: bool,
-    /// Where the durable store keeps the job.
-    loc: Loc,
+}
+
+#[derive(Default)]
+struct JobExtra {
     /// Foreground clients waiting for the result.
     clients: Vec<ConnId>,
+    numerator: u32,
+    denominator: u32,
 }
 
 impl Job {
+    fn clients(&self) -> &[ConnId] {
+        self.extra.as_ref().map_or(&[], |e| &e.clients)
+    }
+
+    fn extra_mut(&mut self) -> &mut JobExtra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    fn progress(&self) -> (u32, u32) {
+        self.extra.as_ref().map_or((0, 0), |e| (e.numerator, e.denominator))
+    }
+
     fn unique(&self) -> &[u8] {
         &self.body[..self.unique_len as usize]
     }
@@ -427,12 +446,13 @@ impl Broker {
                     return;
                 };
                 let job = &mut self.jobs[key as usize];
-                job.numerator = numerator;
-                job.denominator = denominator;
+                let extra = job.extra_mut();
+                extra.numerator = numerator;
+                extra.denominator = denominator;
                 let mut n = itoa::Buffer::new();
                 let mut d = itoa::Buffer::new();
                 let args: [&[u8]; 3] = [&handle, n.format(numerator).as_bytes(), d.format(denominator).as_bytes()];
-                for &c in &self.jobs[key as usize].clients {
+                for &c in self.jobs[key as usize].clients() {
                     self.send(c, T::WorkStatus, &args);
                 }
             }
@@ -440,7 +460,7 @@ impl Broker {
             Request::WorkWarning { handle, data } => self.forward(conn, T::WorkWarning, &handle, &data),
             Request::WorkComplete { handle, data } => {
                 if let Some(key) = self.running_job(conn, &handle) {
-                    for &c in &self.jobs[key as usize].clients {
+                    for &c in self.jobs[key as usize].clients() {
                         self.send(c, T::WorkComplete, &[&handle, &data]);
                     }
                     self.finish(key);
@@ -448,7 +468,7 @@ impl Broker {
             }
             Request::WorkFail { handle } => {
                 if let Some(key) = self.running_job(conn, &handle) {
-                    for &c in &self.jobs[key as usize].clients {
+                    for &c in self.jobs[key as usize].clients() {
                         self.send(c, T::WorkFail, &[&handle]);
                     }
                     self.finish(key);
@@ -456,7 +476,7 @@ impl Broker {
             }
             Request::WorkException { handle, data } => {
                 if let Some(key) = self.running_job(conn, &handle) {
-                    for &c in &self.jobs[key as usize].clients {
+                    for &c in self.jobs[key as usize].clients() {
                         if self.conns[c as usize].exceptions {
                             self.send(c, T::WorkException, &[&handle, &data]);
                         } else {
@@ -477,8 +497,8 @@ impl Broker {
                             &handle,
                             b"1",
                             if running { b"1" } else { b"0" },
-                            n.format(job.numerator).as_bytes(),
-                            d.format(job.denominator).as_bytes(),
+                            n.format(job.progress().0).as_bytes(),
+                            d.format(job.progress().1).as_bytes(),
                         ];
                         self.send(conn, T::StatusRes, &args);
                     }
@@ -500,9 +520,9 @@ impl Broker {
                             &unique,
                             b"1",
                             if running { b"1" } else { b"0" },
-                            n.format(job.numerator).as_bytes(),
-                            d.format(job.denominator).as_bytes(),
-                            w.format(job.clients.len()).as_bytes(),
+                            n.format(job.progress().0).as_bytes(),
+                            d.format(job.progress().1).as_bytes(),
+                            w.format(job.clients().len()).as_bytes(),
                         ];
                         self.send(conn, T::StatusResUnique, &args);
                     }
@@ -604,13 +624,11 @@ impl Broker {
             state: JobState::Queued,
             attempts: 0,
             unique_len: unique.len() as u16,
-            numerator: 0,
-            denominator: 0,
+            extra: None,
             body: body.into_boxed_slice(),
             payload_len: data.len() as u32,
             in_ram: true,
             loc: Loc::NONE,
-            clients: Vec::new(),
         }) as JobKey;
         self.index(key);
         key
@@ -651,7 +669,7 @@ impl Broker {
                 e.remove();
             }
         }
-        for &c in &self.jobs[key as usize].clients {
+        for &c in self.jobs[key as usize].clients() {
             if let Some(conn) = self.conns.get_mut(c as usize) {
                 conn.waiting.remove(&key);
             }
@@ -660,8 +678,8 @@ impl Broker {
 
     fn attach(&mut self, conn: ConnId, key: JobKey) {
         let job = &mut self.jobs[key as usize];
-        if !job.clients.contains(&conn) {
-            job.clients.push(conn);
+        if !job.clients().contains(&conn) {
+            job.extra_mut().clients.push(conn);
             self.conns[conn as usize].waiting.insert(key);
         }
     }
@@ -744,7 +762,7 @@ impl Broker {
             Err(e) => {
                 // The store cannot give the payload back: the job cannot run anywhere.
                 tracing::error!(handle = %String::from_utf8_lossy(&handle), "dropping a job whose payload cannot be read: {e}");
-                for &c in &job.clients {
+                for &c in job.clients() {
                     self.send(c, T::WorkFail, &[&handle]);
                 }
                 self.finish(key);
@@ -821,7 +839,7 @@ impl Broker {
 
     fn forward(&self, conn: ConnId, kind: T, handle: &[u8], data: &[u8]) {
         if let Some(key) = self.running_job(conn, handle) {
-            for &c in &self.jobs[key as usize].clients {
+            for &c in self.jobs[key as usize].clients() {
                 self.send(c, kind, &[handle, data]);
             }
         }
@@ -850,12 +868,12 @@ impl Broker {
         self.functions[job.function as usize].running -= 1;
         job.state = JobState::Queued;
         let (seq, attempts, background, abandoned) =
-            (job.seq, u32::from(job.attempts), job.background, job.clients.is_empty());
+            (job.seq, u32::from(job.attempts), job.background, job.clients().is_empty());
         let retries = self.config.job_retries;
         if retries > 0 && attempts >= retries {
             let handle = self.handle(seq);
             tracing::warn!(handle = %String::from_utf8_lossy(&handle), "job failed after {retries} attempts");
-            for &c in &self.jobs[key as usize].clients {
+            for &c in self.jobs[key as usize].clients() {
                 self.send(c, T::WorkFail, &[&handle]);
             }
             self.unstore(key);
@@ -872,8 +890,10 @@ impl Broker {
     /// A client stopped waiting for `key`. A queued foreground job nobody waits for is dropped.
     fn detach_client(&mut self, key: JobKey, conn: ConnId) {
         let job = &mut self.jobs[key as usize];
-        job.clients.retain(|&c| c != conn);
-        if job.clients.is_empty() && !job.background && job.state == JobState::Queued {
+        if let Some(extra) = job.extra.as_mut() {
+            extra.clients.retain(|&c| c != conn);
+        }
+        if job.clients().is_empty() && !job.background && job.state == JobState::Queued {
             self.drop_queued(key);
         }
     }
