@@ -11,7 +11,9 @@
 # Prints, per scenario, the median of each metric per server and the ratio gearbox/gearmand.
 #
 # Environment: ROUNDS (3), SCENARIOS ("bg fg mem"), BG_JOBS, FG_JOBS, MEM_JOBS,
-# BENCH_TIMEOUT (120 s per bench run), GEARMAND (/usr/sbin/gearmand).
+# BENCH_TIMEOUT (120 s per bench run), GEARMAND (/usr/sbin/gearmand),
+# GEARBOX_EXTRA_FLAGS (e.g. "--queue memory"; the default is gearbox's default, the durable
+# embedded queue, in a fresh data directory per run).
 # Exits non-zero if any run failed (timeout, lost or duplicated job).
 set -euo pipefail
 
@@ -79,7 +81,7 @@ start_server() {
             --pid-file "$WORK/gearmand-$port.pid")
         [[ $scenario == fg ]] || args+=(--hashtable-buckets=500009)
         ;;
-    gearbox) args=("$GEARBOX" server --port "$port" "${GEARBOX_FLAGS[@]}") ;;
+    gearbox) args=("$GEARBOX" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}") ;;
     esac
     "${args[@]}" >"$WORK/$kind-$port.log" 2>&1 &
     SERVER_PID=$!

@@ -12,10 +12,8 @@ use common::{run_tool, wait_for, Server};
 #[test]
 fn gearman_cli_worker_and_client() {
     let server = Server::start(&[]);
-    let mut worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
+    let _worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
     let out = server.gearman(&["-f", "rev", "hello"]);
-    let _ = worker.kill();
-    let _ = worker.wait();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "olleh");
 }
@@ -28,7 +26,7 @@ fn gearadmin_reads_status_workers_and_jobs() {
         let out = server.gearman(&["-b", "-f", "later", data]);
         assert!(out.status.success(), "{out:?}");
     }
-    let mut worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
+    let _worker = server.spawn_gearman(&["-w", "-f", "rev", "--", "rev"]);
     wait_for("the worker to register", || server.gearadmin(&["--status"]).contains("rev\t0\t0\t1\n"));
     let status = server.gearadmin(&["--status"]);
     assert!(status.contains("later\t2\t0\t0\n"), "{status:?}");
@@ -54,8 +52,6 @@ fn gearadmin_reads_status_workers_and_jobs() {
     assert!(server.gearadmin(&["--status"]).contains("fresh\t0\t0\t0\n"));
     assert!(!server.gearadmin(&["--drop-function", "fresh"]).contains("ERR"));
     assert!(!server.gearadmin(&["--status"]).contains("fresh"));
-    let _ = worker.kill();
-    let _ = worker.wait();
 }
 
 #[test]
@@ -113,12 +109,14 @@ fn import_gearmand_sqlite_queue() {
     let db = dir.join("gearmand.sqlite");
     // A real gearmand with its libsqlite3 queue, on a port of its own.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let mut gearmand = Command::new("gearmand")
-        .args(["--listen", "127.0.0.1", "--port", &port, "--log-file", "none", "-q", "libsqlite3"])
-        .arg(format!("--libsqlite3-db={}", db.display()))
-        .arg(format!("--pid-file={}", dir.join("gearmand.pid").display()))
-        .spawn()
-        .expect("gearmand (Debian gearman-job-server) is installed");
+    let mut gearmand = common::ChildGuard(
+        Command::new("gearmand")
+            .args(["--listen", "127.0.0.1", "--port", &port, "--log-file", "none", "-q", "libsqlite3"])
+            .arg(format!("--libsqlite3-db={}", db.display()))
+            .arg(format!("--pid-file={}", dir.join("gearmand.pid").display()))
+            .spawn()
+            .expect("gearmand (Debian gearman-job-server) is installed"),
+    );
     wait_for("gearmand to listen", || {
         std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok()
     });
@@ -131,8 +129,8 @@ fn import_gearmand_sqlite_queue() {
         let out = run_tool("gearman", &args);
         assert!(out.status.success(), "{out:?}");
     }
-    gearmand.kill().unwrap();
-    gearmand.wait().unwrap();
+    gearmand.0.kill().unwrap();
+    gearmand.0.wait().unwrap();
 
     let data_dir = dir.join("gearbox");
     let out = Command::new(env!("CARGO_BIN_EXE_gearbox"))

@@ -68,13 +68,17 @@ impl Server {
         run_tool("gearman", &[&["-h", "127.0.0.1", "-p", &self.port()], args].concat())
     }
 
-    pub fn spawn_gearman(&self, args: &[&str]) -> Child {
-        Command::new("gearman")
-            .args(["-h", "127.0.0.1", "-p", &self.port()])
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the gearman tool (Debian gearman-tools) is installed")
+    /// Starts the `gearman` tool in the background; it is killed when the guard drops, even
+    /// if the test fails first (a `gearman -w` whose server is gone spins forever).
+    pub fn spawn_gearman(&self, args: &[&str]) -> ChildGuard {
+        ChildGuard(
+            Command::new("gearman")
+                .args(["-h", "127.0.0.1", "-p", &self.port()])
+                .args(args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("the gearman tool (Debian gearman-tools) is installed"),
+        )
     }
 
     /// Sends SIGTERM and returns the exit status and how long the exit took.
@@ -121,5 +125,15 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
