@@ -105,8 +105,9 @@ impl StoreThread {
     }
 }
 
-/// A commit waits this long after the first job it carries for others to join it...
-const GROUP_WINDOW: Duration = Duration::from_micros(500);
+/// A commit waits this long after the first job it carries for others to join it (measured:
+/// 2 ms gives fewer, larger syncs than 0.5 ms at the same throughput)...
+const GROUP_WINDOW: Duration = Duration::from_millis(2);
 /// ...unless this many jobs are already waiting.
 const GROUP_FULL: usize = 256;
 /// Removals alone are written this long after the first of them.
