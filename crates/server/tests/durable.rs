@@ -65,7 +65,7 @@ async fn background_jobs_survive_a_restart_with_handles_priorities_and_times() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_keep_their_order_while_commits_are_pending() {
     let dir = temp_dir("order");
     let server = start(&dir).await;

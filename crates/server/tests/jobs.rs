@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::{b, Conn, TestServer};
 use gearbox_proto::{GrabKind, Priority, Request, Response};
 
-#[tokio::test]
+// Also on a multi-threaded runtime (`gearbox server -t 2`): wake-ups cross threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreground_job_gets_data_status_and_result() {
     let server = TestServer::start().await;
     let mut worker = Conn::worker(server.addr, &["rev"]).await;
@@ -92,7 +93,8 @@ async fn priorities_apply_across_functions_and_fifo_within_one() {
     assert_eq!(order, ["high-1", "high-2", "normal-1", "normal-2", "low-1", "low-2"]);
 }
 
-#[tokio::test]
+// Also on a multi-threaded runtime (`gearbox server -t 2`): wake-ups cross threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_jobs_coalesce() {
     let server = TestServer::start().await;
     let mut c1 = server.conn().await;
@@ -177,7 +179,8 @@ async fn sleeping_worker_is_woken_by_noop() {
     assert_eq!(worker.recv().await, Response::Noop);
 }
 
-#[tokio::test]
+// Also on a multi-threaded runtime (`gearbox server -t 2`): wake-ups cross threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_of_a_vanished_worker_is_queued_again() {
     let server = TestServer::start().await;
     let mut client = server.conn().await;
