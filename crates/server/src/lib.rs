@@ -30,11 +30,10 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let addr = format!("{}:{}", addr.trim_start_matches('[').trim_end_matches(']'), config.port);
-        let bind = if addr.matches(':').count() > 1 {
-            format!("[{}]:{}", addr.rsplit_once(':').unwrap().0, config.port)
-        } else {
-            addr
+        // An IP address (v6 with or without brackets) or a host name.
+        let bind = match addr.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, config.port).to_string(),
+            Err(_) => format!("{addr}:{}", config.port),
         };
         let listener = TcpListener::bind(&bind)
             .await

@@ -144,6 +144,8 @@ impl LogStore {
     }
 
     fn rotate(&mut self, at_least: u64) -> Result<()> {
+        // The old segment keeps only what it holds, not its reservation.
+        self.current.set_len(self.size).map_err(io("trim a full segment"))?;
         let id = self.current_id() + 1;
         let (file, size) = create_segment(&self.dir, id, self.segment_bytes)?;
         if at_least > self.segment_bytes {
@@ -316,12 +318,11 @@ impl QueueStore for LogStore {
                     live.remove(&seq);
                 }
             })?;
-            if last {
-                // Cut a torn tail so that later scans of this segment are clean.
-                let f = OpenOptions::new().write(true).open(segment_path(&self.dir, id));
-                f.and_then(|f| f.set_len(end.max(MAGIC.len() as u64)).and_then(|_| f.sync_all()))
-                    .map_err(io("truncate a torn segment tail"))?;
-            }
+            // Cut a torn tail so that later scans are clean, and give back the space the
+            // segment had reserved past its end.
+            let f = OpenOptions::new().write(true).open(segment_path(&self.dir, id));
+            f.and_then(|f| f.set_len(end.max(MAGIC.len() as u64)).and_then(|_| f.sync_all()))
+                .map_err(io("trim a segment"))?;
         }
         for seg in self.segments.iter_mut() {
             seg.live = 0;

@@ -21,7 +21,7 @@ use gearbox_store::{Batch, Loc, PayloadReader, StoredJob};
 use super::{unix_now, Broker, ConnId, Job, JobKey, JobState};
 
 /// Payload bytes of stored jobs kept in memory; the rest are read back when needed.
-pub const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;
+const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;
 
 pub(super) struct Durability {
     /// Changes not yet handed to the store thread.

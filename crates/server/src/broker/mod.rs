@@ -22,8 +22,8 @@ mod admin;
 mod durable;
 
 pub use admin::AdminInfo;
+pub use durable::PendingState;
 use durable::{Durability, Held};
-pub use durable::{PendingState, PAYLOAD_RAM_BUDGET};
 use gearbox_store::Loc;
 use std::cell::RefCell;
 
