@@ -192,6 +192,13 @@ impl LogStore {
     }
 }
 
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        // Give back the current segment's unused reservation; after a crash `load` does it.
+        let _ = self.current.set_len(self.size);
+    }
+}
+
 fn create_segment(dir: &Path, id: u32, reserve_bytes: u64) -> Result<(File, u64)> {
     let path = segment_path(dir, id);
     let mut file = OpenOptions::new()
