@@ -28,10 +28,11 @@ wait_until() {
     "$@"
 }
 
-# --- Gearman tools and gearmand (interop tests, import tests), Perl Gearman::Client ---
+# --- Gearman tools and gearmand (interop and import tests), Perl's and PHP's Gearman clients ---
 command -v gearman >/dev/null 2>&1 && command -v gearadmin >/dev/null 2>&1 || install gearman-tools
 command -v gearmand >/dev/null 2>&1 || install gearman-job-server
 perl -MGearman::Client -e1 >/dev/null 2>&1 || install libgearman-client-perl
+php -r 'exit(class_exists("GearmanClient") ? 0 : 1);' >/dev/null 2>&1 || install php-cli php-gearman
 
 # --- MariaDB: root over TCP with an empty password, database `test` ---
 mariadb_ok() { mariadb -h 127.0.0.1 -u root -e 'SELECT 1' test; }

@@ -1,5 +1,5 @@
 //! The `gearbox` binary as users run it: real third-party Gearman clients (the `gearman` and
-//! `gearadmin` tools, Perl's Gearman::Client), signals, pid file.
+//! `gearadmin` tools, Perl's Gearman::Client, PHP's gearman extension), signals, pid file.
 //! The README's test command installs gearman-tools and libgearman-client-perl.
 
 mod common;
@@ -146,4 +146,14 @@ fn import_gearmand_sqlite_queue() {
     assert!(out.status.success(), "{out:?}");
     assert!(server.gearadmin(&["--status"]).contains("migrated\t0\t0\t0\n"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn php_gearman_client_and_worker() {
+    let server = Server::start(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/php_client_worker.php");
+    let out = run_tool("php", &[script, &server.port()]);
+    let tap = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "PHP interop failed:\n{tap}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tap.contains("1..8") && !tap.contains("not ok"), "{tap}");
 }
