@@ -106,3 +106,40 @@ async fn packets_split_across_many_writes_decode() {
         assert_eq!(c.recv().await, Response::EchoRes { data: b(&format!("echo-{i}")) });
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
+    let mut options = gearbox_server::ServeOptions::default();
+    options.broker.max_outbox = 4 * 1024 * 1024;
+    let server = TestServer::with(options).await;
+    let mut deaf = server.conn().await;
+    let handle = deaf.submit("stream", "", "", false).await;
+    let mut worker = Conn::worker(server.addr, &["stream"]).await;
+    let (h, ..) = worker.grab_some().await;
+    assert_eq!(h, handle);
+    // Far more partial results than the deaf client's socket buffers and outbox can hold.
+    let chunk = b(&"d".repeat(256 * 1024));
+    for _ in 0..100 {
+        worker.send(Request::WorkData { handle: h.clone(), data: chunk.clone() }).await;
+    }
+    worker.send(Request::EchoReq { data: b("worker still served") }).await;
+    assert_eq!(worker.recv().await, Response::EchoRes { data: b("worker still served") });
+    let mut other = server.conn().await;
+    other.send(Request::EchoReq { data: b("others too") }).await;
+    assert_eq!(other.recv().await, Response::EchoRes { data: b("others too") });
+    // The deaf client's connection was closed: draining it ends in EOF, well short of 25 MB.
+    let mut received = 0usize;
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match deaf.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection was not closed");
+    assert!(received < 20 * 1024 * 1024, "received {received} bytes");
+}
