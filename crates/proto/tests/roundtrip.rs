@@ -163,3 +163,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Whatever arrives, decoding and parsing return values or errors, never panic.
+    #[test]
+    fn arbitrary_bytes_never_panic(stream in proptest::collection::vec(any::<u8>(), 0..400),
+                                   type_num in 0u32..50) {
+        let decoder = Decoder::new(1 << 16);
+        let mut buf = BytesMut::from(&stream[..]);
+        while let Ok(Some(m)) = decoder.decode(&mut buf) {
+            if let Message::Packet(f) = m {
+                let _ = Request::parse(&f);
+                let _ = Response::parse(&f);
+            }
+        }
+        // A well-framed packet of any type with an arbitrary body.
+        let mut framed = BytesMut::new();
+        framed.extend_from_slice(b"\0REQ");
+        framed.extend_from_slice(&type_num.to_be_bytes());
+        framed.extend_from_slice(&(stream.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&stream);
+        if let Ok(Some(Message::Packet(f))) = decoder.decode(&mut framed) {
+            let _ = Request::parse(&f);
+            let _ = gearbox_proto::AdminCommand::parse(&f.body);
+        }
+    }
+}

@@ -33,6 +33,8 @@ type FunctionId = u32;
 
 /// Longest unique key accepted.
 pub const MAX_UNIQUE: usize = 255;
+/// Longest function name accepted (gearmand's limit).
+pub const MAX_FUNCTION: usize = 512;
 /// Shortest job timeout honoured for CAN_DO_TIMEOUT, as in gearmand.
 const MIN_JOB_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How often queued functions with sleeping workers get a second wake-up, in case the
@@ -231,6 +233,12 @@ pub struct Broker {
 
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Time from `now` to the unix time `at`, at most a day (the timer looks again by then), so
+/// a far-future epoch cannot overflow an `Instant`.
+fn until(at: i64, now: i64) -> Duration {
+    Duration::from_secs(at.saturating_sub(now).clamp(0, 86_400) as u64)
 }
 
 fn seq_hash(seq: u64) -> u64 {
@@ -557,8 +565,8 @@ impl Broker {
         if unique.len() > MAX_UNIQUE {
             return self.send_error(conn, "ARGUMENT_TOO_LARGE", "Unique value too large");
         }
-        if function.is_empty() {
-            return self.send_error(conn, "INVALID_PACKET", "Function name is empty");
+        if function.is_empty() || function.len() > MAX_FUNCTION {
+            return self.send_error(conn, "INVALID_PACKET", "Function name is empty or longer than 512 bytes");
         }
         let fid = self.function_id(function);
         // A unique key of "-" asks for coalescing on the payload itself (libgearman's convention).
@@ -640,7 +648,7 @@ impl Broker {
         job.state = JobState::Scheduled;
         self.functions[job.function as usize].scheduled += 1;
         self.scheduled.push(Reverse((at, job.seq, key)));
-        self.arm_timer(Instant::now() + Duration::from_secs((at - now).max(0) as u64));
+        self.arm_timer(Instant::now() + until(at, now));
     }
 
     fn index(&mut self, key: JobKey) {
@@ -792,8 +800,8 @@ impl Broker {
     }
 
     fn can_do(&mut self, conn: ConnId, function: &[u8], timeout: Option<Duration>) {
-        if function.is_empty() {
-            return;
+        if function.is_empty() || function.len() > MAX_FUNCTION {
+            return self.send_error(conn, "INVALID_PACKET", "Function name is empty or longer than 512 bytes");
         }
         let fid = self.function_id(function);
         let c = &mut self.conns[conn as usize];
@@ -910,7 +918,9 @@ impl Broker {
         }
         self.unstore(key);
         self.unindex(key);
-        self.jobs[key as usize].state = JobState::Dropped;
+        let job = &mut self.jobs[key as usize];
+        job.state = JobState::Dropped;
+        job.extra = None;
     }
 
     // ----- timers -----
@@ -980,7 +990,7 @@ impl Broker {
             next = next.min(*deadline);
         }
         if let Some(Reverse((at, ..))) = self.scheduled.peek() {
-            next = next.min(now + Duration::from_secs((at - wall).max(0) as u64));
+            next = next.min(now + until(*at, wall));
         }
         self.timer_at = Some(next);
         next
@@ -1028,5 +1038,135 @@ mod tests {
         }
         assert_eq!((b.jobs.len(), b.by_seq.len(), b.by_unique.len()), (0, 0, 0));
         assert!(b.conns[client as usize].waiting.is_empty());
+    }
+}
+
+/// Random sequences of packets, disconnects and timer ticks never panic and keep the
+/// broker's counters and indices consistent with its jobs.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use gearbox_proto::{AdminCommand, Request};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Submit { conn: usize, function: u8, unique: u8, background: bool, priority: u8, later: bool },
+        CanDo(usize, u8),
+        CantDo(usize, u8),
+        Grab(usize),
+        PreSleep(usize),
+        Finish { conn: usize, how: u8 },
+        Status(usize),
+        Cancel(usize, u64),
+        Disconnect(usize),
+        Tick,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let c = 0..4usize;
+        prop_oneof![
+            (c.clone(), 0..3u8, 0..4u8, any::<bool>(), 0..3u8, any::<bool>()).prop_map(
+                |(conn, function, unique, background, priority, later)| Op::Submit {
+                    conn,
+                    function,
+                    unique,
+                    background,
+                    priority,
+                    later
+                }
+            ),
+            (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CanDo(c, f)),
+            (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CantDo(c, f)),
+            c.clone().prop_map(Op::Grab),
+            c.clone().prop_map(Op::PreSleep),
+            (c.clone(), 0..4u8).prop_map(|(conn, how)| Op::Finish { conn, how }),
+            c.clone().prop_map(Op::Status),
+            (c.clone(), 0..8u64).prop_map(|(c, n)| Op::Cancel(c, n)),
+            c.prop_map(Op::Disconnect),
+            Just(Op::Tick),
+        ]
+    }
+
+    fn check(b: &Broker) {
+        for (fid, f) in b.functions.iter().enumerate().filter(|(_, f)| !f.dropped) {
+            let fid = fid as FunctionId;
+            let jobs = || b.jobs.iter().map(|(_, j)| j).filter(move |j| j.function == fid);
+            for p in 0..3 {
+                let queued = jobs().filter(|j| j.state == JobState::Queued && j.priority as usize == p).count();
+                assert_eq!(f.queued[p] as usize, queued, "queued count of priority {p}");
+            }
+            assert_eq!(f.running as usize, jobs().filter(|j| matches!(j.state, JobState::Running(_))).count());
+            assert_eq!(f.scheduled as usize, jobs().filter(|j| j.state == JobState::Scheduled).count());
+            let workers = b.conns.iter().filter(|(_, c)| c.abilities.iter().any(|a| a.function == fid)).count();
+            assert_eq!(f.workers as usize, workers);
+        }
+        let live = b.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped).count();
+        assert_eq!(b.by_seq.len(), live);
+        for (key, job) in &b.jobs {
+            if let JobState::Running(w) = job.state {
+                assert!(b.conns[w as usize].running.contains(&(key as JobKey)));
+            }
+            for &c in job.clients() {
+                assert!(b.conns[c as usize].waiting.contains(&(key as JobKey)));
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_sequence_keeps_the_broker_consistent(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
+            let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t")).collect();
+            let name = |f: u8| Bytes::from(format!("f{f}"));
+            for op in ops {
+                match op {
+                    Op::Submit { conn, function, unique, background, priority, later } => {
+                        let unique = if unique == 0 { Bytes::new() } else { Bytes::from(format!("u{unique}")) };
+                        let priority = Priority::ALL[priority as usize];
+                        let req = if later {
+                            Request::SubmitJobEpoch { function: name(function), unique, epoch: i64::MAX, data: Bytes::from_static(b"d") }
+                        } else {
+                            Request::SubmitJob { function: name(function), unique, data: Bytes::from_static(b"d"), priority, background }
+                        };
+                        b.apply(conns[conn], req);
+                    }
+                    Op::CanDo(c, f) => b.apply(conns[c], Request::CanDo { function: name(f) }),
+                    Op::CantDo(c, f) => b.apply(conns[c], Request::CantDo { function: name(f) }),
+                    Op::Grab(c) => b.apply(conns[c], Request::GrabJob(GrabKind::Uniq)),
+                    Op::PreSleep(c) => b.apply(conns[c], Request::PreSleep),
+                    Op::Finish { conn, how } => {
+                        let Some(&key) = b.conns[conns[conn] as usize].running.first() else { continue };
+                        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+                        let req = match how {
+                            0 => Request::WorkComplete { handle, data: Bytes::new() },
+                            1 => Request::WorkFail { handle },
+                            2 => Request::WorkException { handle, data: Bytes::new() },
+                            _ => Request::WorkStatus { handle, numerator: 1, denominator: 2 },
+                        };
+                        b.apply(conns[conn], req);
+                    }
+                    Op::Status(c) => b.apply(conns[c], Request::GetStatusUnique { unique: Bytes::from_static(b"u1") }),
+                    Op::Cancel(c, n) => {
+                        let handle = Bytes::copy_from_slice(&b.handle(b.next_seq.saturating_sub(n + 1)));
+                        let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false };
+                        b.admin(conns[c], AdminCommand::CancelJob { handle }, &info);
+                    }
+                    Op::Disconnect(c) => {
+                        b.disconnect(conns[c]);
+                        conns[c] = b.connect(Arc::new(Outbox::default()), c as i32, "t");
+                    }
+                    Op::Tick => {
+                        b.tick(Instant::now() + Duration::from_secs(5));
+                    }
+                }
+                check(&b);
+            }
+            for c in conns {
+                b.disconnect(c);
+                check(&b);
+            }
+            prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
+        }
     }
 }
