@@ -1051,16 +1051,28 @@ mod model {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Submit { conn: usize, function: u8, unique: u8, background: bool, priority: u8, later: bool },
+        Submit {
+            conn: usize,
+            function: u8,
+            unique: u8,
+            background: bool,
+            priority: u8,
+            later: bool,
+        },
         CanDo(usize, u8),
         CantDo(usize, u8),
         Grab(usize),
         PreSleep(usize),
-        Finish { conn: usize, how: u8 },
+        Finish {
+            conn: usize,
+            how: u8,
+        },
         Status(usize),
         Cancel(usize, u64),
         Disconnect(usize),
         Tick,
+        /// The store thread commits what is pending, successfully or not.
+        Commit(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1085,6 +1097,7 @@ mod model {
             (c.clone(), 0..8u64).prop_map(|(c, n)| Op::Cancel(c, n)),
             c.prop_map(Op::Disconnect),
             Just(Op::Tick),
+            any::<bool>().prop_map(Op::Commit),
         ]
     }
 
@@ -1113,10 +1126,20 @@ mod model {
         }
     }
 
+    fn commit(b: &mut Broker, ok: bool) {
+        let mut batch = gearbox_store::Batch::default();
+        b.take_pending(&mut batch);
+        let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+        b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+    }
+
     proptest! {
         #[test]
-        fn any_sequence_keeps_the_broker_consistent(ops in proptest::collection::vec(op(), 1..80)) {
+        fn any_sequence_keeps_the_broker_consistent(ops in proptest::collection::vec(op(), 1..80), durable: bool) {
             let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
+            if durable {
+                b.enable_durability(Arc::new(std::sync::Condvar::new()), None);
+            }
             let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t")).collect();
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
@@ -1159,9 +1182,15 @@ mod model {
                     Op::Tick => {
                         b.tick(Instant::now() + Duration::from_secs(5));
                     }
+                    Op::Commit(ok) => commit(&mut b, ok || !durable),
                 }
                 check(&b);
             }
+            // Once everything is committed, no job is pending and no reply is held.
+            commit(&mut b, true);
+            check(&b);
+            prop_assert!(b.jobs.iter().all(|(_, j)| j.state != JobState::Pending));
+            prop_assert!(b.conns.iter().all(|(_, c)| c.held.borrow().is_none()));
             for c in conns {
                 b.disconnect(c);
                 check(&b);
