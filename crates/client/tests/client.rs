@@ -1,0 +1,123 @@
+//! The client against real servers: gearbox (in process) and gearmand (Debian's, as a child
+//! process), with the `gearman` tool as the worker.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gearbox_client::{Client, Error, Job};
+use gearbox_proto::Priority;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn gearbox() -> (String, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    tokio::spawn(gearbox_server::serve(vec![listener], Default::default(), stop.clone()));
+    (addr, stop)
+}
+
+fn spare_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn gearmand() -> (String, Proc) {
+    let port = spare_port();
+    let pid_file = std::env::temp_dir().join(format!("gearmand-client-test-{port}.pid"));
+    let child = Command::new("gearmand")
+        .args(["--listen", "127.0.0.1", "--port", &port.to_string(), "--threads=0", "--log-file", "none"])
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .spawn()
+        .expect("gearmand (Debian gearman-job-server) is installed");
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "gearmand does not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (addr, Proc(child))
+}
+
+/// `gearman -w` running `cmd` for each job of `function`.
+fn worker(addr: &str, function: &str, cmd: &[&str]) -> Proc {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    Proc(
+        Command::new("gearman")
+            .args(["-h", host, "-p", port, "-w", "-f", function, "--"])
+            .args(cmd)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the gearman tool (Debian gearman-tools) is installed"),
+    )
+}
+
+async fn exercise(addr: &str) {
+    let _rev = worker(addr, "rev", &["rev"]);
+    let _fail = worker(addr, "fails", &["false"]);
+    let client = Client::new([addr]).with_timeout(Duration::from_secs(10));
+    assert_eq!(client.echo("ping").await.unwrap(), "ping");
+    assert_eq!(client.run(Job::new("rev", "hello")).await.unwrap(), "olleh");
+    let high = Job::new("rev", "abc").priority(Priority::High).unique("u-abc");
+    assert_eq!(client.run(high).await.unwrap(), "cba");
+    assert!(matches!(client.run(Job::new("fails", "x")).await, Err(Error::Failed)));
+
+    let handle = client.submit_background(Job::new("nobody-runs-this", "x")).await.unwrap();
+    let status = client.status(&handle).await.unwrap();
+    assert!(status.known && !status.running);
+    let gone = client.submit_background(Job::new("rev", "bg")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while client.status(&gone).await.unwrap().known {
+        assert!(tokio::time::Instant::now() < deadline, "background job never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn against_gearbox() {
+    let (addr, stop) = gearbox().await;
+    exercise(&addr).await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn against_gearmand() {
+    let (addr, _gearmand) = gearmand().await;
+    exercise(&addr).await;
+}
+
+#[tokio::test]
+async fn a_dead_server_is_skipped() {
+    let (addr, stop) = gearbox().await;
+    let dead = format!("127.0.0.1:{}", spare_port());
+    let client = Client::new([dead.as_str(), addr.as_str()]).with_timeout(Duration::from_secs(10));
+    for i in 0..10 {
+        // Round-robin would send half of these to the dead server.
+        client.submit_background(Job::new("f", format!("{i}"))).await.unwrap();
+        client.submit_background(Job::new("f", "x").unique(format!("key-{i}"))).await.unwrap();
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn unique_keys_route_to_one_server_so_jobs_coalesce() {
+    let (a, stop_a) = gearbox().await;
+    let (b, stop_b) = gearbox().await;
+    let client = Client::new([a.as_str(), b.as_str()]);
+    for i in 0..20 {
+        let job = || Job::new("f", "x").unique(format!("same-{i}"));
+        let first = client.submit_background(job()).await.unwrap();
+        let second = client.submit_background(job()).await.unwrap();
+        assert_eq!(first, second, "the duplicate went to the same server and coalesced");
+    }
+    stop_a.cancel();
+    stop_b.cancel();
+}
