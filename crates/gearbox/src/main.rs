@@ -1,5 +1,6 @@
 //! The `gearbox` command: the job server and the tools around it.
 
+mod cli;
 mod import;
 
 use std::sync::Mutex;
@@ -18,6 +19,12 @@ struct Cli {
 enum Command {
     /// Run the job server (Gearman protocol and admin protocol on one port)
     Server(gearbox_server::Settings),
+    /// Submit a job (or, with --bulk, one per input line) and print its result or handle
+    Submit(cli::SubmitArgs),
+    /// Serve functions by running a command for each job (payload on stdin, result on stdout)
+    Work(cli::WorkArgs),
+    /// Ask servers for their functions, workers, jobs or version, or cancel a job
+    Admin(cli::AdminArgs),
     /// Copy the jobs of a gearmand persistent queue (libsqlite3, MySQL, PostgreSQL) into gearbox's queue
     ImportGearmand(import::ImportArgs),
     /// Load a Gearman server (gearbox or gearmand) and measure it; checks no job is lost or run twice
@@ -42,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         // The load generator builds the runtime it wants.
         Command::Bench(args) => gearbox_bench::run(args)?,
         Command::ImportGearmand(args) => import::run(args)?,
+        Command::Submit(args) => cli::submit(args)?,
+        Command::Admin(args) => cli::admin(args)?,
+        Command::Work(args) => cli::work(args)?,
     }
     Ok(())
 }
