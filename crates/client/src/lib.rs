@@ -1,4 +1,4 @@
-//! An async Gearman client, for gearbox and gearmand alike.
+//! An async Gearman client and worker, for gearbox and gearmand alike.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), gearbox_client::Error> {
@@ -15,6 +15,7 @@
 //! round-robin. A server that cannot be reached is skipped until it can again.
 
 mod connection;
+pub mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
