@@ -15,6 +15,7 @@
 //! round-robin. A server that cannot be reached is skipped until it can again.
 
 mod connection;
+pub mod typed;
 pub mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -136,3 +136,38 @@ async fn graceful_shutdown_finishes_running_jobs_and_takes_no_more() {
     assert!(status.known && !status.running, "no job is taken after shutdown");
     server_stop.cancel();
 }
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Resize {
+    path: String,
+    width: u32,
+}
+
+impl gearbox_client::typed::TypedJob for Resize {
+    const FUNCTION: &'static str = "resize";
+    type Output = String;
+}
+
+#[tokio::test]
+async fn typed_jobs_share_one_type() {
+    let (addr, server_stop) = gearbox().await;
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(
+        Worker::new([addr.as_str()])
+            .handle(|r: Resize, _job| async move { Ok::<_, JobError>(format!("{}@{}", r.path, r.width)) })
+            .run(stop.clone().cancelled_owned()),
+    );
+    let client = Client::new([addr.as_str()]).with_timeout(Duration::from_secs(10));
+    let out = client.run_typed(&Resize { path: "cat.png".into(), width: 128 }).await.unwrap();
+    assert_eq!(out, "cat.png@128");
+    // JSON on the wire: any client can submit it, and a bad payload is a clear failure.
+    let raw = client.run(Job::new("resize", r#"{"path":"a.png","width":64}"#)).await.unwrap();
+    assert_eq!(raw, "\"a.png@64\"");
+    match client.run(Job::new("resize", "not json")).await {
+        Err(Error::Exception(message)) => assert!(String::from_utf8_lossy(&message).contains("bad resize payload")),
+        other => panic!("expected an exception, got {other:?}"),
+    }
+    stop.cancel();
+    serving.await.unwrap();
+    server_stop.cancel();
+}
