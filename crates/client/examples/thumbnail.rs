@@ -53,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .map_err(JobError::Exception)
                 })
                 .concurrency(std::thread::available_parallelism().map_or(1, |n| n.get()))
-                .run(tokio::signal::ctrl_c())
+                .run(gearbox_client::worker::shutdown_signal())
                 .await;
         }
         ["submit", path, width] => {

@@ -248,6 +248,19 @@ impl Client {
         }
     }
 
+    /// The status of the job with this unique key, asked of the server the key routes to.
+    /// `waiting_clients` counts the foreground clients attached to it.
+    pub async fn status_by_unique(&self, unique: impl Into<Bytes>) -> Result<(JobStatus, u32), Error> {
+        let unique = unique.into();
+        let request = Request::GetStatusUnique { unique: unique.clone() };
+        match self.timed(self.call_routed(&unique, request, None)).await?.1 {
+            Response::StatusResUnique { known, running, numerator, denominator, waiting_clients, .. } => {
+                Ok((JobStatus { known, running, numerator, denominator }, waiting_clients))
+            }
+            other => Err(Error::Protocol(format!("expected STATUS_RES_UNIQUE, got {other:?}"))),
+        }
+    }
+
     /// Round trip through the first reachable server.
     pub async fn echo(&self, data: impl Into<Bytes>) -> Result<Bytes, Error> {
         let (_, response) =

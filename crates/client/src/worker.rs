@@ -11,7 +11,7 @@
 //!         Ok::<_, JobError>(data.into())
 //!     })
 //!     .concurrency(4)
-//!     .run(tokio::signal::ctrl_c())
+//!     .run(gearbox_client::worker::shutdown_signal())
 //!     .await;
 //! # }
 //! ```
@@ -88,6 +88,20 @@ impl WorkerJob {
     }
     pub fn warning(&self, data: impl Into<Bytes>) {
         let _ = self.progress.send(Request::WorkWarning { handle: self.handle.clone(), data: data.into() });
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT: pass it to [`Worker::run`] for the usual graceful stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 

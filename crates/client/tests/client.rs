@@ -70,9 +70,11 @@ async fn exercise(addr: &str) {
     assert_eq!(client.run(high).await.unwrap(), "cba");
     assert!(matches!(client.run(Job::new("fails", "x")).await, Err(Error::Failed)));
 
-    let handle = client.submit_background(Job::new("nobody-runs-this", "x")).await.unwrap();
+    let handle = client.submit_background(Job::new("nobody-runs-this", "x").unique("u-waits")).await.unwrap();
     let status = client.status(&handle).await.unwrap();
     assert!(status.known && !status.running);
+    let (by_unique, waiting) = client.status_by_unique("u-waits").await.unwrap();
+    assert_eq!((by_unique, waiting), (status, 0));
     let gone = client.submit_background(Job::new("rev", "bg")).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while client.status(&gone).await.unwrap().known {
@@ -119,5 +121,22 @@ async fn unique_keys_route_to_one_server_so_jobs_coalesce() {
         assert_eq!(first, second, "the duplicate went to the same server and coalesced");
     }
     stop_a.cancel();
+    stop_b.cancel();
+}
+
+#[tokio::test]
+async fn jobs_keep_flowing_when_a_server_is_killed() {
+    let (a, stop_a) = gearbox().await;
+    let (b, stop_b) = gearbox().await;
+    let client = Client::new([a.as_str(), b.as_str()]).with_timeout(Duration::from_secs(10));
+    for i in 0..10 {
+        client.submit_background(Job::new("f", format!("{i}"))).await.unwrap();
+    }
+    // Kill one: its connection drops, and submissions move to the other server.
+    stop_a.cancel();
+    for i in 0..20 {
+        client.submit_background(Job::new("f", "x").unique(format!("after-{i}"))).await.unwrap();
+        client.submit_background(Job::new("f", format!("{i}"))).await.unwrap();
+    }
     stop_b.cancel();
 }
