@@ -1,51 +1,14 @@
 //! The client against real servers: gearbox (in process) and gearmand (Debian's, as a child
 //! process), with the `gearman` tool as the worker.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{gearbox, gearmand, spare_port, Proc};
 use gearbox_client::{Client, Error, Job};
 use gearbox_proto::Priority;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn gearbox() -> (String, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(gearbox_server::serve(vec![listener], Default::default(), stop.clone()));
-    (addr, stop)
-}
-
-fn spare_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn gearmand() -> (String, Proc) {
-    let port = spare_port();
-    let pid_file = std::env::temp_dir().join(format!("gearmand-client-test-{port}.pid"));
-    let child = Command::new("gearmand")
-        .args(["--listen", "127.0.0.1", "--port", &port.to_string(), "--threads=0", "--log-file", "none"])
-        .arg(format!("--pid-file={}", pid_file.display()))
-        .spawn()
-        .expect("gearmand (Debian gearman-job-server) is installed");
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(&addr).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "gearmand does not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (addr, Proc(child))
-}
 
 /// `gearman -w` running `cmd` for each job of `function`.
 fn worker(addr: &str, function: &str, cmd: &[&str]) -> Proc {

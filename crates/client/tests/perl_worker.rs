@@ -1,12 +1,13 @@
 //! A worker written in Perl serving typed jobs that Rust code submits, through gearbox.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{gearbox, Proc};
 use gearbox_client::typed::TypedJob;
 use gearbox_client::Client;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Serialize, Deserialize)]
 struct WordCount {
@@ -23,23 +24,11 @@ impl TypedJob for WordCount {
     type Output = Counted;
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn rust_client_perl_worker() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(gearbox_server::serve(vec![listener], Default::default(), stop.clone()));
+    let (addr, stop) = gearbox().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/perl_worker.pl");
-    let _perl = Child(
+    let _perl = Proc(
         std::process::Command::new("perl")
             .args([script, &addr])
             .spawn()

@@ -1,46 +1,14 @@
 //! The worker library with the client library, against gearbox and gearmand.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{gearbox, gearmand};
 use gearbox_client::worker::{JobError, Worker};
 use gearbox_client::{Client, Error, Job, JobEvent};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-async fn gearbox() -> (String, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(gearbox_server::serve(vec![listener], Default::default(), stop.clone()));
-    (addr, stop)
-}
-
-struct Gearmand(std::process::Child);
-
-impl Drop for Gearmand {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn gearmand() -> (String, Gearmand) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let pid_file = std::env::temp_dir().join(format!("gearmand-worker-test-{port}.pid"));
-    let child = std::process::Command::new("gearmand")
-        .args(["--listen", "127.0.0.1", "--port", &port.to_string(), "--threads=0", "--log-file", "none"])
-        .arg(format!("--pid-file={}", pid_file.display()))
-        .spawn()
-        .expect("gearmand is installed");
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(&addr).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "gearmand does not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (addr, Gearmand(child))
-}
 
 fn worker(addr: &str) -> Worker {
     Worker::new([addr])
