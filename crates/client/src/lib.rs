@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gearbox_proto::{Priority, Request, Response};
+pub use gearbox_proto::Priority;
+use gearbox_proto::{Request, Response};
 use tokio::sync::mpsc;
 
 use connection::Connection;
