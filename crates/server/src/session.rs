@@ -34,7 +34,8 @@ pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
 async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Shared) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let decoder = Decoder::new(shared.max_packet);
-    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    // Small until the peer sends much: idle connections (thousands of workers) stay cheap.
+    let mut rbuf = BytesMut::with_capacity(4096);
     let mut wbuf = BytesMut::new();
     // Created once: re-creating these futures on every turn of the loop costs more than
     // the rest of the loop.
@@ -61,8 +62,8 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
             }
             Fate::Closing => {}
         }
-        if rbuf.capacity() - rbuf.len() < 4096 {
-            rbuf.reserve(READ_CHUNK);
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(rbuf.capacity().clamp(4096, READ_CHUNK));
         }
         let reading = !closing && wbuf.len() < WRITE_HIGH_WATER;
         tokio::select! {
