@@ -33,7 +33,7 @@ impl Magic {
 }
 
 macro_rules! packet_types {
-    ($($name:ident = $num:literal, $args:literal;)*) => {
+    ($($name:ident = $num:literal;)*) => {
         /// Every packet type of the Gearman protocol, with its number on the wire.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         #[repr(u32)]
@@ -42,20 +42,10 @@ macro_rules! packet_types {
         }
 
         impl PacketType {
-            /// All known types, in numeric order.
-            pub const ALL: &'static [PacketType] = &[$(PacketType::$name,)*];
-
             pub fn from_u32(n: u32) -> Option<PacketType> {
                 match n {
                     $($num => Some(PacketType::$name),)*
                     _ => None,
-                }
-            }
-
-            /// How many NUL-separated arguments the body holds (the last may contain NULs).
-            pub fn arg_count(self) -> usize {
-                match self {
-                    $(PacketType::$name => $args,)*
                 }
             }
         }
@@ -63,47 +53,47 @@ macro_rules! packet_types {
 }
 
 packet_types! {
-    CanDo = 1, 1;
-    CantDo = 2, 1;
-    ResetAbilities = 3, 0;
-    PreSleep = 4, 0;
-    Noop = 6, 0;
-    SubmitJob = 7, 3;
-    JobCreated = 8, 1;
-    GrabJob = 9, 0;
-    NoJob = 10, 0;
-    JobAssign = 11, 3;
-    WorkStatus = 12, 3;
-    WorkComplete = 13, 2;
-    WorkFail = 14, 1;
-    GetStatus = 15, 1;
-    EchoReq = 16, 1;
-    EchoRes = 17, 1;
-    SubmitJobBg = 18, 3;
-    Error = 19, 2;
-    StatusRes = 20, 5;
-    SubmitJobHigh = 21, 3;
-    SetClientId = 22, 1;
-    CanDoTimeout = 23, 2;
-    AllYours = 24, 0;
-    WorkException = 25, 2;
-    OptionReq = 26, 1;
-    OptionRes = 27, 1;
-    WorkData = 28, 2;
-    WorkWarning = 29, 2;
-    GrabJobUniq = 30, 0;
-    JobAssignUniq = 31, 4;
-    SubmitJobHighBg = 32, 3;
-    SubmitJobLow = 33, 3;
-    SubmitJobLowBg = 34, 3;
-    SubmitJobSched = 35, 8;
-    SubmitJobEpoch = 36, 4;
-    SubmitReduceJob = 37, 4;
-    SubmitReduceJobBackground = 38, 4;
-    GrabJobAll = 39, 0;
-    JobAssignAll = 40, 5;
-    GetStatusUnique = 41, 1;
-    StatusResUnique = 42, 6;
+    CanDo = 1;
+    CantDo = 2;
+    ResetAbilities = 3;
+    PreSleep = 4;
+    Noop = 6;
+    SubmitJob = 7;
+    JobCreated = 8;
+    GrabJob = 9;
+    NoJob = 10;
+    JobAssign = 11;
+    WorkStatus = 12;
+    WorkComplete = 13;
+    WorkFail = 14;
+    GetStatus = 15;
+    EchoReq = 16;
+    EchoRes = 17;
+    SubmitJobBg = 18;
+    Error = 19;
+    StatusRes = 20;
+    SubmitJobHigh = 21;
+    SetClientId = 22;
+    CanDoTimeout = 23;
+    AllYours = 24;
+    WorkException = 25;
+    OptionReq = 26;
+    OptionRes = 27;
+    WorkData = 28;
+    WorkWarning = 29;
+    GrabJobUniq = 30;
+    JobAssignUniq = 31;
+    SubmitJobHighBg = 32;
+    SubmitJobLow = 33;
+    SubmitJobLowBg = 34;
+    SubmitJobSched = 35;
+    SubmitJobEpoch = 36;
+    SubmitReduceJob = 37;
+    SubmitReduceJobBackground = 38;
+    GrabJobAll = 39;
+    JobAssignAll = 40;
+    GetStatusUnique = 41;
+    StatusResUnique = 42;
 }
 
 /// One binary packet as it travels: the body is kept whole and split into arguments on demand.

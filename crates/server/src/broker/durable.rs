@@ -67,10 +67,6 @@ impl Broker {
         });
     }
 
-    pub fn is_durable(&self) -> bool {
-        self.durable.is_some()
-    }
-
     pub fn has_pending(&self) -> bool {
         self.durable.as_ref().is_some_and(|d| !d.pending.is_empty())
     }

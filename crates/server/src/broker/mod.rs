@@ -496,46 +496,13 @@ impl Broker {
                 }
             }
             Request::GetStatus { handle } => {
-                let mut n = itoa::Buffer::new();
-                let mut d = itoa::Buffer::new();
-                match self.find_by_handle(&handle).map(|k| &self.jobs[k as usize]) {
-                    Some(job) => {
-                        let running = matches!(job.state, JobState::Running(_));
-                        let args: [&[u8]; 5] = [
-                            &handle,
-                            b"1",
-                            if running { b"1" } else { b"0" },
-                            n.format(job.progress().0).as_bytes(),
-                            d.format(job.progress().1).as_bytes(),
-                        ];
-                        self.send(conn, T::StatusRes, &args);
-                    }
-                    None => self.send(conn, T::StatusRes, &[&handle, b"0", b"0", b"0", b"0"]),
-                }
+                let job = self.find_by_handle(&handle);
+                self.send_status(conn, T::StatusRes, &handle, job);
             }
             Request::GetStatusUnique { unique } => {
                 // The unique key alone does not name a function; report the first match.
-                let found = (0..self.functions.len() as FunctionId)
-                    .find_map(|fid| self.find_by_unique(fid, &unique))
-                    .map(|k| &self.jobs[k as usize]);
-                let mut n = itoa::Buffer::new();
-                let mut d = itoa::Buffer::new();
-                let mut w = itoa::Buffer::new();
-                match found {
-                    Some(job) => {
-                        let running = matches!(job.state, JobState::Running(_));
-                        let args: [&[u8]; 6] = [
-                            &unique,
-                            b"1",
-                            if running { b"1" } else { b"0" },
-                            n.format(job.progress().0).as_bytes(),
-                            d.format(job.progress().1).as_bytes(),
-                            w.format(job.clients().len()).as_bytes(),
-                        ];
-                        self.send(conn, T::StatusResUnique, &args);
-                    }
-                    None => self.send(conn, T::StatusResUnique, &[&unique, b"0", b"0", b"0", b"0", b"0"]),
-                }
+                let job = (0..self.functions.len() as FunctionId).find_map(|fid| self.find_by_unique(fid, &unique));
+                self.send_status(conn, T::StatusResUnique, &unique, job);
             }
             Request::EchoReq { data } => self.send(conn, T::EchoRes, &[&data]),
             Request::OptionReq { option } => {
@@ -549,6 +516,25 @@ impl Broker {
             Request::SetClientId { id } => self.conns[conn as usize].client_id = Some(id),
             Request::AllYours => {}
         }
+    }
+
+    /// STATUS_RES (or STATUS_RES_UNIQUE, which adds the waiting clients) for `job`, named
+    /// as the client asked.
+    fn send_status(&self, conn: ConnId, kind: T, name: &[u8], job: Option<JobKey>) {
+        let (mut n, mut d, mut w) = (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+        let args: [&[u8]; 6] = match job.map(|k| &self.jobs[k as usize]) {
+            Some(job) => [
+                name,
+                b"1",
+                if matches!(job.state, JobState::Running(_)) { b"1" } else { b"0" },
+                n.format(job.progress().0).as_bytes(),
+                d.format(job.progress().1).as_bytes(),
+                w.format(job.clients().len()).as_bytes(),
+            ],
+            None => [name, b"0", b"0", b"0", b"0", b"0"],
+        };
+        let count = if kind == T::StatusResUnique { 6 } else { 5 };
+        self.send(conn, kind, &args[..count]);
     }
 
     #[allow(clippy::too_many_arguments)]
