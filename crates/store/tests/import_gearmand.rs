@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use common::stop_child;
 use gearbox_store::{import_gearmand, GearmandJob, StoreError};
 use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
@@ -118,19 +121,7 @@ impl Gearmand {
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let pid = libc::pid_t::try_from(child.id()).expect("pid");
-        // SAFETY: plain syscall; `pid` is our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        stop_child(&mut self.child, libc::SIGTERM);
     }
 }
 

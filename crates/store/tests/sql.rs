@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use common::stop_child;
 use gearbox_store::{open_sql, Batch, Loc, QueueStore, StoreError, StoredJob};
 use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
@@ -348,23 +351,6 @@ fn program(names: &[&str]) -> PathBuf {
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-}
-
-/// Signals a child this test started and waits for it to exit, killing it after a deadline.
-fn stop_child(child: &mut Option<Child>, signal: libc::c_int) {
-    let Some(mut child) = child.take() else { return };
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: plain syscall; `pid` is our own child, not yet reaped.
-    unsafe { libc::kill(pid, signal) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().ok().flatten().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until `url` accepts connections.
