@@ -13,7 +13,10 @@
 # Environment: ROUNDS (3), SCENARIOS ("bg fg mem"), BG_JOBS, FG_JOBS, MEM_JOBS,
 # BENCH_TIMEOUT (120 s per bench run), GEARMAND (/usr/sbin/gearmand),
 # GEARBOX_EXTRA_FLAGS (e.g. "--queue memory"; the default is gearbox's default, the durable
-# embedded queue, in a fresh data directory per run).
+# embedded queue and the embedded job log, in a fresh data directory per run),
+# ALT_FLAGS (when set, a third server, gearbox with these flags added, joins the rotation and
+# the tables gain an alt/gearbox column: e.g. ALT_FLAGS="--job-log none" measures what the job
+# log costs).
 # Exits non-zero if any run failed (timeout, lost or duplicated job).
 set -euo pipefail
 
@@ -57,6 +60,10 @@ GEARBOX=$PWD/target/release/gearbox
 BENCH=("$GEARBOX" bench)
 
 GEARBOX_FLAGS=(--listen 127.0.0.1 ${GEARBOX_EXTRA_FLAGS:-})
+KINDS=(gearmand gearbox)
+if [[ -n ${ALT_FLAGS:-} ]]; then
+    KINDS+=(alt)
+fi
 
 # A port nothing listens on.
 free_port() {
@@ -82,6 +89,8 @@ start_server() {
         [[ $scenario == fg ]] || args+=(--hashtable-buckets=500009)
         ;;
     gearbox) args=("$GEARBOX" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}") ;;
+    # shellcheck disable=SC2206
+    alt) args=("$GEARBOX" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}" $ALT_FLAGS) ;;
     esac
     "${args[@]}" >"$WORK/$kind-$port.log" 2>&1 &
     SERVER_PID=$!
@@ -165,17 +174,30 @@ table() {
     printf '\n== %s: %s (median of successful runs; gearmand %s/%s ok, gearbox %s/%s ok) ==\n' \
         "$scenario" "$(bench_args "$scenario")" "$(runs gearmand "$scenario")" "$ROUNDS" \
         "$(runs gearbox "$scenario")" "$ROUNDS"
-    printf '%-28s %14s %14s %18s\n' metric gearmand gearbox gearbox/gearmand
-    local key label a b ratio
+    if [[ -n ${ALT_FLAGS:-} ]]; then
+        printf 'alt = gearbox with %s added (%s/%s ok)\n' "$ALT_FLAGS" "$(runs alt "$scenario")" "$ROUNDS"
+        printf '%-28s %14s %14s %18s %14s %14s\n' metric gearmand gearbox gearbox/gearmand alt alt/gearbox
+    else
+        printf '%-28s %14s %14s %18s\n' metric gearmand gearbox gearbox/gearmand
+    fi
+    local key label a b c
     while (($#)); do
         key=$1 label=$2
         shift 2
         a=$(median gearmand "$scenario" "$key")
         b=$(median gearbox "$scenario" "$key")
-        ratio=$(awk -v a="$a" -v b="$b" 'BEGIN {
-            if (a == "n/a" || b == "n/a" || a + 0 == 0) print "n/a"; else printf "%.2f", b / a }')
-        printf '%-28s %14s %14s %18s\n' "$label" "$a" "$b" "$ratio"
+        if [[ -n ${ALT_FLAGS:-} ]]; then
+            c=$(median alt "$scenario" "$key")
+            printf '%-28s %14s %14s %18s %14s %14s\n' "$label" "$a" "$b" "$(ratio "$b" "$a")" "$c" "$(ratio "$c" "$b")"
+        else
+            printf '%-28s %14s %14s %18s\n' "$label" "$a" "$b" "$(ratio "$b" "$a")"
+        fi
     done
+}
+
+# ratio X Y: X / Y to two places, or "n/a".
+ratio() {
+    awk -v x="$1" -v y="$2" 'BEGIN { if (x == "n/a" || y == "n/a" || y + 0 == 0) print "n/a"; else printf "%.2f", x / y }'
 }
 
 log "load generator: ${BENCH[*]}; gearbox server flags: ${GEARBOX_FLAGS[*]:-(none)}"
@@ -183,7 +205,7 @@ for scenario in $SCENARIOS; do
     case $scenario in bg | fg | mem) ;; *) die "unknown scenario $scenario" ;; esac
     log "scenario $scenario: $ROUNDS rounds (load average $(cut -d" " -f1-3 /proc/loadavg))"
     for ((round = 1; round <= ROUNDS; round++)); do
-        for kind in gearmand gearbox; do
+        for kind in "${KINDS[@]}"; do
             run_one "$kind" "$scenario"
         done
     done

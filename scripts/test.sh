@@ -72,4 +72,19 @@ if ! pg_ok >/dev/null 2>&1; then
     wait_until 10 pg_ok
 fi
 
+# --- Headless Chromium and playwright-core for the dashboard's browser test (tests/browser) ---
+[ -x /usr/bin/chromium ] || install chromium
+[ -d tests/browser/node_modules ] || (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
+# --- A MongoDB-wire test server for the job log's MongoDB sink (crates/joblog/tests/mongo.rs) ---
+# Started only when nothing listens on 27017 (never stopped here: it may not be ours); the tool
+# installs what it needs. Data under target/, so `cargo clean` removes it.
+if [ -z "${GEARBOX_TEST_MONGO:-}" ]; then
+    if ! (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; then
+        log "starting the MongoDB test server"
+        PORT=27017 ../shared/tools/mongo-test-server start "$PWD/target/mongo-test-data" >/dev/null
+    fi
+    export GEARBOX_TEST_MONGO=mongodb://127.0.0.1:27017
+fi
+
 cargo test --workspace --no-fail-fast "$@"

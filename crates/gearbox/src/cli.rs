@@ -163,6 +163,8 @@ enum AdminCommand {
     Version,
     /// Cancel a queued job
     Cancel { handle: String },
+    /// Counters: connections, jobs, job-log records written and dropped
+    Stats,
 }
 
 #[derive(clap::Args)]
@@ -183,15 +185,14 @@ async fn admin_line(server: &str, line: &str) -> anyhow::Result<String> {
     let mut reply = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await??;
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await??;
         if n == 0 {
             bail!("{server} closed the connection");
         }
         reply.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&reply);
-        let single = text.starts_with("OK") || text.starts_with("ERR");
-        if (single && text.ends_with('\n')) || text == ".\n" || text.ends_with("\n.\n") {
-            return Ok(text.into_owned());
+        let single = reply.starts_with(b"OK") || reply.starts_with(b"ERR");
+        if (single && reply.ends_with(b"\n")) || reply == b".\n" || reply.ends_with(b"\n.\n") {
+            return Ok(String::from_utf8_lossy(&reply).into_owned());
         }
     }
 }
@@ -203,6 +204,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Jobs => ("show jobs".into(), &["handle", "retries", "ignored", "background"]),
         AdminCommand::Version => ("version".into(), &["version"]),
         AdminCommand::Cancel { handle } => (format!("cancel job {handle}"), &["result"]),
+        AdminCommand::Stats => ("stats".into(), &["name", "value"]),
     };
     let runtime = runtime()?;
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
@@ -275,6 +277,149 @@ fn json_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[derive(clap::Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    servers: Servers,
+    /// Only jobs of this function
+    #[arg(short, long)]
+    function: Option<String>,
+    /// Only this outcome: complete, fail, exception, cancelled, timeout, lost_worker, or
+    /// failed for all but complete
+    #[arg(long)]
+    status: Option<String>,
+    /// Only jobs that finished in this last span of time (90s, 15m, 1h, 7d)
+    #[arg(long)]
+    since: Option<String>,
+    /// Only jobs with this unique key
+    #[arg(short, long)]
+    unique: Option<String>,
+    /// Only the job with this handle
+    #[arg(long)]
+    handle: Option<String>,
+    /// At most this many records, newest first
+    #[arg(short = 'n', long, default_value_t = 20)]
+    limit: usize,
+    /// Print one JSON record per line
+    #[arg(long)]
+    json: bool,
+}
+
+impl LogArgs {
+    fn query(&self) -> anyhow::Result<gearbox_joblog::Query> {
+        let mut q = gearbox_joblog::Query {
+            function: self.function.clone(),
+            unique: self.unique.clone(),
+            handle: self.handle.clone(),
+            limit: self.limit,
+            ..Default::default()
+        };
+        match self.status.as_deref() {
+            Some("failed") => q.failed = true,
+            Some(s) => q.status = Some(s.parse().map_err(anyhow::Error::msg)?),
+            None => {}
+        }
+        if let Some(since) = &self.since {
+            let ago = humantime::parse_duration(since).with_context(|| format!("bad --since {since:?}"))?;
+            q.since = Some(gearbox_joblog::now_millis() - ago.as_millis() as i64);
+        }
+        Ok(q)
+    }
+}
+
+/// Asks every server for job-log records matching `query`; newest first, at most its limit.
+fn fetch_log(servers: &Servers, query: &gearbox_joblog::Query) -> anyhow::Result<Vec<gearbox_joblog::Record>> {
+    let runtime = runtime()?;
+    let line = format!("log {}", query.to_query_string());
+    let mut records = Vec::new();
+    for server in &servers.servers {
+        let reply = runtime.block_on(admin_line(server, &line))?;
+        if let Some(err) = reply.strip_prefix("ERR ") {
+            bail!("{server}: {}", err.trim().replace('+', " "));
+        }
+        for l in reply.lines().filter(|l| *l != ".") {
+            let record: gearbox_joblog::Record =
+                serde_json::from_str(l).with_context(|| format!("{server} sent a bad record: {l}"))?;
+            records.push(record);
+        }
+    }
+    records.sort_by_key(|r| std::cmp::Reverse(r.finished_at));
+    records.truncate(query.limit);
+    Ok(records)
+}
+
+/// `gearbox log`: finished jobs from the servers' job logs.
+pub fn log(args: LogArgs) -> anyhow::Result<()> {
+    let records = fetch_log(&args.servers, &args.query()?)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for r in &records {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    let ms = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+    let mut table = vec![["FINISHED", "FUNCTION", "STATUS", "TRY", "QUEUE_MS", "RUN_MS", "HANDLE", "WORKER", "ERROR"]
+        .map(String::from)
+        .to_vec()];
+    for r in &records {
+        table.push(vec![
+            r.finished_at.to_string(),
+            r.function.clone(),
+            r.status.to_string(),
+            r.attempt.to_string(),
+            ms(r.queue_ms),
+            ms(r.run_ms),
+            r.handle.clone(),
+            r.worker_id.clone().unwrap_or_else(|| "-".into()),
+            r.error.as_deref().unwrap_or("").replace('\n', " "),
+        ]);
+    }
+    let widths: Vec<usize> = (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for row in table {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        writeln!(out, "{}", cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ResultArgs {
+    #[command(flatten)]
+    servers: Servers,
+    /// The job's handle (or use --unique)
+    #[arg(required_unless_present = "unique")]
+    handle: Option<String>,
+    /// Fetch the newest result of the job with this unique key instead
+    #[arg(short, long, conflicts_with = "handle")]
+    unique: Option<String>,
+    /// With --unique: only jobs of this function
+    #[arg(short, long)]
+    function: Option<String>,
+}
+
+/// `gearbox result`: a finished job's result, as kept by a job log run with
+/// `--job-log-bodies`, written to standard output.
+pub fn result(args: ResultArgs) -> anyhow::Result<()> {
+    let query = gearbox_joblog::Query {
+        handle: args.handle.clone(),
+        unique: args.unique.clone(),
+        function: args.function.clone(),
+        status: Some(gearbox_joblog::Status::Complete),
+        limit: 1,
+        ..Default::default()
+    };
+    let name = args.handle.or(args.unique).unwrap_or_default();
+    let Some(record) = fetch_log(&args.servers, &query)?.into_iter().next() else {
+        bail!("no completed job {name} in the job log");
+    };
+    let Some(result) = record.result else {
+        bail!("job {name} completed, but its result was not kept (start the server with --job-log-bodies BYTES)");
+    };
+    std::io::stdout().write_all(&result.to_bytes())?;
+    Ok(())
 }
 
 #[derive(clap::Args)]

@@ -23,8 +23,12 @@ enum Command {
     Submit(cli::SubmitArgs),
     /// Serve functions by running a command for each job (payload on stdin, result on stdout)
     Work(cli::WorkArgs),
-    /// Ask servers for their functions, workers, jobs or version, or cancel a job
+    /// Ask servers for their functions, workers, jobs, counters or version, or cancel a job
     Admin(cli::AdminArgs),
+    /// Show finished jobs from the servers' job logs (failures with --status failed)
+    Log(cli::LogArgs),
+    /// Print a finished job's result, when the job log keeps results (--job-log-bodies)
+    Result(cli::ResultArgs),
     /// Copy the jobs of a gearmand persistent queue (libsqlite3, MySQL, PostgreSQL) into gearbox's queue
     ImportGearmand(import::ImportArgs),
     /// Load a Gearman server (gearbox or gearmand) and measure it; checks no job is lost or run twice
@@ -51,6 +55,8 @@ fn main() -> anyhow::Result<()> {
         Command::ImportGearmand(args) => import::run(args)?,
         Command::Submit(args) => cli::submit(args)?,
         Command::Admin(args) => cli::admin(args)?,
+        Command::Log(args) => cli::log(args)?,
+        Command::Result(args) => cli::result(args)?,
         Command::Work(args) => cli::work(args)?,
     }
     Ok(())

@@ -33,6 +33,13 @@ pub enum AdminCommand {
     Shutdown {
         graceful: bool,
     },
+    /// gearbox's `log QUERY`: job-log records as JSON lines, then `.`. The query is a URL
+    /// query string (`function=f&status=fail&since=1h&limit=20`).
+    Log {
+        query: String,
+    },
+    /// gearbox's `stats`: `NAME VALUE` lines (counters, job-log health), then `.`.
+    Stats,
 }
 
 /// A line that is not a valid command; [`AdminError::reply`] gives gearmand's answer to it.
@@ -102,6 +109,11 @@ impl AdminCommand {
             "shutdown" if words.len() == 1 => AdminCommand::Shutdown { graceful: false },
             "shutdown" if words.len() == 2 && is(1, "graceful") => AdminCommand::Shutdown { graceful: true },
             "shutdown" => return Err(invalid()),
+            "log" => {
+                let rest = String::from_utf8_lossy(&line[..]).trim().get(3..).unwrap_or_default().trim().to_owned();
+                AdminCommand::Log { query: rest }
+            }
+            "stats" if words.len() == 1 => AdminCommand::Stats,
             _ => return Err(AdminError::UnknownCommand(name)),
         };
         Ok(cmd)
@@ -153,5 +165,12 @@ mod tests {
         assert!(matches!(parse("drop function"), Err(AdminError::InvalidArguments(_))));
         assert!(matches!(parse("shutdown now"), Err(AdminError::InvalidArguments(_))));
         assert_eq!(parse(""), Err(AdminError::Empty));
+    }
+
+    #[test]
+    fn log_keeps_its_query_string() {
+        assert_eq!(parse("log"), Ok(AdminCommand::Log { query: String::new() }));
+        assert_eq!(parse("LOG  status=fail&limit=3 \r"), Ok(AdminCommand::Log { query: "status=fail&limit=3".into() }));
+        assert_eq!(parse("stats"), Ok(AdminCommand::Stats));
     }
 }

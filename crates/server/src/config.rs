@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::broker::BrokerConfig;
+use crate::http::HttpSpec;
 use crate::server::ServeOptions;
 use crate::store::QueueSpec;
 
@@ -66,6 +67,24 @@ pub struct Settings {
     /// Host name used in job handles [default: the machine's host name]
     #[arg(long, env = "GEARBOX_HOSTNAME")]
     pub hostname: Option<String>,
+
+    /// Where every job attempt's outcome is recorded: embedded (in --data-dir),
+    /// mongodb://HOST:PORT/DB, or none [default: embedded]
+    #[arg(long, env = "GEARBOX_JOB_LOG")]
+    pub job_log: Option<String>,
+
+    /// How long job-log records are kept, e.g. 7d or 12h; 0 keeps them [default: 7d]
+    #[arg(long, env = "GEARBOX_JOB_LOG_RETENTION")]
+    pub job_log_retention: Option<String>,
+
+    /// Keep payloads and results in the job log, cut to this many bytes [default: not kept]
+    #[arg(long, env = "GEARBOX_JOB_LOG_BODIES")]
+    pub job_log_bodies: Option<usize>,
+
+    /// Address of the dashboard, /metrics and the JSON API, or off [default: 127.0.0.1:4731,
+    /// skipped with a warning if busy]
+    #[arg(long, env = "GEARBOX_HTTP")]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +97,8 @@ pub enum ConfigError {
     Verbose(String),
     #[error("{0}")]
     Queue(String),
+    #[error("{0}")]
+    JobLog(String),
 }
 
 /// Settings with every source applied.
@@ -89,6 +110,7 @@ pub struct Config {
     pub log_level: tracing::Level,
     pub pid_file: Option<PathBuf>,
     pub log_file: Option<PathBuf>,
+    pub http: HttpSpec,
     pub serve: ServeOptions,
 }
 
@@ -109,6 +131,10 @@ impl Settings {
             hostname: self.hostname.or(other.hostname),
             queue: self.queue.or(other.queue),
             data_dir: self.data_dir.or(other.data_dir),
+            job_log: self.job_log.or(other.job_log),
+            job_log_retention: self.job_log_retention.or(other.job_log_retention),
+            job_log_bodies: self.job_log_bodies.or(other.job_log_bodies),
+            http: self.http.or(other.http),
         }
     }
 
@@ -125,6 +151,16 @@ impl Settings {
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
         let queue =
             QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
+        let spec: gearbox_joblog::Spec =
+            s.job_log.as_deref().unwrap_or("embedded").parse().map_err(ConfigError::JobLog)?;
+        let retention = gearbox_joblog::parse_retention(s.job_log_retention.as_deref().unwrap_or("7d"))
+            .map_err(ConfigError::JobLog)?;
+        let job_log = (spec != gearbox_joblog::Spec::None).then(|| gearbox_joblog::Options {
+            spec,
+            data_dir: data_dir.clone(),
+            retention,
+            bodies: s.job_log_bodies,
+        });
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
@@ -132,12 +168,14 @@ impl Settings {
             log_level,
             pid_file: s.pid_file,
             log_file: s.log_file,
+            http: HttpSpec::parse(s.http.as_deref()),
             serve: ServeOptions {
                 broker: BrokerConfig { job_retries: s.job_retries.unwrap_or(0), host, ..BrokerConfig::default() },
                 max_packet: s.max_packet_size.unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
                 queue,
+                job_log,
             },
         })
     }

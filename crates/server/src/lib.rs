@@ -7,9 +7,11 @@
 //! - [`store`]: the durable queue: choosing a store, loading it, the store thread.
 //! - [`server`]: listeners, the timer task, and shutdown; [`serve`] runs a server on
 //!   listeners a caller has bound (tests bind `127.0.0.1:0`).
+//! - [`http`]: the dashboard, Prometheus metrics and the JSON API.
 
 pub mod broker;
 pub mod config;
+pub mod http;
 pub mod outbox;
 pub mod server;
 mod session;
@@ -17,7 +19,7 @@ pub mod store;
 
 pub use config::{Config, ConfigError, Settings};
 pub use gearbox_store::StoreError;
-pub use server::{serve, ServeOptions};
+pub use server::{serve, ServeError, ServeOptions};
 pub use store::QueueSpec;
 
 use tokio::net::TcpListener;
@@ -40,12 +42,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))?;
         listeners.push(listener);
     }
+    let http = config.http.bind().await?;
     if let Some(path) = &config.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(signals, shutdown.clone()));
-    serve(listeners, config.serve, shutdown).await.map_err(std::io::Error::other)?;
+    serve(listeners, http, config.serve, shutdown).await.map_err(std::io::Error::other)?;
     if let Some(path) = &config.pid_file {
         let _ = std::fs::remove_file(path);
     }

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{AdminInfo, Broker, BrokerConfig};
+use crate::broker::{AdminInfo, Broker, BrokerConfig, JobLogInfo};
 use crate::store::{QueueSpec, StoreThread};
 
 /// What every connection task shares.
@@ -18,6 +18,18 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Wakes the store thread; used with `broker`'s mutex.
     pub store_wake: Arc<Condvar>,
+    /// Reads the job log back (`log` admin command); `None` when the log is off.
+    pub job_log: Option<Arc<dyn gearbox_joblog::Search>>,
+    pub started: Instant,
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] gearbox_store::StoreError),
+    #[error(transparent)]
+    JobLog(#[from] gearbox_joblog::Error),
 }
 
 /// Settings of a running server that are not about sockets or processes.
@@ -29,6 +41,8 @@ pub struct ServeOptions {
     /// Reported by the admin `verbose` command.
     pub verbose: String,
     pub queue: QueueSpec,
+    /// `None` records nothing.
+    pub job_log: Option<gearbox_joblog::Options>,
 }
 
 impl Default for ServeOptions {
@@ -39,6 +53,7 @@ impl Default for ServeOptions {
             allow_shutdown: false,
             verbose: "INFO".into(),
             queue: QueueSpec::Memory,
+            job_log: None,
         }
     }
 }
@@ -48,14 +63,31 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves on `listeners` until `shutdown` is cancelled (by the caller, a signal handler, or
 /// the admin `shutdown` command), then stops accepting, lets connections flush, commits what
-/// the store still has pending, and returns. Fails if the queue store cannot be opened.
+/// the store still has pending, writes the job log's last records, and returns. Fails if the
+/// queue store or the job log cannot be opened.
 pub async fn serve(
     listeners: Vec<TcpListener>,
+    http: Option<TcpListener>,
     options: ServeOptions,
     shutdown: CancellationToken,
-) -> Result<(), gearbox_store::StoreError> {
+) -> Result<(), ServeError> {
     let store_wake = Arc::new(Condvar::new());
-    let (broker, store) = crate::store::open(&options.queue, Broker::new(options.broker), store_wake.clone())?;
+    let job_log = match &options.job_log {
+        Some(o) => gearbox_joblog::open(o).await?,
+        None => None,
+    };
+    let (mut broker, store) = crate::store::open(&options.queue, Broker::new(options.broker), store_wake.clone())?;
+    let (mut log_writer, mut search, mut log_info) = (None, None, None);
+    if let Some(opened) = job_log {
+        broker.set_job_log(opened.log);
+        log_writer = Some(opened.writer);
+        search = Some(opened.search);
+        let sink = match options.job_log.as_ref().map(|o| &o.spec) {
+            Some(gearbox_joblog::Spec::Mongo(_)) => "mongodb",
+            _ => "embedded",
+        };
+        log_info = Some(JobLogInfo { sink, stats: opened.stats });
+    }
     let timer = broker.timer_notify();
     let shared = Arc::new(Shared {
         broker: Mutex::new(broker),
@@ -64,9 +96,12 @@ pub async fn serve(
             version: format!("{} (gearbox)", env!("CARGO_PKG_VERSION")),
             verbose: options.verbose,
             allow_shutdown: options.allow_shutdown,
+            job_log: log_info,
         },
         shutdown: shutdown.clone(),
         store_wake,
+        job_log: search,
+        started: Instant::now(),
     });
     let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
     for listener in &listeners {
@@ -77,6 +112,9 @@ pub async fn serve(
     let tasks = TaskTracker::new();
 
     tasks.spawn(run_timer(shared.clone(), timer));
+    if let Some(listener) = http {
+        tasks.spawn(crate::http::serve(listener, shared.clone(), shutdown.clone()));
+    }
     for listener in listeners {
         tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone()));
     }
@@ -89,6 +127,10 @@ pub async fn serve(
     if let Some(thread) = store_thread {
         let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || thread.stop(&shared)).await;
+    }
+    if let Some(writer) = log_writer {
+        shared.broker.lock().unwrap().close_job_log();
+        let _ = tokio::task::spawn_blocking(move || writer.stop()).await;
     }
     Ok(())
 }

@@ -21,10 +21,11 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
-    let ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "-".into());
+    let peer = stream.peer_addr().ok();
+    let ip = peer.map_or_else(|| "-".into(), |a| a.ip().to_string());
     let fd = stream.as_raw_fd();
     let outbox = Arc::new(Outbox::default());
-    let id = shared.broker.lock().unwrap().connect(outbox.clone(), fd, &ip);
+    let id = shared.broker.lock().unwrap().connect(outbox.clone(), fd, &ip, peer.map_or(0, |a| a.port()));
     if let Err(e) = drive(&mut stream, id, &outbox, &shared).await {
         tracing::debug!(%ip, "connection ended: {e}");
     }
@@ -72,8 +73,23 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
                 wbuf.advance(written?);
             }
             read = rd.read_buf(&mut rbuf), if reading => {
-                if read? == 0 || !process(&mut rbuf, &decoder, id, shared) {
+                if read? == 0 {
                     outbox.close();
+                    continue;
+                }
+                loop {
+                    match process(&mut rbuf, &decoder, id, shared) {
+                        Processed::All => break,
+                        Processed::Close => {
+                            outbox.close();
+                            break;
+                        }
+                        // Later input waits for the answer, so replies stay in order.
+                        Processed::LogQuery(query) => {
+                            let reply = log_query(shared, &query).await;
+                            shared.broker.lock().unwrap().send_text(id, &reply);
+                        }
+                    }
                 }
             }
             _ = woken.as_mut(), if wbuf.is_empty() => {
@@ -84,20 +100,29 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
     }
 }
 
-/// Applies every complete message in `rbuf`. Returns false when the stream is unusable
-/// (an error reply has been queued and the connection should close).
-fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) -> bool {
+enum Processed {
+    /// Every complete message was applied.
+    All,
+    /// The stream is unusable: an error reply has been queued and the connection should close.
+    Close,
+    /// Stopped at a `log` admin command, which reads the job log without the broker's lock.
+    LogQuery(String),
+}
+
+/// Applies the complete messages in `rbuf`.
+fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) -> Processed {
     let mut broker = shared.broker.lock().unwrap();
     broker.begin(id);
     loop {
         match decoder.decode(rbuf) {
-            Ok(None) => return true,
+            Ok(None) => return Processed::All,
             Ok(Some(Message::Packet(frame))) => match Request::parse(&frame) {
                 Ok(req) => broker.apply(id, req),
                 // The framing is intact, so the connection can go on.
                 Err(e) => broker.send_error(id, e.code(), &e.to_string()),
             },
             Ok(Some(Message::AdminLine(line))) => match AdminCommand::parse(&line) {
+                Ok(AdminCommand::Log { query }) if shared.job_log.is_some() => return Processed::LogQuery(query),
                 Ok(cmd) => {
                     if let AdminEffect::Shutdown { graceful } = broker.admin(id, cmd, &shared.admin_info) {
                         tracing::info!(graceful, "shutdown requested over the admin protocol");
@@ -115,8 +140,35 @@ fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) 
                     DecodeError::TooLarge { .. } => broker.send_error(id, "ARGUMENT_TOO_LARGE", &e.to_string()),
                 }
                 rbuf.clear();
-                return false;
+                return Processed::Close;
             }
+        }
+    }
+}
+
+/// Answers `log QUERY`: one JSON record per line, newest first, then `.`.
+async fn log_query(shared: &Shared, query: &str) -> String {
+    let escape = |msg: String| msg.replace(' ', "+");
+    let Some(search) = &shared.job_log else {
+        return "ERR JOB_LOG_OFF The+job+log+is+off\r\n".into();
+    };
+    let query = match gearbox_joblog::Query::parse(query, gearbox_joblog::now_millis()) {
+        Ok(q) => q,
+        Err(e) => return format!("ERR BAD_QUERY {}\r\n", escape(e)),
+    };
+    match search.search(query).await {
+        Ok(records) => {
+            let mut out = String::new();
+            for r in records {
+                out.push_str(&serde_json::to_string(&r).expect("records serialize"));
+                out.push('\n');
+            }
+            out.push_str(".\n");
+            out
+        }
+        Err(e) => {
+            tracing::warn!("job log query failed: {e}");
+            format!("ERR JOB_LOG_UNAVAILABLE {}\r\n", escape(e.to_string()))
         }
     }
 }

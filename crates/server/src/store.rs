@@ -144,8 +144,13 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
             batch.clear();
             broker.take_pending(&mut batch);
         }
+        let started = std::time::Instant::now();
         let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
-        shared.broker.lock().unwrap().committed(&batch, outcome);
+        let took = started.elapsed();
+        let mut broker = shared.broker.lock().unwrap();
+        broker.observe_commit(took);
+        broker.committed(&batch, outcome);
+        drop(broker);
         if let Err(e) = compact(store.as_mut(), shared) {
             tracing::error!("queue store compaction failed: {e}");
         }

@@ -111,7 +111,7 @@ async fn a_second_server_on_the_data_directory_is_refused() {
     let server = start(&dir).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let options = ServeOptions { queue: QueueSpec::Embedded(dir.clone()), ..Default::default() };
-    let second = gearbox_server::serve(vec![listener], options, Default::default());
+    let second = gearbox_server::serve(vec![listener], None, options, Default::default());
     let err = tokio::time::timeout(Duration::from_secs(5), second).await.expect("refused at once").unwrap_err();
     assert!(err.to_string().contains("another gearbox server"), "{err}");
     server.stop().await;

@@ -11,7 +11,7 @@ pub async fn gearbox() -> (String, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
-    tokio::spawn(gearbox_server::serve(vec![listener], Default::default(), stop.clone()));
+    tokio::spawn(gearbox_server::serve(vec![listener], None, Default::default(), stop.clone()));
     (addr, stop)
 }
 

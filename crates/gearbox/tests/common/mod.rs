@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The dashboard, metrics and API address, when the server serves HTTP.
+    pub http: Option<SocketAddr>,
     /// The server's own data directory, removed on drop.
     pub data_dir: std::path::PathBuf,
 }
@@ -25,7 +27,8 @@ pub fn temp_data_dir() -> std::path::PathBuf {
 
 impl Server {
     /// Starts `gearbox server` on an ephemeral port with the default (embedded) queue in a
-    /// data directory of its own, plus `extra` flags.
+    /// data directory of its own, plus `extra` flags. HTTP is off unless `extra` asks for it
+    /// (tests run in parallel; they cannot all have the default HTTP port).
     pub fn start(extra: &[&str]) -> Server {
         Self::start_in(temp_data_dir(), extra)
     }
@@ -34,24 +37,28 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
             .args(["server", "--listen", "127.0.0.1", "--port", "0", "--verbose", "INFO", "--data-dir"])
             .arg(&data_dir)
+            .args(if extra.iter().any(|a| a.starts_with("--http")) { &[][..] } else { &["--http", "off"][..] })
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start gearbox");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let wants_http = extra.iter().any(|a| a.starts_with("--http")) && !extra.contains(&"off");
         std::thread::spawn(move || {
-            let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                if let Some(addr) = line.split("API on http://").nth(1) {
+                    let _ = tx.send(addr.trim().trim_end_matches('/').to_string());
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("server announces its address");
-        Server { child, addr: addr.parse().unwrap(), data_dir }
+        let announced = |what: &str| rx.recv_timeout(Duration::from_secs(30)).expect(what).parse().unwrap();
+        let addr = announced("server announces its address");
+        let http = wants_http.then(|| announced("server announces its HTTP address"));
+        Server { child, addr, http, data_dir }
     }
 
     pub fn port(&self) -> String {

@@ -1,7 +1,6 @@
 //! The text admin protocol's commands, answered from the broker's state.
 
-use gearbox_proto::PacketType as T;
-
+use super::views::CancelError;
 use super::{AdminEffect, Broker, ConnId, JobState};
 
 impl Broker {
@@ -70,18 +69,10 @@ impl Broker {
                 }
                 out.push_str(".\n");
             }
-            A::CancelJob { handle } => match self.find_by_handle(&handle) {
-                None => out.push_str("ERR UNKNOWN_JOB\r\n"),
-                Some(key) if matches!(self.jobs[key as usize].state, JobState::Running(_) | JobState::Pending) => {
-                    out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n")
-                }
-                Some(key) => {
-                    for &c in self.jobs[key as usize].clients() {
-                        self.send(c, T::WorkFail, &[&handle]);
-                    }
-                    self.drop_queued(key);
-                    out.push_str(OK);
-                }
+            A::CancelJob { handle } => match self.cancel_job(&handle) {
+                Ok(()) => out.push_str(OK),
+                Err(CancelError::Unknown) => out.push_str("ERR UNKNOWN_JOB\r\n"),
+                Err(CancelError::Running) => out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n"),
             },
             A::CreateFunction { function } => {
                 self.function_id(&function);
@@ -105,6 +96,31 @@ impl Broker {
                     }
                 }
             },
+            A::Stats => {
+                let [mut queued, mut running, mut submitted, mut completed, mut failed] = [0u64; 5];
+                for f in live() {
+                    queued += u64::from(f.queued_total() + f.scheduled);
+                    running += u64::from(f.running);
+                    submitted += f.counts.submitted.iter().sum::<u64>();
+                    completed += f.counts.completed.iter().sum::<u64>();
+                    failed += f.counts.failed.iter().sum::<u64>();
+                }
+                let _ = writeln!(out, "connections\t{}", self.conns.len());
+                let _ = writeln!(out, "jobs_queued\t{queued}\njobs_running\t{running}");
+                let _ =
+                    writeln!(out, "jobs_submitted\t{submitted}\njobs_completed\t{completed}\njobs_failed\t{failed}");
+                match &info.job_log {
+                    Some(log) => {
+                        let _ = writeln!(out, "job_log\t{}", log.sink);
+                        let _ = writeln!(out, "job_log_written\t{}", log.stats.written());
+                        let _ = writeln!(out, "job_log_dropped\t{}", log.stats.dropped());
+                    }
+                    None => out.push_str("job_log\tnone\n"),
+                }
+                out.push_str(".\n");
+            }
+            // Answered by the connection's task, which can wait for the sink, when a log exists.
+            A::Log { .. } => out.push_str("ERR JOB_LOG_OFF The+job+log+is+off+(--job-log+none)\r\n"),
             A::Shutdown { graceful } => {
                 if info.allow_shutdown {
                     effect = AdminEffect::Shutdown { graceful };
@@ -124,4 +140,11 @@ pub struct AdminInfo {
     pub version: String,
     pub verbose: String,
     pub allow_shutdown: bool,
+    pub job_log: Option<JobLogInfo>,
+}
+
+pub struct JobLogInfo {
+    /// `embedded` or `mongodb`.
+    pub sink: &'static str,
+    pub stats: std::sync::Arc<gearbox_joblog::LogStats>,
 }

@@ -20,12 +20,17 @@ use crate::outbox::Outbox;
 
 mod admin;
 mod durable;
+mod stats;
+mod views;
 
-pub use admin::AdminInfo;
+pub use admin::{AdminInfo, JobLogInfo};
 pub use durable::PendingState;
 use durable::{Durability, Held};
+use gearbox_joblog::{now_millis, JobLog, Millis, RecordRef, Status as Outcome};
 use gearbox_store::Loc;
+pub use stats::{FunctionCounts, Histogram, BUCKET_BOUNDS_US};
 use std::cell::RefCell;
+pub use views::{CancelError, FunctionView, JobView, WorkerView};
 
 pub type ConnId = u32;
 type JobKey = u32;
@@ -70,6 +75,7 @@ struct Function {
     /// Workers that sent PRE_SLEEP, with the sleep epoch at the time; stale entries are skipped.
     sleepers: VecDeque<(ConnId, u32)>,
     dropped: bool,
+    counts: FunctionCounts,
 }
 
 impl Function {
@@ -84,6 +90,7 @@ impl Function {
             max_queue: [0; 3],
             sleepers: VecDeque::new(),
             dropped: false,
+            counts: FunctionCounts::default(),
         }
     }
 
@@ -117,6 +124,10 @@ struct Job {
     body: Box<[u8]>,
     /// Waiting clients and progress, for the jobs that have them.
     extra: Option<Box<JobExtra>>,
+    /// Milliseconds since the epoch (for a job loaded from the store: when it was loaded).
+    submitted_at: Millis,
+    /// The [`Conn::serial`] of the connection that submitted it.
+    submitter: u32,
     function: FunctionId,
     payload_len: u32,
     state: JobState,
@@ -164,17 +175,27 @@ struct Ability {
     timeout: Option<Duration>,
 }
 
+/// A job a worker is running, and since when.
+struct Running {
+    key: JobKey,
+    started_at: Millis,
+}
+
 struct Conn {
     outbox: Arc<Outbox>,
     fd: i32,
     ip: Box<str>,
+    /// `IP:PORT`, naming the connection in the job log when it set no client id.
+    peer: Box<str>,
+    /// Never reused, unlike the connection's slab key: jobs remember their submitter by it.
+    serial: u32,
     client_id: Option<Bytes>,
     abilities: Vec<Ability>,
     sleeping: bool,
     sleep_epoch: u32,
     exceptions: bool,
     /// Jobs assigned to this worker connection.
-    running: Vec<JobKey>,
+    running: Vec<Running>,
     /// The last job this worker ended with WORK_EXCEPTION. Some workers (Perl's
     /// Gearman::Worker) follow the exception with a WORK_FAIL, which is then ignored instead
     /// of answered with an ERROR they cannot handle.
@@ -229,6 +250,11 @@ pub struct Broker {
     durable: Option<Durability>,
     /// Connections with held replies.
     held_conns: Vec<ConnId>,
+    job_log: Option<JobLog>,
+    next_serial: u32,
+    /// Live connections by [`Conn::serial`].
+    serials: HashMap<u32, ConnId>,
+    commit_times: Histogram,
 }
 
 fn unix_now() -> i64 {
@@ -269,6 +295,22 @@ impl Broker {
             last_sweep: Instant::now(),
             durable: None,
             held_conns: Vec::new(),
+            job_log: None,
+            next_serial: 0,
+            serials: HashMap::new(),
+            commit_times: Histogram::default(),
+        }
+    }
+
+    /// Records every job attempt's end in `log` from now on.
+    pub fn set_job_log(&mut self, log: JobLog) {
+        self.job_log = Some(log);
+    }
+
+    /// Hands the job log's last records to its writer (shutdown).
+    pub fn close_job_log(&mut self) {
+        if let Some(log) = self.job_log.as_mut() {
+            log.close();
         }
     }
 
@@ -279,11 +321,15 @@ impl Broker {
 
     // ----- connections -----
 
-    pub fn connect(&mut self, outbox: Arc<Outbox>, fd: i32, ip: &str) -> ConnId {
-        self.conns.insert(Conn {
+    pub fn connect(&mut self, outbox: Arc<Outbox>, fd: i32, ip: &str, port: u16) -> ConnId {
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let id = self.conns.insert(Conn {
             outbox,
             fd,
             ip: ip.into(),
+            peer: format!("{ip}:{port}").into(),
+            serial,
             client_id: None,
             abilities: Vec::new(),
             sleeping: false,
@@ -293,21 +339,29 @@ impl Broker {
             excepted: None,
             waiting: HashSet::new(),
             held: RefCell::new(None),
-        }) as ConnId
+        }) as ConnId;
+        self.serials.insert(serial, id);
+        id
     }
 
     pub fn disconnect(&mut self, conn: ConnId) {
         // Whatever this sends goes to other connections, whose tasks must be woken.
         self.current = None;
-        let Some(mut c) = self.conns.try_remove(conn as usize) else {
+        let Some(c) = self.conns.get_mut(conn as usize) else {
             return;
         };
-        for ability in c.abilities.drain(..) {
+        c.sleeping = false;
+        let abilities = std::mem::take(&mut c.abilities);
+        let running = std::mem::take(&mut c.running);
+        for ability in abilities {
             self.functions[ability.function as usize].workers -= 1;
         }
-        for key in std::mem::take(&mut c.running) {
-            self.lose_worker(key);
+        // The connection stays known until its jobs are logged with its name.
+        for r in running {
+            self.lose_worker(r.key, Outcome::LostWorker, Some(conn), r.started_at);
         }
+        let mut c = self.conns.remove(conn as usize);
+        self.serials.remove(&c.serial);
         for key in c.waiting.drain() {
             self.detach_client(key, conn);
         }
@@ -323,6 +377,12 @@ impl Broker {
     /// Starts applying packets from `conn`: replies to it need no wake-up.
     pub fn begin(&mut self, conn: ConnId) {
         self.current = Some(conn);
+    }
+
+    /// Starts a change that comes from no connection (the HTTP API): everyone written to
+    /// is woken.
+    pub fn begin_external(&mut self) {
+        self.current = None;
     }
 
     fn send(&self, conn: ConnId, kind: T, args: &[&[u8]]) {
@@ -471,7 +531,7 @@ impl Broker {
                     for &c in self.jobs[key as usize].clients() {
                         self.send(c, T::WorkComplete, &[&handle, &data]);
                     }
-                    self.finish(key);
+                    self.finish(key, Outcome::Complete, Some(&data), None);
                 }
             }
             Request::WorkFail { handle } => {
@@ -479,7 +539,7 @@ impl Broker {
                     for &c in self.jobs[key as usize].clients() {
                         self.send(c, T::WorkFail, &[&handle]);
                     }
-                    self.finish(key);
+                    self.finish(key, Outcome::Fail, None, None);
                 }
             }
             Request::WorkException { handle, data } => {
@@ -492,7 +552,7 @@ impl Broker {
                         }
                     }
                     self.conns[conn as usize].excepted = Some(self.jobs[key as usize].seq);
-                    self.finish(key);
+                    self.finish(key, Outcome::Exception, None, Some(&data));
                 }
             }
             Request::GetStatus { handle } => {
@@ -579,6 +639,8 @@ impl Broker {
         let seq = self.next_seq;
         self.next_seq += 1;
         let key = self.insert_job(seq, fid, priority, background, unique, data);
+        self.jobs[key as usize].submitter = self.conns[conn as usize].serial;
+        self.functions[fid as usize].counts.submitted[priority as usize] += 1;
         let now = unix_now();
         let run_at = run_at.unwrap_or(0);
         if background && self.durable.is_some() {
@@ -619,6 +681,8 @@ impl Broker {
             attempts: 0,
             unique_len: unique.len() as u16,
             extra: None,
+            submitted_at: now_millis(),
+            submitter: u32::MAX,
             body: body.into_boxed_slice(),
             payload_len: data.len() as u32,
             in_ram: true,
@@ -739,8 +803,10 @@ impl Broker {
         let key = f.queues[p].pop_front().expect("candidate exists");
         f.queued[p] -= 1;
         f.running += 1;
-        self.conns[conn as usize].running.push(key);
+        let started_at = now_millis();
+        self.conns[conn as usize].running.push(Running { key, started_at });
         let job = &mut self.jobs[key as usize];
+        f.counts.queue_wait.observe_ms(started_at - job.submitted_at);
         job.state = JobState::Running(conn);
         job.attempts = job.attempts.saturating_add(1);
         if let Some(t) = timeout {
@@ -759,7 +825,8 @@ impl Broker {
                 for &c in job.clients() {
                     self.send(c, T::WorkFail, &[&handle]);
                 }
-                self.finish(key);
+                let error = format!("the payload could not be read back from the store: {e}");
+                self.finish(key, Outcome::Fail, None, Some(error.as_bytes()));
                 return self.grab(conn, kind);
             }
         };
@@ -824,7 +891,7 @@ impl Broker {
     fn running_job(&self, conn: ConnId, handle: &[u8]) -> Option<JobKey> {
         let seq = self.parse_handle(handle);
         let c = &self.conns[conn as usize];
-        let found = seq.and_then(|seq| c.running.iter().copied().find(|&k| self.jobs[k as usize].seq == seq));
+        let found = seq.and_then(|seq| c.running.iter().map(|r| r.key).find(|&k| self.jobs[k as usize].seq == seq));
         if found.is_none() && (seq.is_none() || seq != c.excepted) {
             self.send_error(conn, "JOB_NOT_FOUND", "Job given in work result not found");
         }
@@ -839,25 +906,80 @@ impl Broker {
         }
     }
 
-    /// A running job ended (completed, failed, or gave up): forget it.
-    fn finish(&mut self, key: JobKey) {
+    /// A running job ended (completed, failed, or gave up): log it and forget it.
+    fn finish(&mut self, key: JobKey, outcome: Outcome, result: Option<&[u8]>, error: Option<&[u8]>) {
         let job = &self.jobs[key as usize];
         if let JobState::Running(w) = job.state {
             self.functions[job.function as usize].running -= 1;
+            let mut started_at = None;
             if let Some(worker) = self.conns.get_mut(w as usize) {
-                if let Some(i) = worker.running.iter().position(|&k| k == key) {
-                    worker.running.swap_remove(i);
+                if let Some(i) = worker.running.iter().position(|r| r.key == key) {
+                    started_at = Some(worker.running.swap_remove(i).started_at);
                 }
             }
+            self.log_attempt(key, outcome, Some(w), started_at, result, error);
         }
         self.unstore(key);
         self.unindex(key);
         self.jobs.remove(key as usize);
     }
 
+    /// Counts an attempt that ended and writes its job-log record.
+    fn log_attempt(
+        &mut self,
+        key: JobKey,
+        outcome: Outcome,
+        worker: Option<ConnId>,
+        started_at: Option<Millis>,
+        result: Option<&[u8]>,
+        error: Option<&[u8]>,
+    ) {
+        let finished_at = now_millis();
+        let job = &self.jobs[key as usize];
+        let counts = &mut self.functions[job.function as usize].counts;
+        match outcome {
+            Outcome::Complete => counts.completed[job.priority as usize] += 1,
+            Outcome::Fail | Outcome::Exception => counts.failed[job.priority as usize] += 1,
+            Outcome::Cancelled | Outcome::Timeout | Outcome::LostWorker => {}
+        }
+        if let Some(started_at) = started_at {
+            counts.run_time.observe_ms(finished_at - started_at);
+        }
+        if self.job_log.is_none() {
+            return;
+        }
+        let handle = self.handle(job.seq);
+        let name = |c: ConnId| self.conns.get(c as usize).map(|c| c.client_id.as_deref().unwrap_or(c.peer.as_bytes()));
+        let client = job.clients().first().copied().or_else(|| self.serials.get(&job.submitter).copied());
+        let log = self.job_log.as_mut().expect("checked above");
+        let bodies = log.bodies();
+        let deadline = log.record(&RecordRef {
+            handle: &handle,
+            function: &self.functions[job.function as usize].name,
+            unique: job.unique(),
+            priority: job.priority,
+            background: job.background,
+            status: outcome,
+            attempt: u32::from(job.attempts),
+            submitted_at: job.submitted_at,
+            started_at,
+            finished_at,
+            worker_id: worker.and_then(name),
+            client_id: client.and_then(name),
+            payload_bytes: u64::from(job.payload_len),
+            result_bytes: result.map(|r| r.len() as u64),
+            error,
+            payload: bodies.filter(|_| job.in_ram).map(|max| prefix(job.data(), max)),
+            result: bodies.zip(result).map(|(max, r)| prefix(r, max)),
+        });
+        if let Some(deadline) = deadline {
+            self.arm_timer(deadline);
+        }
+    }
+
     /// The worker running `key` went away or timed out: queue the job again, unless it has
     /// used up its attempts (then fail it) or nobody is left to want its result.
-    fn lose_worker(&mut self, key: JobKey) {
+    fn lose_worker(&mut self, key: JobKey, outcome: Outcome, worker: Option<ConnId>, started_at: Millis) {
         let job = &mut self.jobs[key as usize];
         self.functions[job.function as usize].running -= 1;
         job.state = JobState::Queued;
@@ -870,10 +992,17 @@ impl Broker {
             for &c in self.jobs[key as usize].clients() {
                 self.send(c, T::WorkFail, &[&handle]);
             }
+            let error = format!("given up after {attempts} attempts (-j {retries})");
+            self.log_attempt(key, outcome, worker, Some(started_at), None, Some(error.as_bytes()));
+            let job = &self.jobs[key as usize];
+            self.functions[job.function as usize].counts.failed[job.priority as usize] += 1;
             self.unstore(key);
             self.unindex(key);
             self.jobs.remove(key as usize);
-        } else if !background && abandoned {
+            return;
+        }
+        self.log_attempt(key, outcome, worker, Some(started_at), None, None);
+        if !background && abandoned {
             self.unindex(key);
             self.jobs.remove(key as usize);
         } else {
@@ -888,13 +1017,14 @@ impl Broker {
             extra.clients.retain(|&c| c != conn);
         }
         if job.clients().is_empty() && !job.background && job.state == JobState::Queued {
-            self.drop_queued(key);
+            self.drop_queued(key, "every waiting client disconnected");
         }
     }
 
     /// Takes a queued or scheduled job out of service. Its slot stays allocated until the
     /// queue or schedule heap that still holds its key reaches it.
-    fn drop_queued(&mut self, key: JobKey) {
+    fn drop_queued(&mut self, key: JobKey, why: &str) {
+        self.log_attempt(key, Outcome::Cancelled, None, None, None, Some(why.as_bytes()));
         let job = &self.jobs[key as usize];
         let f = &mut self.functions[job.function as usize];
         match job.state {
@@ -934,10 +1064,13 @@ impl Broker {
             }
             if let JobState::Running(w) = job.state {
                 tracing::warn!(handle = %String::from_utf8_lossy(&self.handle(seq)), "worker timed out; job queued again");
+                let mut started_at = now_millis();
                 if let Some(worker) = self.conns.get_mut(w as usize) {
-                    worker.running.retain(|&k| k != key);
+                    if let Some(i) = worker.running.iter().position(|r| r.key == key) {
+                        started_at = worker.running.swap_remove(i).started_at;
+                    }
                 }
-                self.lose_worker(key);
+                self.lose_worker(key, Outcome::Timeout, Some(w), started_at);
             }
         }
         let wall = unix_now();
@@ -972,6 +1105,9 @@ impl Broker {
             }
         }
         let mut next = self.last_sweep + WAKE_SWEEP;
+        if let Some(flush_at) = self.job_log.as_mut().and_then(|log| log.flush_due(now)) {
+            next = next.min(flush_at);
+        }
         if let Some(Reverse((deadline, ..))) = self.timeouts.peek() {
             next = next.min(*deadline);
         }
@@ -981,6 +1117,11 @@ impl Broker {
         self.timer_at = Some(next);
         next
     }
+}
+
+/// At most the first `max` bytes of `b`.
+fn prefix(b: &[u8], max: usize) -> &[u8] {
+    &b[..b.len().min(max)]
 }
 
 /// Records a sleeping worker for a function, pruning stale entries when they pile up.
@@ -1012,13 +1153,13 @@ mod tests {
     #[test]
     fn finished_jobs_leave_no_trace_in_the_indices() {
         let mut b = Broker::new(BrokerConfig::default());
-        let client = b.connect(Arc::new(Outbox::default()), 0, "test");
-        let worker = b.connect(Arc::new(Outbox::default()), 1, "test");
+        let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+        let worker = b.connect(Arc::new(Outbox::default()), 1, "test", 2);
         b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
         for i in 0..1000 {
             submit(&mut b, client, &format!("u{i}"), i % 2 == 0);
             b.apply(worker, Request::GrabJob(GrabKind::Uniq));
-            let key = b.conns[worker as usize].running[0];
+            let key = b.conns[worker as usize].running[0].key;
             let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
             b.apply(worker, Request::WorkComplete { handle, data: Bytes::new() });
         }
@@ -1104,7 +1245,7 @@ mod model {
         assert_eq!(b.by_seq.len(), live);
         for (key, job) in &b.jobs {
             if let JobState::Running(w) = job.state {
-                assert!(b.conns[w as usize].running.contains(&(key as JobKey)));
+                assert!(b.conns[w as usize].running.iter().any(|r| r.key == key as JobKey));
             }
             for &c in job.clients() {
                 assert!(b.conns[c as usize].waiting.contains(&(key as JobKey)));
@@ -1126,7 +1267,7 @@ mod model {
             if durable {
                 b.enable_durability(Arc::new(std::sync::Condvar::new()), None);
             }
-            let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t")).collect();
+            let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t", 1)).collect();
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
                 match op {
@@ -1145,7 +1286,7 @@ mod model {
                     Op::Grab(c) => b.apply(conns[c], Request::GrabJob(GrabKind::Uniq)),
                     Op::PreSleep(c) => b.apply(conns[c], Request::PreSleep),
                     Op::Finish { conn, how } => {
-                        let Some(&key) = b.conns[conns[conn] as usize].running.first() else { continue };
+                        let Some(key) = b.conns[conns[conn] as usize].running.first().map(|r| r.key) else { continue };
                         let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
                         let req = match how {
                             0 => Request::WorkComplete { handle, data: Bytes::new() },
@@ -1158,12 +1299,12 @@ mod model {
                     Op::Status(c) => b.apply(conns[c], Request::GetStatusUnique { unique: Bytes::from_static(b"u1") }),
                     Op::Cancel(c, n) => {
                         let handle = Bytes::copy_from_slice(&b.handle(b.next_seq.saturating_sub(n + 1)));
-                        let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false };
+                        let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
                         b.admin(conns[c], AdminCommand::CancelJob { handle }, &info);
                     }
                     Op::Disconnect(c) => {
                         b.disconnect(conns[c]);
-                        conns[c] = b.connect(Arc::new(Outbox::default()), c as i32, "t");
+                        conns[c] = b.connect(Arc::new(Outbox::default()), c as i32, "t", 1);
                     }
                     Op::Tick => {
                         b.tick(Instant::now() + Duration::from_secs(5));

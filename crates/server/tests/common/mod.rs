@@ -16,7 +16,7 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<Result<(), gearbox_server::StoreError>>,
+    pub task: tokio::task::JoinHandle<Result<(), gearbox_server::ServeError>>,
 }
 
 impl TestServer {
@@ -28,7 +28,7 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(gearbox_server::serve(vec![listener], options, shutdown.clone()));
+        let task = tokio::spawn(gearbox_server::serve(vec![listener], None, options, shutdown.clone()));
         let server = TestServer { addr, shutdown, task };
         // Ready once it answers: a durable store is open and loaded by then.
         let mut probe = server.conn().await;

@@ -1,0 +1,82 @@
+//! Counters kept for metrics: jobs per function by priority and outcome, and histograms of
+//! queue wait, run time and store commit time.
+
+/// Upper bounds of the histogram buckets, in microseconds (the last bucket is unbounded).
+pub const BUCKET_BOUNDS_US: [u64; 19] = [
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last counts those above every bound.
+    pub buckets: [u64; BUCKET_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe_us(&mut self, us: u64) {
+        let i = BUCKET_BOUNDS_US.partition_point(|&bound| bound < us);
+        self.buckets[i] += 1;
+        self.sum_us += us;
+        self.count += 1;
+    }
+
+    /// Job times are kept in milliseconds; a negative span (the clock stepped back) counts as 0.
+    pub fn observe_ms(&mut self, ms: i64) {
+        self.observe_us(ms.max(0) as u64 * 1000);
+    }
+}
+
+/// Counters since the server started, indexed by priority (high, normal, low).
+#[derive(Clone, Debug, Default)]
+pub struct FunctionCounts {
+    /// New jobs (a submission coalesced into an existing job by its unique key is not one).
+    pub submitted: [u64; 3],
+    pub completed: [u64; 3],
+    /// WORK_FAIL, WORK_EXCEPTION, or given up after `-j` attempts.
+    pub failed: [u64; 3],
+    pub queue_wait: Histogram,
+    pub run_time: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_the_first_bucket_that_holds_them() {
+        let mut h = Histogram::default();
+        h.observe_us(0);
+        h.observe_us(100);
+        h.observe_us(101);
+        h.observe_ms(-5);
+        h.observe_ms(1);
+        h.observe_us(300_000_001);
+        assert_eq!(h.buckets[0], 3); // 0, 100 and the negative span
+        assert_eq!(h.buckets[1], 1);
+        assert_eq!(h.buckets[3], 1);
+        assert_eq!(h.buckets[BUCKET_BOUNDS_US.len()], 1);
+        assert_eq!(h.count, 6);
+        assert_eq!(h.sum_us, 100 + 101 + 1_000 + 300_000_001);
+    }
+}

@@ -1,0 +1,181 @@
+#!/usr/bin/env node
+// Headless-browser check of the gearbox web dashboard.
+//
+//   node tests/browser/dashboard.mjs http://127.0.0.1:4731/
+//
+// Opens the page in Debian's Chromium, fails on any page error, console error, failed request
+// or HTTP error answer, checks that the page renders, submits 3 background jobs for $FUNCTION
+// (default browser_probe; one through the page's form, two through fetch from inside the page)
+// and waits until the functions table shows them queued, then opens the job-log view.
+// Env: FUNCTION, CHROMIUM (default /usr/bin/chromium), SCREENSHOT (a PNG path to save the
+// page to at the end). Exits 0 on success, 1 with a message otherwise.
+import { chromium } from 'playwright-core';
+
+const url = process.argv[2];
+const FUNCTION = process.env.FUNCTION || 'browser_probe';
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const OVERALL_TIMEOUT_MS = 60_000;
+const QUEUE_DEADLINE_MS = 15_000;
+
+const say = (msg) => console.log(`dashboard.mjs: ${msg}`);
+if (!url) {
+  console.error('usage: node dashboard.mjs URL (e.g. http://127.0.0.1:4731/)');
+  process.exit(2);
+}
+
+const problems = []; // errors reported by the page; any of them fails the test
+let browser = null;
+let rejectOnProblem;
+const problemRaised = new Promise((_, reject) => { rejectOnProblem = reject; });
+problemRaised.catch(() => {});
+function report(problem) {
+  problems.push(problem);
+  rejectOnProblem(new Error(`the page reported: ${problem}`));
+}
+// Waits for a promise, but fails as soon as the page reports an error.
+const guard = (promise) => Promise.race([promise, problemRaised]);
+
+function check(ok, message) {
+  if (!ok) throw new Error(message);
+}
+function noProblems(step) {
+  if (problems.length) throw new Error(`${step}: the page reported errors:\n  ${problems.join('\n  ')}`);
+}
+
+async function run() {
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // Playwright gives every launch() a fresh temporary profile (--user-data-dir) and deletes it
+    // on close; it refuses --user-data-dir in args.
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update'],
+    timeout: 30_000,
+  });
+  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(10_000);
+  page.on('pageerror', (e) => report(`page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error') report(`console error: ${m.text()}`);
+  });
+  page.on('requestfailed', (r) => report(`request failed: ${r.method()} ${r.url()}: ${r.failure()?.errorText}`));
+  page.on('response', (r) => {
+    if (r.status() >= 400) report(`HTTP ${r.status()} for ${r.request().method()} ${r.url()}`);
+  });
+
+  const response = await guard(page.goto(url, { waitUntil: 'load' }));
+  check(response && response.ok(), `GET ${url} answered ${response ? response.status() : 'nothing'}`);
+  const type = response.headers()['content-type'] || '';
+  check(type.startsWith('text/html'), `GET ${url} has content type "${type}", expected text/html`);
+  const title = await page.title();
+  check(/gearbox/i.test(title), `page title is "${title}", expected it to mention gearbox`);
+  say(`page loaded, title "${title}"`);
+
+  // The first poll fills the functions table (with rows, or an "empty" row) and the header.
+  await page.click('#tab-overview');
+  await guard(page.locator('#functions-table[data-ready="1"]').waitFor({ state: 'visible' }));
+  await page.locator('#workers-table[data-ready="1"]').waitFor({ state: 'attached' });
+  check(await page.locator('#banner').isHidden(), `error banner shown: ${await page.locator('#banner').textContent()}`);
+  const version = (await page.locator('#h-version').textContent()).trim();
+  check(version && version !== '–', 'the header shows no version');
+  noProblems('first render');
+  say(`functions table rendered, server version ${version}`);
+
+  const queuedCell = page.locator(`#functions-table tr[data-function="${FUNCTION}"] .queued`);
+  const queuedNow = async () => ((await queuedCell.count()) ? Number((await queuedCell.textContent()).replace(/[^0-9]/g, '')) : 0);
+  const before = await queuedNow();
+
+  // One job through the form...
+  await page.fill('#submit-function', FUNCTION);
+  await page.fill('#submit-payload', 'browser probe 1');
+  await page.selectOption('#submit-priority', 'normal');
+  await page.setChecked('#submit-background', true);
+  await page.click('#submit-button');
+  await guard(page.locator('#submit-result', { hasText: 'Queued as' }).waitFor());
+  // ...and two through fetch from inside the page.
+  const answers = await page.evaluate(async (fn) => {
+    const out = [];
+    for (const [i, priority] of [[2, 'high'], [3, 'low']]) {
+      const res = await fetch('/api/jobs', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ function: fn, payload: `browser probe ${i}`, priority, background: true }),
+      });
+      out.push({ status: res.status, body: await res.text() });
+    }
+    return out;
+  }, FUNCTION);
+  for (const a of answers) {
+    check(a.status === 200, `POST /api/jobs answered ${a.status}: ${a.body}`);
+    check(typeof JSON.parse(a.body).handle === 'string', `POST /api/jobs gave no handle: ${a.body}`);
+  }
+  say(`submitted 3 background jobs for ${FUNCTION}`);
+
+  const want = before + 3;
+  const selector = `#functions-table tr[data-function="${FUNCTION}"] .queued`;
+  try {
+    await guard(page.waitForFunction(
+      ([sel, n]) => Number((document.querySelector(sel)?.textContent || '').replace(/[^0-9]/g, '')) === n,
+      [selector, want],
+      { polling: 100, timeout: QUEUE_DEADLINE_MS },
+    ));
+  } catch (e) {
+    if (e.name !== 'TimeoutError') throw e;
+    const seen = await queuedNow();
+    throw new Error(`the functions table shows ${seen} queued for ${FUNCTION} after ${QUEUE_DEADLINE_MS / 1000} s, expected ${want}`);
+  }
+  const seen = await queuedNow();
+  say(`functions table shows ${seen} queued for ${FUNCTION}`);
+
+  // Clicking the function lists its queued jobs, each with a cancel button.
+  await page.click(`#functions-table tr[data-function="${FUNCTION}"]`);
+  const jobRows = page.locator('#jobs-table tbody tr[data-handle]');
+  await guard(page.waitForFunction((n) => document.querySelectorAll('#jobs-table tbody tr[data-handle]').length >= n, want));
+  check((await page.locator('#jobs-table tbody button.danger').count()) >= 3, 'queued jobs have no cancel buttons');
+  say(`jobs panel lists ${await jobRows.count()} jobs of ${FUNCTION}`);
+
+  // The job-log view: the status filter starts on failures; the table or an "off" note renders.
+  await page.click('#tab-log');
+  await page.locator('#view-log').waitFor({ state: 'visible' });
+  check((await page.locator('#log-status').inputValue()) === 'failed', 'the job-log status filter does not start on "failed"');
+  await guard(page.waitForFunction(() => document.querySelector('#log-table')?.dataset.ready === '1' || !document.querySelector('#log-off')?.hidden));
+  const logOff = await page.locator('#log-off').isVisible();
+  const logMsg = (await page.locator('#log-msg').textContent()).trim();
+  check(!logMsg, `job log: ${logMsg}`);
+  if (logOff) {
+    say(`job-log view rendered: ${(await page.locator('#log-off').textContent()).trim()}`);
+  } else {
+    const rows = await page.locator('#log-table tbody tr[data-key]').count();
+    if (rows) {
+      await page.locator('#log-table tbody tr[data-key]').first().click();
+      await page.locator('#details-body dl.fields').waitFor();
+    }
+    say(`job-log view rendered with ${rows} record(s)`);
+  }
+
+  if (process.env.SCREENSHOT) {
+    await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
+    say(`screenshot saved to ${process.env.SCREENSHOT}`);
+  }
+  noProblems('end of test');
+}
+
+let code = 0;
+const overall = setTimeout(() => {
+  console.error(`dashboard.mjs: FAIL: no result within ${OVERALL_TIMEOUT_MS / 1000} s`);
+  if (problems.length) console.error(`  ${problems.join('\n  ')}`);
+  process.exit(1);
+}, OVERALL_TIMEOUT_MS);
+try {
+  await run();
+  say('OK');
+} catch (e) {
+  code = 1;
+  console.error(`dashboard.mjs: FAIL: ${e.message}`);
+  const others = [...new Set(problems)].filter((p) => !e.message.includes(p));
+  if (others.length) console.error(`  also reported by the page:\n  ${others.slice(0, 10).join('\n  ')}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  clearTimeout(overall);
+}
+process.exit(code);
