@@ -1,5 +1,7 @@
-//! The job log end to end: jobs run against the real binary with the embedded sink, then read
-//! back with `gearbox log`, `gearbox result` and `gearbox admin stats`.
+//! The job log end to end: jobs run against the real binary with the embedded sink and with
+//! MongoDB (the MongoDB-wire test server the README's test command starts; its address in
+//! `GEARBOX_TEST_MONGO`), then read back with `gearbox log`, `gearbox result` and
+//! `gearbox admin stats`.
 
 mod common;
 
@@ -98,9 +100,24 @@ fn find<'a>(records: &'a [Value], handle: &str, status: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {status} record for {handle} in {records:#?}"))
 }
 
+/// A database of its own on the MongoDB test server, per test.
+fn mongo_uri(test: &str) -> String {
+    let base = std::env::var("GEARBOX_TEST_MONGO").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into());
+    format!("{}/gearbox_e2e_{}_{test}", base.trim_end_matches('/'), std::process::id())
+}
+
 #[test]
 fn every_outcome_is_recorded_and_failures_are_listed() {
-    let server = Server::start(&["--job-log-bodies", "64"]);
+    every_outcome_is_recorded(&[]);
+}
+
+#[test]
+fn every_outcome_is_recorded_in_mongodb() {
+    every_outcome_is_recorded(&["--job-log", &mongo_uri("outcomes")]);
+}
+
+fn every_outcome_is_recorded(flags: &[&str]) {
+    let server = Server::start(&[&["--job-log-bodies", "64"], flags].concat());
     let mut client = Peer::connect(&server, "web-1");
     let ok = client.submit_background("resize", "img-1", "photo.png");
     let failing = client.submit_background("resize", "", "bad.png");
@@ -209,6 +226,37 @@ fn records_outlive_a_restart_and_expire_with_retention() {
 
     let server = Server::start_in(dir, &["--job-log-retention", "2s"]);
     wait_for("expiry", || log_json(&server, &[]).is_empty());
+}
+
+#[test]
+fn a_dead_mongodb_costs_records_not_jobs() {
+    // Nothing listens on port 1: every write fails.
+    let server = Server::start(&["--job-log", "mongodb://127.0.0.1:1/gearbox", "--queue", "memory"]);
+    let worker = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["work", "--server", &server.addr.to_string(), "-f", "rev", "--", "rev"])
+        .spawn()
+        .unwrap();
+    let _worker = common::ChildGuard(worker);
+    let started = std::time::Instant::now();
+    let lines: String = (0..300).map(|i| format!("job{i}\n")).collect();
+    let mut bulk = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["submit", "--server", &server.addr.to_string(), "-f", "rev", "--bulk"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    bulk.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = bulk.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("300 jobs: 300 ok"), "{out:?}");
+    // 300 jobs each running a process: seconds, not the sink's timeouts.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    wait_for("dropped records to be counted", || {
+        let stats = String::from_utf8(gearbox(&server, &["admin", "stats"]).stdout).unwrap();
+        stats.lines().any(|l| l.starts_with("job_log_dropped") && !l.ends_with(" 0") && !l.ends_with("\t0"))
+    });
+    let query = gearbox(&server, &["log"]);
+    assert!(!query.status.success());
+    assert!(String::from_utf8_lossy(&query.stderr).contains("MongoDB"), "{query:?}");
 }
 
 #[test]

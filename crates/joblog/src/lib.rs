@@ -4,7 +4,7 @@
 //! - [`record`]: the record (borrowed in a [`Batch`], owned as [`Record`]) and [`Query`].
 //! - [`writer`]: the broker's [`JobLog`] handle and the writer thread (retry, then drop
 //!   with a counter).
-//! - [`embedded`]: the default sink, SQLite in the data directory.
+//! - [`embedded`]: the default sink, append-only segment files in the data directory.
 //! - [`mongo`]: the MongoDB sink (collection `jobs`, expiry by a TTL index).
 
 use std::future::Future;
@@ -24,8 +24,6 @@ pub use writer::{JobLog, LogStats, WriterThread};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("embedded job log: {0}")]
-    Sqlite(#[from] rusqlite::Error),
     #[error("MongoDB job log: {0}")]
     Mongo(String),
     #[error("job log: {0}")]
@@ -36,8 +34,9 @@ pub enum Error {
 pub trait Sink: Send + 'static {
     /// Writes every record of `batch`.
     fn write(&mut self, batch: &Batch) -> Result<(), Error>;
-    /// Deletes records that finished before `before`; sinks that expire records themselves
-    /// (MongoDB's TTL index) do nothing.
+    /// Deletes records that finished before `before` (or, for the embedded sink, the files
+    /// holding only such records); returns how many, for the log. Sinks that expire records
+    /// themselves (MongoDB's TTL index) do nothing.
     fn expire(&mut self, before: Millis) -> Result<u64, Error>;
 }
 
@@ -104,10 +103,7 @@ pub async fn open(options: &Options) -> Result<Option<Opened>, Error> {
     let (sink, search): (Box<dyn Sink>, Arc<dyn Search>) = match &options.spec {
         Spec::None => return Ok(None),
         Spec::Embedded => {
-            let path = options.data_dir.join(embedded::FILE_NAME);
-            let (sink, search) = tokio::task::spawn_blocking(move || embedded::open(&path))
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let (sink, search) = embedded::open(&options.data_dir.join(embedded::DIR_NAME), options.retention)?;
             (Box::new(sink), Arc::new(search))
         }
         Spec::Mongo(uri) => {

@@ -216,114 +216,161 @@ pub struct Record {
     pub result: Option<Body>,
 }
 
-/// Byte range of one text field inside a batch; `NONE` when absent.
-#[derive(Clone, Copy)]
-struct Span {
-    start: u32,
-    len: u32,
-}
-
-impl Span {
-    const NONE: Span = Span { start: u32::MAX, len: 0 };
-}
-
-#[derive(Clone, Copy)]
-struct Entry {
-    priority: Priority,
-    background: bool,
-    status: Status,
-    attempt: u32,
-    submitted_at: Millis,
-    started_at: Option<Millis>,
-    finished_at: Millis,
-    payload_bytes: u64,
-    result_bytes: Option<u64>,
-    /// handle, function, unique, worker_id, client_id, error, payload, result
-    spans: [Span; 8],
-}
-
-/// Records on their way to a sink: fixed fields in one vector and all text in one buffer,
-/// so that logging a job allocates nothing once the batch has grown to its working size.
+/// Records on their way to a sink, already in the embedded log's encoding (see
+/// [`Batch::push`]), in one buffer that is reused: logging a job allocates nothing once the
+/// batch has grown to its working size, and the embedded sink writes the buffer as it is.
 #[derive(Default)]
 pub struct Batch {
-    entries: Vec<Entry>,
-    text: Vec<u8>,
+    bytes: Vec<u8>,
+    len: usize,
 }
+
+/// Bytes before a record's text fields: length, status, priority, flags, a spare byte,
+/// attempt, three times, and two byte counts.
+const FIXED: usize = 4 + 4 + 4 + 3 * 8 + 2 * 8;
+const FLAG_BACKGROUND: u8 = 1;
+const FLAG_STARTED: u8 = 2;
+const FLAG_RESULT_BYTES: u8 = 4;
+/// Length of a text field that is absent (as opposed to empty).
+const ABSENT: u32 = u32::MAX;
 
 impl Batch {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     pub fn clear(&mut self) {
-        self.entries.clear();
-        self.text.clear();
+        self.bytes.clear();
+        self.len = 0;
     }
 
+    /// The encoded records, back to back.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Appends a record: `u32` length of the rest, status, priority, flags, spare byte,
+    /// `u32` attempt, `i64` submitted/started/finished, `u64` payload/result bytes (all little
+    /// endian), then handle, function, unique, worker, client, error, payload and result, each
+    /// a `u32` length (`u32::MAX` when absent) and its bytes.
     pub fn push(&mut self, r: &RecordRef<'_>) {
-        let mut span = |field: Option<&[u8]>| match field {
-            Some(bytes) => {
-                let start = self.text.len() as u32;
-                self.text.extend_from_slice(bytes);
-                Span { start, len: bytes.len() as u32 }
+        let start = self.bytes.len();
+        let b = &mut self.bytes;
+        b.extend_from_slice(&[0; 4]);
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        let flags = flag(r.background, FLAG_BACKGROUND)
+            | flag(r.started_at.is_some(), FLAG_STARTED)
+            | flag(r.result_bytes.is_some(), FLAG_RESULT_BYTES);
+        b.extend_from_slice(&[status_code(r.status), r.priority as u8, flags, 0]);
+        b.extend_from_slice(&r.attempt.to_le_bytes());
+        for t in [r.submitted_at, r.started_at.unwrap_or(0), r.finished_at] {
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        b.extend_from_slice(&r.payload_bytes.to_le_bytes());
+        b.extend_from_slice(&r.result_bytes.unwrap_or(0).to_le_bytes());
+        let fields =
+            [Some(r.handle), Some(r.function), Some(r.unique), r.worker_id, r.client_id, r.error, r.payload, r.result];
+        for field in fields {
+            match field {
+                Some(bytes) => {
+                    b.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    b.extend_from_slice(bytes);
+                }
+                None => b.extend_from_slice(&ABSENT.to_le_bytes()),
             }
-            None => Span::NONE,
-        };
-        let spans = [
-            span(Some(r.handle)),
-            span(Some(r.function)),
-            span(Some(r.unique)),
-            span(r.worker_id),
-            span(r.client_id),
-            span(r.error),
-            span(r.payload),
-            span(r.result),
-        ];
-        self.entries.push(Entry {
-            priority: r.priority,
-            background: r.background,
-            status: r.status,
-            attempt: r.attempt,
-            submitted_at: r.submitted_at,
-            started_at: r.started_at,
-            finished_at: r.finished_at,
-            payload_bytes: r.payload_bytes,
-            result_bytes: r.result_bytes,
-            spans,
-        });
+        }
+        let len = (b.len() - start - 4) as u32;
+        b[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.len += 1;
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> {
-        self.entries.iter().map(|e| {
-            let field = |i: usize| {
-                let s = e.spans[i];
-                (s.start != u32::MAX).then(|| &self.text[s.start as usize..(s.start + s.len) as usize])
-            };
-            RecordRef {
-                handle: field(0).unwrap_or_default(),
-                function: field(1).unwrap_or_default(),
-                unique: field(2).unwrap_or_default(),
-                priority: e.priority,
-                background: e.background,
-                status: e.status,
-                attempt: e.attempt,
-                submitted_at: e.submitted_at,
-                started_at: e.started_at,
-                finished_at: e.finished_at,
-                worker_id: field(3),
-                client_id: field(4),
-                payload_bytes: e.payload_bytes,
-                result_bytes: e.result_bytes,
-                error: field(5),
-                payload: field(6),
-                result: field(7),
-            }
-        })
+    pub fn iter(&self) -> Records<'_> {
+        Records { bytes: &self.bytes }
     }
+}
+
+fn status_code(s: Status) -> u8 {
+    Status::ALL.iter().position(|&x| x == s).expect("every status is in ALL") as u8
+}
+
+/// Decodes records encoded by [`Batch::push`] from a buffer, stopping at the first one that is
+/// cut short or malformed.
+pub struct Records<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Records<'a> {
+    pub fn new(bytes: &'a [u8]) -> Records<'a> {
+        Records { bytes }
+    }
+
+    /// The bytes not yet decoded.
+    pub fn rest(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = RecordRef<'a>;
+
+    fn next(&mut self) -> Option<RecordRef<'a>> {
+        let (record, rest) = decode(self.bytes)?;
+        self.bytes = rest;
+        Some(record)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<(RecordRef<'_>, &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let body = bytes.get(4..4 + len)?;
+    let rest = &bytes[4 + len..];
+    if body.len() < FIXED - 4 {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+    let status = *Status::ALL.get(body[0] as usize)?;
+    let priority = match body[1] {
+        0 => Priority::High,
+        1 => Priority::Normal,
+        2 => Priority::Low,
+        _ => return None,
+    };
+    let flags = body[2];
+    let attempt = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
+    let mut text = &body[FIXED - 4..];
+    let mut fields: [Option<&[u8]>; 8] = [None; 8];
+    for field in &mut fields {
+        let n = u32::from_le_bytes(text.get(..4)?.try_into().ok()?);
+        text = &text[4..];
+        if n != ABSENT {
+            *field = Some(text.get(..n as usize)?);
+            text = &text[n as usize..];
+        }
+    }
+    let record = RecordRef {
+        handle: fields[0].unwrap_or_default(),
+        function: fields[1].unwrap_or_default(),
+        unique: fields[2].unwrap_or_default(),
+        priority,
+        background: flags & FLAG_BACKGROUND != 0,
+        status,
+        attempt,
+        submitted_at: u64_at(8) as i64,
+        started_at: (flags & FLAG_STARTED != 0).then(|| u64_at(16) as i64),
+        finished_at: u64_at(24) as i64,
+        payload_bytes: u64_at(32),
+        result_bytes: (flags & FLAG_RESULT_BYTES != 0).then(|| u64_at(40)),
+        worker_id: fields[3],
+        client_id: fields[4],
+        error: fields[5],
+        payload: fields[6],
+        result: fields[7],
+    };
+    Some((record, rest))
 }
 
 /// What `gearbox log` (and the HTTP API) ask for. Written as a URL query string
@@ -396,14 +443,14 @@ impl Query {
         s.finish()
     }
 
-    /// Whether `r` passes the filters (sinks that cannot filter natively use this).
-    pub fn matches(&self, r: &Record) -> bool {
-        self.function.as_ref().is_none_or(|f| *f == r.function)
+    /// Whether `r` passes the filters (for sinks that cannot filter natively).
+    pub fn matches(&self, r: &RecordRef<'_>) -> bool {
+        self.function.as_ref().is_none_or(|f| f.as_bytes() == r.function)
             && self.status.is_none_or(|s| s == r.status)
             && (!self.failed || r.status.is_failure())
-            && self.since.is_none_or(|t| r.finished_at.0 >= t)
-            && self.unique.as_ref().is_none_or(|u| Some(u) == r.unique.as_ref())
-            && self.handle.as_ref().is_none_or(|h| *h == r.handle)
+            && self.since.is_none_or(|t| r.finished_at >= t)
+            && self.unique.as_ref().is_none_or(|u| u.as_bytes() == r.unique)
+            && self.handle.as_ref().is_none_or(|h| h.as_bytes() == r.handle)
     }
 }
 
@@ -452,6 +499,12 @@ mod tests {
         batch.push(&sample());
         batch.push(&RecordRef { handle: b"H:x:2", unique: b"u", error: None, ..sample() });
         let got: Vec<Record> = batch.iter().map(|r| r.to_record()).collect();
+        assert_eq!(batch.len(), 2);
+        // Cut short anywhere, a buffer decodes to the records that are whole.
+        for cut in 0..batch.as_bytes().len() {
+            let whole = Records::new(&batch.as_bytes()[..cut]).count();
+            assert!(whole < 2, "{cut}");
+        }
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].handle, "H:x:1");
         assert_eq!(got[0].unique, None);

@@ -66,7 +66,8 @@ pub struct WriterThread {
     thread: Option<JoinHandle<()>>,
 }
 
-pub(crate) fn start(
+/// Starts a writer thread for `sink`; [`crate::open`] does this for the configured sinks.
+pub fn start(
     sink: Box<dyn Sink>,
     retention: Option<Duration>,
     bodies: Option<usize>,

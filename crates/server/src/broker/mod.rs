@@ -1228,6 +1228,19 @@ mod model {
         ]
     }
 
+    /// A job-log sink that keeps what it is given.
+    struct Collect(Arc<std::sync::Mutex<Vec<gearbox_joblog::Record>>>);
+
+    impl gearbox_joblog::Sink for Collect {
+        fn write(&mut self, batch: &gearbox_joblog::Batch) -> Result<(), gearbox_joblog::Error> {
+            self.0.lock().unwrap().extend(batch.iter().map(|r| r.to_record()));
+            Ok(())
+        }
+        fn expire(&mut self, _: Millis) -> Result<u64, gearbox_joblog::Error> {
+            Ok(0)
+        }
+    }
+
     fn check(b: &Broker) {
         for (fid, f) in b.functions.iter().enumerate().filter(|(_, f)| !f.dropped) {
             let fid = fid as FunctionId;
@@ -1267,6 +1280,9 @@ mod model {
             if durable {
                 b.enable_durability(Arc::new(std::sync::Condvar::new()), None);
             }
+            let records = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (log, _, writer) = gearbox_joblog::writer::start(Box::new(Collect(records.clone())), None, Some(8));
+            b.set_job_log(log);
             let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t", 1)).collect();
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
@@ -1323,6 +1339,22 @@ mod model {
                 check(&b);
             }
             prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
+
+            // Every attempt that ended was logged once, as the counters say.
+            b.close_job_log();
+            writer.stop();
+            let records = records.lock().unwrap();
+            let count = |status: Outcome| records.iter().filter(|r| r.status == status).count() as u64;
+            let given_up = records.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("given up"))).count() as u64;
+            let completed: u64 = b.functions.iter().map(|f| f.counts.completed.iter().sum::<u64>()).sum();
+            let failed: u64 = b.functions.iter().map(|f| f.counts.failed.iter().sum::<u64>()).sum();
+            prop_assert_eq!(count(Outcome::Complete), completed);
+            prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
+            for r in records.iter() {
+                prop_assert_eq!(r.started_at.is_none(), r.status == Outcome::Cancelled, "{:?}", r);
+                prop_assert_eq!(r.result.is_some(), r.status == Outcome::Complete, "{:?}", r);
+                prop_assert!(r.payload.is_some() && r.attempt <= 3, "{:?}", r);
+            }
         }
     }
 }
