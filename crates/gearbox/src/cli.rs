@@ -286,8 +286,8 @@ pub struct LogArgs {
     /// Only jobs of this function
     #[arg(short, long)]
     function: Option<String>,
-    /// Only this outcome: complete, fail, exception, cancelled, timeout, lost_worker, or
-    /// failed for all but complete
+    /// Only this outcome: complete, fail (WORK_FAIL or WORK_EXCEPTION), exception, cancelled,
+    /// timeout, lost_worker; or failed, for all but complete
     #[arg(long)]
     status: Option<String>,
     /// Only jobs that finished in this last span of time (90s, 15m, 1h, 7d)
@@ -433,7 +433,7 @@ pub struct WorkArgs {
     #[arg(short = 'c', long)]
     count: Option<u64>,
     /// Command run for each job: the payload on its standard input, its standard output the
-    /// result; a non-zero exit fails the job
+    /// result; a non-zero exit fails the job (WORK_EXCEPTION, with the exit status)
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -514,7 +514,9 @@ async fn work_on(
                     Ok(result) => Request::WorkComplete { handle, data: result.into() }.encode(&mut out),
                     Err(e) => {
                         eprintln!("gearbox work: job {}: {e:#}", String::from_utf8_lossy(&handle));
-                        Request::WorkFail { handle }.encode(&mut out)
+                        // The reason reaches clients that asked for exceptions, and the job log;
+                        // others see a plain WORK_FAIL.
+                        Request::WorkException { handle, data: format!("{e:#}").into() }.encode(&mut out)
                     }
                 }
                 let n = done.fetch_add(1, Relaxed) + 1;

@@ -117,7 +117,9 @@ fn the_api_submits_lists_and_cancels_jobs() {
     assert_eq!((done["status"].as_str(), done["result"].as_str()), (Some("complete"), Some("olleh")));
     let _fails = worker(&server, "fails", &["false"]);
     let (_, failed) = post_json(http, "/api/jobs", json!({"function": "fails", "background": false}));
-    assert_eq!(failed["status"], "fail");
+    // `gearbox work` fails a job with an exception that says why.
+    assert_eq!(failed["status"], "exception", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("exited with"), "{failed}");
     let (code, late) = post_json(http, "/api/jobs", json!({"function": "nobody", "background": false, "wait_ms": 200}));
     assert_eq!(code, 504, "{late}");
 
@@ -172,6 +174,12 @@ fn metrics_show_live_state_in_prometheus_format() {
         assert!(value.parse::<f64>().is_ok(), "bad sample {line:?}");
     }
     assert!(text.contains("gearbox_connections "), "{text}");
+
+    // The dashboard's chart starts from the server's samples: one is taken at start.
+    let (code, history) = get_json(http, "/api/throughput");
+    assert_eq!(code, 200);
+    assert!(!history["samples"].as_array().unwrap().is_empty(), "{history}");
+    assert!(history["now_ms"].as_i64().unwrap() >= history["samples"][0]["at_ms"].as_i64().unwrap());
 
     let (code, doc) = get_json(http, "/api/openapi.json");
     assert_eq!(code, 200);

@@ -172,6 +172,10 @@ fn every_outcome_is_recorded(flags: &[&str]) {
     let failed = log_json(&server, &["--status", "failed"]);
     assert_eq!(failed.len(), 3, "{failed:#?}");
     assert_eq!(log_json(&server, &["--status", "exception"]).len(), 1);
+    // `fail` is what a client sees as failed: WORK_FAIL, and WORK_EXCEPTION with its error.
+    let fails = log_json(&server, &["--status", "fail"]);
+    assert_eq!(fails.len(), 2, "{fails:#?}");
+    assert!(fails.iter().any(|r| r["error"] == "out of memory"), "{fails:#?}");
     assert_eq!(log_json(&server, &["--unique", "img-1"]).len(), 1);
     assert_eq!(log_json(&server, &["--function", "other"]).len(), 0);
     assert_eq!(log_json(&server, &["--since", "1h", "-n", "2"]).len(), 2);

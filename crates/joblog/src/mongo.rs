@@ -197,7 +197,9 @@ fn filter(q: &Query) -> Document {
     if let Some(function) = &q.function {
         f.insert("function", function);
     }
-    if let Some(status) = q.status {
+    if q.status == Some(Status::Fail) {
+        f.insert("status", doc! { "$in": [Status::Fail.as_str(), Status::Exception.as_str()] });
+    } else if let Some(status) = q.status {
         f.insert("status", status.as_str());
     } else if q.failed {
         f.insert("status", doc! { "$ne": Status::Complete.as_str() });

@@ -378,6 +378,8 @@ fn decode(bytes: &[u8]) -> Option<(RecordRef<'_>, &[u8])> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Query {
     pub function: Option<String>,
+    /// Only this outcome; `fail` also takes `exception` (the worker reported the job failed,
+    /// with or without a reason), as a Gearman client that did not ask for exceptions sees it.
     pub status: Option<Status>,
     /// Only failures (every status but `complete`).
     pub failed: bool,
@@ -446,7 +448,7 @@ impl Query {
     /// Whether `r` passes the filters (for sinks that cannot filter natively).
     pub fn matches(&self, r: &RecordRef<'_>) -> bool {
         self.function.as_ref().is_none_or(|f| f.as_bytes() == r.function)
-            && self.status.is_none_or(|s| s == r.status)
+            && self.status.is_none_or(|s| s == r.status || (s == Status::Fail && r.status == Status::Exception))
             && (!self.failed || r.status.is_failure())
             && self.since.is_none_or(|t| r.finished_at >= t)
             && self.unique.as_ref().is_none_or(|u| u.as_bytes() == r.unique)

@@ -206,7 +206,9 @@ async fn documents_and_searches() {
     assert_eq!(everything[4].result, Some(Body::Binary { base64: "/wAB".into() }));
 
     let cases = [
-        (Query { status: Some(Status::Fail), ..Query::default() }, vec!["H:t:2"]),
+        // `fail` takes exceptions too: both are the worker saying the job failed.
+        (Query { status: Some(Status::Fail), ..Query::default() }, vec!["H:t:3", "H:t:2"]),
+        (Query { status: Some(Status::Exception), ..Query::default() }, vec!["H:t:3"]),
         (Query { failed: true, ..Query::default() }, vec!["H:t:5", "H:t:4", "H:t:3", "H:t:2"]),
         (Query { function: Some("thumb".into()), ..Query::default() }, vec!["H:t:4", "H:t:3"]),
         (Query { function: Some("resize".into()), failed: true, ..Query::default() }, vec!["H:t:5", "H:t:2"]),

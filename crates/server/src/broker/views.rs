@@ -97,6 +97,18 @@ impl Broker {
             .collect()
     }
 
+    /// Jobs submitted, completed and failed since the server started.
+    pub fn totals(&self) -> [u64; 3] {
+        let mut totals = [0; 3];
+        for f in self.functions.iter().filter(|f| !f.dropped) {
+            let c = &f.counts;
+            for (total, by_priority) in totals.iter_mut().zip([&c.submitted, &c.completed, &c.failed]) {
+                *total += by_priority.iter().sum::<u64>();
+            }
+        }
+        totals
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

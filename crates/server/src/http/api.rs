@@ -23,7 +23,7 @@ const JOBS_LISTED: usize = 1000;
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
-pub(crate) fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes() -> Router<super::AppState> {
     Router::new()
         .route("/status", get(status))
         .route("/workers", get(workers))

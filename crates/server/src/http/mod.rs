@@ -3,8 +3,11 @@
 //! here reads copies of the broker's state taken under its lock, or talks to the broker as a
 //! Gearman client would ([`local::LocalConn`]), so the job path never waits on HTTP.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::extract::FromRef;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -62,14 +65,88 @@ impl HttpSpec {
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+/// How often the totals are sampled for the dashboard's throughput chart...
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// ...and how many samples are kept (10 minutes).
+const SAMPLES_KEPT: usize = 120;
+
+/// The totals at one moment, for throughput over the last minutes.
+#[derive(Clone, Copy, serde::Serialize)]
+struct Sample {
+    at_ms: i64,
+    uptime_secs: u64,
+    submitted: u64,
+    completed: u64,
+    failed: u64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    history: Arc<Mutex<VecDeque<Sample>>>,
+}
+
+impl FromRef<AppState> for Arc<Shared> {
+    fn from_ref(state: &AppState) -> Arc<Shared> {
+        state.shared.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Mutex<VecDeque<Sample>>> {
+    fn from_ref(state: &AppState) -> Arc<Mutex<VecDeque<Sample>>> {
+        state.history.clone()
+    }
+}
+
+fn sample(shared: &Shared) -> Sample {
+    let [submitted, completed, failed] = shared.broker.lock().unwrap().totals();
+    Sample {
+        at_ms: gearbox_joblog::now_millis(),
+        uptime_secs: shared.started.elapsed().as_secs(),
+        submitted,
+        completed,
+        failed,
+    }
+}
+
+/// Samples the totals every [`SAMPLE_EVERY`] until `shutdown`.
+async fn keep_history(shared: Arc<Shared>, history: Arc<Mutex<VecDeque<Sample>>>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = sample(&shared);
+        let mut history = history.lock().unwrap();
+        if history.len() == SAMPLES_KEPT {
+            history.pop_front();
+        }
+        history.push_back(s);
+    }
+}
+
+/// `/api/throughput`: the samples of the last minutes, oldest first, and the server's clock.
+async fn throughput(
+    axum::extract::State(history): axum::extract::State<Arc<Mutex<VecDeque<Sample>>>>,
+) -> axum::Json<serde_json::Value> {
+    let samples: Vec<Sample> = history.lock().unwrap().iter().copied().collect();
+    axum::Json(serde_json::json!({
+        "now_ms": gearbox_joblog::now_millis(),
+        "interval_secs": SAMPLE_EVERY.as_secs(),
+        "samples": samples,
+    }))
+}
+
+fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD) }))
         .route("/metrics", get(metrics::render))
+        .route("/api/throughput", get(throughput))
         .route("/api/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .nest("/api", api::routes())
         .fallback(|| async { api::ApiError::not_found("no such page").into_response() })
-        .with_state(shared)
+        .with_state(state)
 }
 
 /// Serves HTTP on `listener` until `shutdown`.
@@ -77,7 +154,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("dashboard, metrics and API on http://{addr}/");
     }
-    let app = router(shared);
+    let history = Arc::new(Mutex::new(VecDeque::with_capacity(SAMPLES_KEPT)));
+    tokio::spawn(keep_history(shared.clone(), history.clone(), shutdown.clone()));
+    let app = router(AppState { shared, history });
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!("HTTP server failed: {e}");
     }
