@@ -300,7 +300,8 @@ pub struct LogArgs {
     #[arg(long)]
     handle: Option<String>,
     /// At most this many records, newest first
-    #[arg(short = 'n', long, default_value_t = 20)]
+    #[arg(short = 'n', long, default_value_t = 20,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=gearbox_joblog::record::MAX_LIMIT as u64))]
     limit: usize,
     /// Print one JSON record per line
     #[arg(long)]

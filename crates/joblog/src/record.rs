@@ -134,7 +134,7 @@ impl RecordRef<'_> {
 
 /// A job body: text when it is UTF-8, otherwise base64 (`{"base64": "..."}` in JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum Body {
     Text(String),
     Binary { base64: String },
@@ -413,7 +413,11 @@ impl Query {
                 "unique" => q.unique = Some(value.into_owned()),
                 "handle" => q.handle = Some(value.into_owned()),
                 "limit" => {
-                    q.limit = value.parse::<usize>().map_err(|_| format!("bad limit {value:?}"))?.clamp(1, MAX_LIMIT)
+                    q.limit = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| format!("bad limit {value:?}: from 1 to {MAX_LIMIT}"))?
                 }
                 other => return Err(format!("unknown query key {other:?}")),
             }

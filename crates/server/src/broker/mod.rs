@@ -108,11 +108,26 @@ enum JobState {
     Queued,
     /// Waiting for its epoch time (SUBMIT_JOB_EPOCH).
     Scheduled,
-    Running(ConnId),
+    Running(PackedConn),
     /// Waiting for the durable store to commit it; not yet runnable.
     Pending,
     /// Removed from every index but still referenced by a queue or the schedule heap.
     Dropped,
+}
+
+/// A [`ConnId`] kept as bytes: with no 4-byte alignment, [`JobState`] packs into 5 bytes and
+/// [`Job`] into 72.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct PackedConn([u8; 4]);
+
+impl PackedConn {
+    fn new(conn: ConnId) -> PackedConn {
+        PackedConn(conn.to_ne_bytes())
+    }
+
+    fn get(self) -> ConnId {
+        ConnId::from_ne_bytes(self.0)
+    }
 }
 
 /// Kept small: a deep queue holds millions of these.
@@ -146,6 +161,8 @@ struct JobExtra {
     numerator: u32,
     denominator: u32,
 }
+
+const _: () = assert!(std::mem::size_of::<Job>() <= 72, "Job grew: every queued job pays for it");
 
 impl Job {
     fn clients(&self) -> &[ConnId] {
@@ -807,7 +824,7 @@ impl Broker {
         self.conns[conn as usize].running.push(Running { key, started_at });
         let job = &mut self.jobs[key as usize];
         f.counts.queue_wait.observe_ms(started_at - job.submitted_at);
-        job.state = JobState::Running(conn);
+        job.state = JobState::Running(PackedConn::new(conn));
         job.attempts = job.attempts.saturating_add(1);
         if let Some(t) = timeout {
             let deadline = Instant::now() + t;
@@ -910,6 +927,7 @@ impl Broker {
     fn finish(&mut self, key: JobKey, outcome: Outcome, result: Option<&[u8]>, error: Option<&[u8]>) {
         let job = &self.jobs[key as usize];
         if let JobState::Running(w) = job.state {
+            let w = w.get();
             self.functions[job.function as usize].running -= 1;
             let mut started_at = None;
             if let Some(worker) = self.conns.get_mut(w as usize) {
@@ -1063,6 +1081,7 @@ impl Broker {
                 continue;
             }
             if let JobState::Running(w) = job.state {
+                let w = w.get();
                 tracing::warn!(handle = %String::from_utf8_lossy(&self.handle(seq)), "worker timed out; job queued again");
                 let mut started_at = now_millis();
                 if let Some(worker) = self.conns.get_mut(w as usize) {
@@ -1258,6 +1277,7 @@ mod model {
         assert_eq!(b.by_seq.len(), live);
         for (key, job) in &b.jobs {
             if let JobState::Running(w) = job.state {
+                let w = w.get();
                 assert!(b.conns[w as usize].running.iter().any(|r| r.key == key as JobKey));
             }
             for &c in job.clients() {

@@ -114,7 +114,7 @@ impl Broker {
     }
 
     /// Up to `limit` live jobs of `function`: running ones first, then queued ones in the
-    /// order workers will get them, then the rest. `None` if the function is unknown.
+    /// order workers will get them, then scheduled ones. `None` if the function is unknown.
     pub fn jobs_view(&self, function: &str, limit: usize) -> Option<Vec<JobView>> {
         let &fid = self.function_ids.get(function.as_bytes())?;
         let f = &self.functions[fid as usize];
@@ -126,13 +126,11 @@ impl Broker {
             keys.extend(queue.iter().copied().filter(|&k| self.jobs[k as usize].state == JobState::Queued));
         }
         keys.truncate(limit);
-        if keys.len() < limit {
-            // Scheduled and pending jobs are in no queue: find them the slow way.
-            let others = self
-                .jobs
-                .iter()
-                .filter(|(_, j)| j.function == fid && matches!(j.state, JobState::Scheduled | JobState::Pending));
-            keys.extend(others.map(|(k, _)| k as JobKey).take(limit - keys.len()));
+        if keys.len() < limit && f.scheduled > 0 {
+            // Scheduled jobs are in no queue: find them the slow way. (Jobs waiting for the
+            // store are left out: they wait a few milliseconds at most.)
+            let scheduled = self.jobs.iter().filter(|(_, j)| j.function == fid && j.state == JobState::Scheduled);
+            keys.extend(scheduled.map(|(k, _)| k as JobKey).take(limit - keys.len()));
         }
         Some(keys.into_iter().map(|k| self.job_view_of(k)).collect())
     }
