@@ -74,15 +74,35 @@ fi
 
 # --- Headless Chromium and playwright-core for the dashboard's browser test (tests/browser) ---
 [ -x /usr/bin/chromium ] || install chromium
+command -v npm >/dev/null 2>&1 || install nodejs npm
 [ -d tests/browser/node_modules ] || (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 # --- A MongoDB-wire test server for the job log's MongoDB sink (crates/joblog/tests/mongo.rs) ---
 # Started only when nothing listens on 27017 (never stopped here: it may not be ours); the tool
 # installs what it needs. Data under target/, so `cargo clean` removes it.
+mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
 if [ -z "${GEARBOX_TEST_MONGO:-}" ]; then
-    if ! (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; then
+    if ! mongo_up; then
         log "starting the MongoDB test server"
-        PORT=27017 ../shared/tools/mongo-test-server start "$PWD/target/mongo-test-data" >/dev/null
+        tool=""
+        for t in ../shared/tools/mongo-test-server /work/shared/tools/mongo-test-server; do
+            [ -x "$t" ] && tool=$t && break
+        done
+        if [ -n "$tool" ]; then
+            PORT=27017 "$tool" start "$PWD/target/mongo-test-data" >/dev/null
+        else
+            # Without the workplace's tool: the same server (nx-27017 from PyPI) in a venv of ours.
+            venv=$PWD/target/mongo-venv
+            if [ ! -x "$venv/bin/nx-27017" ]; then
+                python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || install python3-venv
+                python3 -m venv "$venv"
+                "$venv/bin/pip" install -q --disable-pip-version-check nx-27017==0.8.1 neosqlite==1.17.2
+            fi
+            mkdir -p target/mongo-test-data
+            nohup setsid "$venv/bin/nx-27017" --host 127.0.0.1 -p 27017 --data-dir "$PWD/target/mongo-test-data" \
+                -j WAL >target/mongo-test-server.log 2>&1 </dev/null &
+            wait_until 30 mongo_up
+        fi
     fi
     export GEARBOX_TEST_MONGO=mongodb://127.0.0.1:27017
 fi
