@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use crate::record::{now_millis, Batch, RecordRef};
 use crate::Sink;
 
-/// Records per batch before it is handed to the writer.
+/// Records per batch before it is handed to the writer...
 const BATCH_RECORDS: usize = 1024;
+/// ...or bytes (with `--job-log-bodies`, records can be large): at most about
+/// `QUEUED_BATCHES` times this waits in memory for a slow sink.
+const BATCH_BYTES: usize = 1024 * 1024;
 /// A batch older than this is handed over even when not full, so that a record reaches the
 /// sink well within a second of its job's end.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(200);
@@ -109,7 +112,7 @@ impl JobLog {
     /// when this record started a new batch.
     pub fn record(&mut self, r: &RecordRef<'_>) -> Option<Instant> {
         self.current.push(r);
-        if self.current.len() >= BATCH_RECORDS {
+        if self.current.len() >= BATCH_RECORDS || self.current.as_bytes().len() >= BATCH_BYTES {
             self.flush();
             return None;
         }
