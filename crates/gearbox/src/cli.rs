@@ -256,11 +256,18 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
             f
         }))
         .collect();
+    print_table(&table)
+}
+
+/// Prints rows as left-aligned columns, the first row being the header.
+fn print_table(table: &[Vec<String>]) -> anyhow::Result<()> {
+    let columns = table.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> =
-        (0..table[0].len()).map(|i| table.iter().map(|r| r.get(i).map_or(0, |c| c.len())).max().unwrap_or(0)).collect();
+        (0..columns).map(|i| table.iter().map(|r| r.get(i).map_or(0, |c| c.len())).max().unwrap_or(0)).collect();
+    let mut out = std::io::stdout().lock();
     for row in table {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", cells.join("  ").trim_end());
+        writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
     Ok(())
 }
@@ -354,8 +361,8 @@ fn fetch_log(servers: &Servers, query: &gearbox_joblog::Query) -> anyhow::Result
 /// `gearbox log`: finished jobs from the servers' job logs.
 pub fn log(args: LogArgs) -> anyhow::Result<()> {
     let records = fetch_log(&args.servers, &args.query()?)?;
-    let mut out = std::io::stdout().lock();
     if args.json {
+        let mut out = std::io::stdout().lock();
         for r in &records {
             writeln!(out, "{}", serde_json::to_string(r)?)?;
         }
@@ -378,12 +385,7 @@ pub fn log(args: LogArgs) -> anyhow::Result<()> {
             r.error.as_deref().unwrap_or("").replace('\n', " "),
         ]);
     }
-    let widths: Vec<usize> = (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    for row in table {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        writeln!(out, "{}", cells.join("  ").trim_end())?;
-    }
-    Ok(())
+    print_table(&table)
 }
 
 #[derive(clap::Args)]

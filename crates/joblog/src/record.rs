@@ -55,7 +55,10 @@ impl FromStr for Status {
     type Err = String;
     fn from_str(s: &str) -> Result<Status, String> {
         Status::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
-            format!("unknown status {s:?}; expected complete, fail, exception, cancelled, timeout or lost_worker")
+            format!(
+                "unknown status {s:?}; expected complete, fail, exception, cancelled, timeout, lost_worker, \
+                 or failed (all but complete)"
+            )
         })
     }
 }

@@ -19,7 +19,7 @@ const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 1024 * 1024;
 /// A batch older than this is handed over even when not full, so that a record reaches the
 /// sink well within a second of its job's end.
-pub const FLUSH_AFTER: Duration = Duration::from_millis(200);
+const FLUSH_AFTER: Duration = Duration::from_millis(200);
 /// Batches waiting for the writer; more are dropped.
 const QUEUED_BATCHES: usize = 64;
 /// How long the writer retries one batch on a sink that was working.
@@ -39,6 +39,16 @@ pub struct LogStats {
 }
 
 impl LogStats {
+    /// Counts `n` dropped records; warns (at most once a [`WARN_EVERY`], per `last_warning`)
+    /// with `why` and the total so far.
+    fn drop_records(&self, n: usize, last_warning: &mut Option<Instant>, why: std::fmt::Arguments<'_>) {
+        let total = self.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *last_warning = Some(Instant::now());
+            tracing::warn!("{why}; {total} job-log records dropped so far");
+        }
+    }
+
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
@@ -146,11 +156,8 @@ impl JobLog {
         if let Err(TrySendError::Full(Msg::Batch(batch)) | TrySendError::Disconnected(Msg::Batch(batch))) =
             self.to_writer.try_send(Msg::Batch(batch))
         {
-            let total = self.stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
-            if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                self.last_warning = Some(Instant::now());
-                tracing::warn!("job log writer is behind (sink slow or down); {total} records dropped so far");
-            }
+            let why = format_args!("job log writer is behind (sink slow or down)");
+            self.stats.drop_records(batch.len(), &mut self.last_warning, why);
         }
     }
 
@@ -241,13 +248,11 @@ impl Writer {
     }
 
     fn drop_batch(&mut self, batch: &Batch, error: Option<crate::Error>) {
-        let total = self.stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
-        if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            self.last_warning = Some(Instant::now());
-            match error {
-                Some(e) => tracing::warn!("job log sink failed: {e}; {total} records dropped so far"),
-                None => tracing::warn!("job log sink is down; {total} records dropped so far"),
+        match error {
+            Some(e) => {
+                self.stats.drop_records(batch.len(), &mut self.last_warning, format_args!("job log sink failed: {e}"))
             }
+            None => self.stats.drop_records(batch.len(), &mut self.last_warning, format_args!("job log sink is down")),
         }
     }
 }

@@ -97,14 +97,9 @@ impl Broker {
                 }
             },
             A::Stats => {
-                let [mut queued, mut running, mut submitted, mut completed, mut failed] = [0u64; 5];
-                for f in live() {
-                    queued += u64::from(f.queued_total() + f.scheduled);
-                    running += u64::from(f.running);
-                    submitted += f.counts.submitted.iter().sum::<u64>();
-                    completed += f.counts.completed.iter().sum::<u64>();
-                    failed += f.counts.failed.iter().sum::<u64>();
-                }
+                let queued: u64 = live().map(|f| u64::from(f.queued_total() + f.scheduled)).sum();
+                let running: u64 = live().map(|f| u64::from(f.running)).sum();
+                let [submitted, completed, failed] = self.totals();
                 let _ = writeln!(out, "connections\t{}", self.conns.len());
                 let _ = writeln!(out, "jobs_queued\t{queued}\njobs_running\t{running}");
                 let _ =

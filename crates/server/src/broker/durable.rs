@@ -272,6 +272,7 @@ impl Broker {
         if self.find_by_seq(stored.seq).is_some() {
             return;
         }
+        // The store does not keep submission times: the job log sees the load time.
         let key = self.insert_job(stored.seq, fid, priority, true, &stored.unique, &stored.data);
         let job = &mut self.jobs[key as usize];
         job.loc = stored.loc;

@@ -656,9 +656,11 @@ impl Broker {
         let seq = self.next_seq;
         self.next_seq += 1;
         let key = self.insert_job(seq, fid, priority, background, unique, data);
-        self.jobs[key as usize].submitter = self.conns[conn as usize].serial;
+        let job = &mut self.jobs[key as usize];
+        job.submitter = self.conns[conn as usize].serial;
+        // One clock read per submission: the job's own time serves for scheduling too.
+        let now = job.submitted_at.div_euclid(1000);
         self.functions[fid as usize].counts.submitted[priority as usize] += 1;
-        let now = unix_now();
         let run_at = run_at.unwrap_or(0);
         if background && self.durable.is_some() {
             self.jobs[key as usize].state = JobState::Pending;
@@ -929,17 +931,19 @@ impl Broker {
         if let JobState::Running(w) = job.state {
             let w = w.get();
             self.functions[job.function as usize].running -= 1;
-            let mut started_at = None;
-            if let Some(worker) = self.conns.get_mut(w as usize) {
-                if let Some(i) = worker.running.iter().position(|r| r.key == key) {
-                    started_at = Some(worker.running.swap_remove(i).started_at);
-                }
-            }
+            let started_at = self.take_running(w, key);
             self.log_attempt(key, outcome, Some(w), started_at, result, error);
         }
         self.unstore(key);
         self.unindex(key);
         self.jobs.remove(key as usize);
+    }
+
+    /// Takes `key` off `worker`'s running list; returns when it started there.
+    fn take_running(&mut self, worker: ConnId, key: JobKey) -> Option<Millis> {
+        let running = &mut self.conns.get_mut(worker as usize)?.running;
+        let i = running.iter().position(|r| r.key == key)?;
+        Some(running.swap_remove(i).started_at)
     }
 
     /// Counts an attempt that ended and writes its job-log record.
@@ -1083,12 +1087,7 @@ impl Broker {
             if let JobState::Running(w) = job.state {
                 let w = w.get();
                 tracing::warn!(handle = %String::from_utf8_lossy(&self.handle(seq)), "worker timed out; job queued again");
-                let mut started_at = now_millis();
-                if let Some(worker) = self.conns.get_mut(w as usize) {
-                    if let Some(i) = worker.running.iter().position(|r| r.key == key) {
-                        started_at = worker.running.swap_remove(i).started_at;
-                    }
-                }
+                let started_at = self.take_running(w, key).unwrap_or_else(now_millis);
                 self.lose_worker(key, Outcome::Timeout, Some(w), started_at);
             }
         }

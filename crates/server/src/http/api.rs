@@ -85,15 +85,11 @@ struct StatusReply {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
-    let (functions, connections) = {
+    let (functions, connections, [submitted, completed, failed]) = {
         let broker = shared.broker.lock().unwrap();
-        (broker.functions_view(), broker.connection_count())
+        (broker.functions_view(), broker.connection_count(), broker.totals())
     };
-    let totals = Totals {
-        submitted: functions.iter().map(|f| f.submitted).sum(),
-        completed: functions.iter().map(|f| f.completed).sum(),
-        failed: functions.iter().map(|f| f.failed).sum(),
-    };
+    let totals = Totals { submitted, completed, failed };
     let info = &shared.admin_info;
     Json(StatusReply {
         version: env!("CARGO_PKG_VERSION").into(),

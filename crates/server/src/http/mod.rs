@@ -80,10 +80,13 @@ struct Sample {
     failed: u64,
 }
 
+/// The samples of the last minutes, oldest first.
+type History = Arc<Mutex<VecDeque<Sample>>>;
+
 #[derive(Clone)]
 struct AppState {
     shared: Arc<Shared>,
-    history: Arc<Mutex<VecDeque<Sample>>>,
+    history: History,
 }
 
 impl FromRef<AppState> for Arc<Shared> {
@@ -92,8 +95,8 @@ impl FromRef<AppState> for Arc<Shared> {
     }
 }
 
-impl FromRef<AppState> for Arc<Mutex<VecDeque<Sample>>> {
-    fn from_ref(state: &AppState) -> Arc<Mutex<VecDeque<Sample>>> {
+impl FromRef<AppState> for History {
+    fn from_ref(state: &AppState) -> History {
         state.history.clone()
     }
 }
@@ -110,7 +113,7 @@ fn sample(shared: &Shared) -> Sample {
 }
 
 /// Samples the totals every [`SAMPLE_EVERY`] until `shutdown`.
-async fn keep_history(shared: Arc<Shared>, history: Arc<Mutex<VecDeque<Sample>>>, shutdown: CancellationToken) {
+async fn keep_history(shared: Arc<Shared>, history: History, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tokio::select! {
@@ -127,9 +130,7 @@ async fn keep_history(shared: Arc<Shared>, history: Arc<Mutex<VecDeque<Sample>>>
 }
 
 /// `/api/throughput`: the samples of the last minutes, oldest first, and the server's clock.
-async fn throughput(
-    axum::extract::State(history): axum::extract::State<Arc<Mutex<VecDeque<Sample>>>>,
-) -> axum::Json<serde_json::Value> {
+async fn throughput(axum::extract::State(history): axum::extract::State<History>) -> axum::Json<serde_json::Value> {
     let samples: Vec<Sample> = history.lock().unwrap().iter().copied().collect();
     axum::Json(serde_json::json!({
         "now_ms": gearbox_joblog::now_millis(),
