@@ -3,6 +3,8 @@
 //! - [`config`]: flags, environment and config file, layered into a [`Config`].
 //! - [`broker`]: all job-queue state and the rules that change it (pure, synchronous).
 //! - [`outbox`]: per-connection output buffers the broker writes into.
+//! - `shared`: the state connection tasks, the store thread and HTTP share (the broker
+//!   behind its mutex, server facts).
 //! - `session`: one task per connection (read, decode, apply, write).
 //! - [`store`]: the durable queue: choosing a store, loading it, the store thread.
 //! - [`server`]: listeners, the timer task, and shutdown; [`serve`] runs a server on
@@ -15,6 +17,7 @@ pub mod http;
 pub mod outbox;
 pub mod server;
 mod session;
+mod shared;
 pub mod store;
 
 pub use config::{Config, ConfigError, Settings};

@@ -8,20 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{AdminInfo, Broker, BrokerConfig, JobLogInfo};
+use crate::shared::Shared;
 use crate::store::{QueueSpec, StoreThread};
-
-/// What every connection task shares.
-pub(crate) struct Shared {
-    pub broker: Mutex<Broker>,
-    pub max_packet: u32,
-    pub admin_info: AdminInfo,
-    pub shutdown: CancellationToken,
-    /// Wakes the store thread; used with `broker`'s mutex.
-    pub store_wake: Arc<Condvar>,
-    /// Reads the job log back (`log` admin command); `None` when the log is off.
-    pub job_log: Option<Arc<dyn gearbox_joblog::Search>>,
-    pub started: Instant,
-}
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]

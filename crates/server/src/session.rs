@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::broker::{AdminEffect, ConnId};
 use crate::outbox::{Fate, Outbox};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading from a peer while this much output to it is unsent.

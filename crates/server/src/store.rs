@@ -14,7 +14,7 @@ use std::time::Duration;
 use gearbox_store::{log::LogStore, Batch, QueueStore, StoreError};
 
 use crate::broker::Broker;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Where the queue is kept.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! The text admin protocol's commands, answered from the broker's state.
 
+use super::job::JobState;
 use super::views::CancelError;
-use super::{AdminEffect, Broker, ConnId, JobState};
+use super::{AdminEffect, Broker, ConnId};
 
 impl Broker {
     pub fn admin(&mut self, conn: ConnId, cmd: gearbox_proto::AdminCommand, info: &AdminInfo) -> AdminEffect {

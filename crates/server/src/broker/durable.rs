@@ -18,7 +18,9 @@ use bytes::BytesMut;
 use gearbox_proto::PacketType as T;
 use gearbox_store::{Batch, Loc, PayloadReader, StoredJob};
 
-use super::{unix_now, Broker, ConnId, Job, JobKey, JobState};
+use super::job::{Job, JobState};
+use super::timer::unix_now;
+use super::{Broker, ConnId, JobKey};
 
 /// Payload bytes of stored jobs kept in memory; the rest are read back when needed.
 const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;

@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use super::{Broker, FunctionCounts, Histogram, JobKey, JobState};
+use super::job::JobState;
+use super::{Broker, FunctionCounts, Histogram, JobKey};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FunctionView {

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::local::LocalConn;
 use crate::broker::{CancelError, FunctionView, JobView, WorkerView};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Most jobs `/api/functions/{name}/jobs` lists.
 const JOBS_LISTED: usize = 1000;

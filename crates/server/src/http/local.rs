@@ -9,7 +9,7 @@ use gearbox_proto::{Decoder, Message, Request, Response};
 
 use crate::broker::ConnId;
 use crate::outbox::Outbox;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 pub(crate) struct LocalConn {
     id: ConnId,

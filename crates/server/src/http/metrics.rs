@@ -9,7 +9,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::broker::{FunctionCounts, FunctionView, Histogram, BUCKET_BOUNDS_US};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 

@@ -15,7 +15,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 mod api;
 mod local;

@@ -1,0 +1,235 @@
+//! Unit tests of the broker, and the model test: random packet sequences against its
+//! invariants.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gearbox_joblog::{Millis, Status as Outcome};
+use gearbox_proto::{GrabKind, Priority};
+use gearbox_store::Loc;
+
+use super::job::JobState;
+use super::*;
+use crate::outbox::Outbox;
+
+fn submit(b: &mut Broker, conn: ConnId, unique: &str, background: bool) {
+    b.apply(
+        conn,
+        Request::SubmitJob {
+            function: Bytes::from_static(b"f"),
+            unique: Bytes::copy_from_slice(unique.as_bytes()),
+            data: Bytes::from_static(b"payload"),
+            priority: Priority::Normal,
+            background,
+        },
+    );
+}
+
+#[test]
+fn finished_jobs_leave_no_trace_in_the_indices() {
+    let mut b = Broker::new(BrokerConfig::default());
+    let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+    let worker = b.connect(Arc::new(Outbox::default()), 1, "test", 2);
+    b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
+    for i in 0..1000 {
+        submit(&mut b, client, &format!("u{i}"), i % 2 == 0);
+        b.apply(worker, Request::GrabJob(GrabKind::Uniq));
+        let key = b.conns[worker as usize].running[0].key;
+        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+        b.apply(worker, Request::WorkComplete { handle, data: Bytes::new() });
+    }
+    assert_eq!((b.jobs.len(), b.by_seq.len(), b.by_unique.len()), (0, 0, 0));
+    assert!(b.conns[client as usize].waiting.is_empty());
+}
+
+/// Random sequences of packets, disconnects and timer ticks never panic and keep the
+/// broker's counters and indices consistent with its jobs.
+mod model {
+    use super::*;
+    use gearbox_proto::{AdminCommand, Request};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Submit {
+            conn: usize,
+            function: u8,
+            unique: u8,
+            background: bool,
+            priority: u8,
+            later: bool,
+        },
+        CanDo(usize, u8),
+        CantDo(usize, u8),
+        Grab(usize),
+        PreSleep(usize),
+        Finish {
+            conn: usize,
+            how: u8,
+        },
+        Status(usize),
+        Cancel(usize, u64),
+        Disconnect(usize),
+        Tick,
+        /// The store thread commits what is pending, successfully or not.
+        Commit(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let c = 0..4usize;
+        prop_oneof![
+            (c.clone(), 0..3u8, 0..4u8, any::<bool>(), 0..3u8, any::<bool>()).prop_map(
+                |(conn, function, unique, background, priority, later)| Op::Submit {
+                    conn,
+                    function,
+                    unique,
+                    background,
+                    priority,
+                    later
+                }
+            ),
+            (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CanDo(c, f)),
+            (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CantDo(c, f)),
+            c.clone().prop_map(Op::Grab),
+            c.clone().prop_map(Op::PreSleep),
+            (c.clone(), 0..4u8).prop_map(|(conn, how)| Op::Finish { conn, how }),
+            c.clone().prop_map(Op::Status),
+            (c.clone(), 0..8u64).prop_map(|(c, n)| Op::Cancel(c, n)),
+            c.prop_map(Op::Disconnect),
+            Just(Op::Tick),
+            any::<bool>().prop_map(Op::Commit),
+        ]
+    }
+
+    /// A job-log sink that keeps what it is given.
+    struct Collect(Arc<std::sync::Mutex<Vec<gearbox_joblog::Record>>>);
+
+    impl gearbox_joblog::Sink for Collect {
+        fn write(&mut self, batch: &gearbox_joblog::Batch) -> Result<(), gearbox_joblog::Error> {
+            self.0.lock().unwrap().extend(batch.iter().map(|r| r.to_record()));
+            Ok(())
+        }
+        fn expire(&mut self, _: Millis) -> Result<u64, gearbox_joblog::Error> {
+            Ok(0)
+        }
+    }
+
+    fn check(b: &Broker) {
+        for (fid, f) in b.functions.iter().enumerate().filter(|(_, f)| !f.dropped) {
+            let fid = fid as FunctionId;
+            let jobs = || b.jobs.iter().map(|(_, j)| j).filter(move |j| j.function == fid);
+            for p in 0..3 {
+                let queued = jobs().filter(|j| j.state == JobState::Queued && j.priority as usize == p).count();
+                assert_eq!(f.queued[p] as usize, queued, "queued count of priority {p}");
+            }
+            assert_eq!(f.running as usize, jobs().filter(|j| matches!(j.state, JobState::Running(_))).count());
+            assert_eq!(f.scheduled as usize, jobs().filter(|j| j.state == JobState::Scheduled).count());
+            let workers = b.conns.iter().filter(|(_, c)| c.abilities.iter().any(|a| a.function == fid)).count();
+            assert_eq!(f.workers as usize, workers);
+        }
+        let live = b.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped).count();
+        assert_eq!(b.by_seq.len(), live);
+        for (key, job) in &b.jobs {
+            if let JobState::Running(w) = job.state {
+                let w = w.get();
+                assert!(b.conns[w as usize].running.iter().any(|r| r.key == key as JobKey));
+            }
+            for &c in job.clients() {
+                assert!(b.conns[c as usize].waiting.contains(&(key as JobKey)));
+            }
+        }
+    }
+
+    fn commit(b: &mut Broker, ok: bool) {
+        let mut batch = gearbox_store::Batch::default();
+        b.take_pending(&mut batch);
+        let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+        b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+    }
+
+    proptest! {
+        #[test]
+        fn any_sequence_keeps_the_broker_consistent(ops in proptest::collection::vec(op(), 1..80), durable: bool) {
+            let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
+            if durable {
+                b.enable_durability(Arc::new(std::sync::Condvar::new()), None);
+            }
+            let records = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (log, _, writer) = gearbox_joblog::writer::start(Box::new(Collect(records.clone())), None, Some(8));
+            b.set_job_log(log);
+            let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t", 1)).collect();
+            let name = |f: u8| Bytes::from(format!("f{f}"));
+            for op in ops {
+                match op {
+                    Op::Submit { conn, function, unique, background, priority, later } => {
+                        let unique = if unique == 0 { Bytes::new() } else { Bytes::from(format!("u{unique}")) };
+                        let priority = Priority::ALL[priority as usize];
+                        let req = if later {
+                            Request::SubmitJobEpoch { function: name(function), unique, epoch: i64::MAX, data: Bytes::from_static(b"d") }
+                        } else {
+                            Request::SubmitJob { function: name(function), unique, data: Bytes::from_static(b"d"), priority, background }
+                        };
+                        b.apply(conns[conn], req);
+                    }
+                    Op::CanDo(c, f) => b.apply(conns[c], Request::CanDo { function: name(f) }),
+                    Op::CantDo(c, f) => b.apply(conns[c], Request::CantDo { function: name(f) }),
+                    Op::Grab(c) => b.apply(conns[c], Request::GrabJob(GrabKind::Uniq)),
+                    Op::PreSleep(c) => b.apply(conns[c], Request::PreSleep),
+                    Op::Finish { conn, how } => {
+                        let Some(key) = b.conns[conns[conn] as usize].running.first().map(|r| r.key) else { continue };
+                        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+                        let req = match how {
+                            0 => Request::WorkComplete { handle, data: Bytes::new() },
+                            1 => Request::WorkFail { handle },
+                            2 => Request::WorkException { handle, data: Bytes::new() },
+                            _ => Request::WorkStatus { handle, numerator: 1, denominator: 2 },
+                        };
+                        b.apply(conns[conn], req);
+                    }
+                    Op::Status(c) => b.apply(conns[c], Request::GetStatusUnique { unique: Bytes::from_static(b"u1") }),
+                    Op::Cancel(c, n) => {
+                        let handle = Bytes::copy_from_slice(&b.handle(b.next_seq.saturating_sub(n + 1)));
+                        let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
+                        b.admin(conns[c], AdminCommand::CancelJob { handle }, &info);
+                    }
+                    Op::Disconnect(c) => {
+                        b.disconnect(conns[c]);
+                        conns[c] = b.connect(Arc::new(Outbox::default()), c as i32, "t", 1);
+                    }
+                    Op::Tick => {
+                        b.tick(Instant::now() + Duration::from_secs(5));
+                    }
+                    Op::Commit(ok) => commit(&mut b, ok || !durable),
+                }
+                check(&b);
+            }
+            // Once everything is committed, no job is pending and no reply is held.
+            commit(&mut b, true);
+            check(&b);
+            prop_assert!(b.jobs.iter().all(|(_, j)| j.state != JobState::Pending));
+            prop_assert!(b.conns.iter().all(|(_, c)| c.held.borrow().is_none()));
+            for c in conns {
+                b.disconnect(c);
+                check(&b);
+            }
+            prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
+
+            // Every attempt that ended was logged once, as the counters say.
+            b.close_job_log();
+            writer.stop();
+            let records = records.lock().unwrap();
+            let count = |status: Outcome| records.iter().filter(|r| r.status == status).count() as u64;
+            let given_up = records.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("given up"))).count() as u64;
+            let completed: u64 = b.functions.iter().map(|f| f.counts.completed.iter().sum::<u64>()).sum();
+            let failed: u64 = b.functions.iter().map(|f| f.counts.failed.iter().sum::<u64>()).sum();
+            prop_assert_eq!(count(Outcome::Complete), completed);
+            prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
+            for r in records.iter() {
+                prop_assert_eq!(r.started_at.is_none(), r.status == Outcome::Cancelled, "{:?}", r);
+                prop_assert_eq!(r.result.is_some(), r.status == Outcome::Complete, "{:?}", r);
+                prop_assert!(r.payload.is_some() && r.attempt <= 3, "{:?}", r);
+            }
+        }
+    }
+}
