@@ -1,7 +1,8 @@
 //! Crash tests, one per durable store: five cycles of background submissions at about
 //! 5,000 jobs/s from 4 connections, each ended by SIGKILL at a random moment; after the last
-//! restart every acknowledged job must run. The SQL stores use the shared MariaDB and
-//! PostgreSQL of the test machine (the README's test command starts them).
+//! restart every acknowledged job must run. Then, per store, a background request coalesced
+//! onto a foreground job, killed right after its acknowledgement. The SQL stores use the
+//! shared MariaDB and PostgreSQL of the test machine (the README's test command starts them).
 
 mod common;
 
@@ -188,20 +189,100 @@ fn sql_table(kind: &str) -> String {
 fn mariadb_store_loses_no_acknowledged_job() {
     let table = sql_table("mysql");
     crash_cycles(Some(&format!("mysql://root@127.0.0.1:3306/test?table={table}")));
-    let status = std::process::Command::new("mariadb")
-        .args(["-h", "127.0.0.1", "-u", "root", "test", "-e", &format!("DROP TABLE {table}")])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    drop_table("mariadb", &["-h", "127.0.0.1", "-u", "root", "test", "-e"], &table);
 }
 
 #[test]
 fn postgres_store_loses_no_acknowledged_job() {
     let table = sql_table("pg");
     crash_cycles(Some(&format!("postgres://postgres@127.0.0.1:5432/test?table={table}")));
-    let status = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "test", "-c", &format!("DROP TABLE {table}")])
-        .status()
-        .unwrap();
+    drop_table("psql", &["-q", "-h", "127.0.0.1", "-U", "postgres", "test", "-c"], &table);
+}
+
+/// Sends one request and reads one response.
+fn call(stream: &mut TcpStream, req: &Request) -> Response {
+    stream.write_all(&encode(req)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = None;
+    read_responses(stream.try_clone().unwrap(), |r| {
+        got = Some(r);
+        false
+    });
+    got.expect("a response")
+}
+
+fn submit(stream: &mut TcpStream, unique: &str, background: bool) -> bytes::Bytes {
+    let req = Request::SubmitJob {
+        function: "coalesce".into(),
+        unique: unique.to_string().into(),
+        data: format!("payload of {unique}").into(),
+        priority: Priority::Normal,
+        background,
+    };
+    match call(stream, &req) {
+        Response::JobCreated { handle } => handle,
+        other => panic!("expected JOB_CREATED, got {other:?}"),
+    }
+}
+
+/// A background request coalesced onto a waiting foreground job is acknowledged only once
+/// stored: a SIGKILL right after its JOB_CREATED loses it no more than a plain one.
+fn coalesced_background_request_survives_sigkill(queue: Option<&str>) {
+    let data_dir = temp_data_dir();
+    let extra: Vec<&str> = queue.map(|q| vec!["--queue", q]).unwrap_or_default();
+    let mut server = Server::start_in(data_dir.clone(), &extra);
+    let mut foreground = TcpStream::connect(server.addr).unwrap();
+    let handle = submit(&mut foreground, "U", false);
+    let mut background = TcpStream::connect(server.addr).unwrap();
+    assert_eq!(submit(&mut background, "U", true), handle);
+    let plain = submit(&mut background, "plain", true);
+    server.child.kill().unwrap(); // SIGKILL, the foreground client still connected
+    server.child.wait().unwrap();
+    server.data_dir = temp_data_dir(); // keep the data for the restart
+
+    let server = Server::start_in(data_dir, &extra);
+    let mut worker = TcpStream::connect(server.addr).unwrap();
+    worker.write_all(&encode(&Request::CanDo { function: "coalesce".into() })).unwrap();
+    let mut ran = Vec::new();
+    loop {
+        match call(&mut worker, &Request::GrabJob(GrabKind::Uniq)) {
+            Response::JobAssignUniq { handle, unique, data, .. } => {
+                ran.push((handle.clone(), String::from_utf8(unique.to_vec()).unwrap(), data));
+                worker.write_all(&encode(&Request::WorkComplete { handle, data: "".into() })).unwrap();
+            }
+            Response::NoJob => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected = vec![
+        (handle, "U".to_string(), bytes::Bytes::from("payload of U")),
+        (plain, "plain".to_string(), bytes::Bytes::from("payload of plain")),
+    ];
+    assert_eq!(ran, expected, "both acknowledged requests, with their handles and first payload");
+}
+
+#[test]
+fn embedded_store_keeps_a_coalesced_background_request() {
+    coalesced_background_request_survives_sigkill(None);
+}
+
+#[test]
+fn mariadb_store_keeps_a_coalesced_background_request() {
+    let table = sql_table("mysql");
+    coalesced_background_request_survives_sigkill(Some(&format!("mysql://root@127.0.0.1:3306/test?table={table}")));
+    drop_table("mariadb", &["-h", "127.0.0.1", "-u", "root", "test", "-e"], &table);
+}
+
+#[test]
+fn postgres_store_keeps_a_coalesced_background_request() {
+    let table = sql_table("pg");
+    coalesced_background_request_survives_sigkill(Some(&format!(
+        "postgres://postgres@127.0.0.1:5432/test?table={table}"
+    )));
+    drop_table("psql", &["-q", "-h", "127.0.0.1", "-U", "postgres", "test", "-c"], &table);
+}
+
+fn drop_table(tool: &str, args: &[&str], table: &str) {
+    let status = std::process::Command::new(tool).args(args).arg(format!("DROP TABLE {table}")).status().unwrap();
     assert!(status.success());
 }

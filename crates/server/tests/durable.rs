@@ -211,6 +211,22 @@ async fn a_full_disk_fails_submissions_visibly_and_loses_nothing() {
         }
     }
     assert!(refused == 1 && accepted.len() > 10, "accepted {} then refused {refused}", accepted.len());
+    // A background request joining a foreground job cannot be stored either: it is refused,
+    // and the job stays a foreground job, which leaves with its client.
+    let mut fg = server.conn().await;
+    fg.submit("g", "joined", &payload, false).await;
+    c.send(Request::SubmitJob {
+        function: b("g"),
+        unique: b("joined"),
+        data: b(&payload),
+        priority: Priority::Normal,
+        background: true,
+    })
+    .await;
+    assert!(matches!(c.recv().await, Response::Error { code, .. } if code == b("QUEUE_ERROR")));
+    drop(fg);
+    let mut admin = server.conn().await;
+    admin.admin_until("status", &format!("f\t{}\t0\t0\ng\t0\t0\t0\n.\n", accepted.len())).await;
     // The server is still up, and works again once there is room.
     c.send(Request::EchoReq { data: b("alive") }).await;
     assert_eq!(c.recv().await, Response::EchoRes { data: b("alive") });
@@ -235,4 +251,39 @@ async fn a_full_disk_fails_submissions_visibly_and_loses_nothing() {
     assert_eq!(last, Some(after));
     server.stop().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Jobs waiting for their commit count against `maxqueue` and keep `drop function` from
+/// orphaning them: a pipelined burst lands within one commit window.
+#[tokio::test]
+async fn jobs_waiting_for_their_commit_count_against_limits() {
+    let dir = temp_dir("limits");
+    let server = start(&dir).await;
+    let mut admin = server.conn().await;
+    assert_eq!(admin.admin("maxqueue f 3").await, "OK\r\n");
+    let mut c = server.conn().await;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..10 {
+        let req = Request::SubmitJob {
+            function: b("f"),
+            unique: b(&format!("u{i}")),
+            data: b("d"),
+            priority: Priority::Normal,
+            background: true,
+        };
+        req.encode(&mut bytes);
+    }
+    c.send_raw(&bytes).await;
+    let mut created = 0;
+    for _ in 0..10 {
+        match c.recv().await {
+            Response::JobCreated { .. } => created += 1,
+            Response::Error { code, .. } => assert_eq!(&code[..], b"QUEUE_ERROR"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created, 3);
+    assert_eq!(admin.admin("drop function f").await, "ERR there are still queued jobs\r\n");
+    server.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -85,11 +85,14 @@ impl Broker {
                     let f = &self.functions[fid as usize];
                     if f.workers > 0 || f.running > 0 {
                         out.push_str("ERR there are still connected workers or executing clients\r\n");
-                    } else if f.queued_total() > 0 || f.scheduled > 0 {
+                    } else if f.total() > 0 {
                         out.push_str("ERR there are still queued jobs\r\n");
                     } else {
                         self.function_ids.remove(&function[..]);
                         let f = &mut self.functions[fid as usize];
+                        for (total, n) in self.dropped_totals.iter_mut().zip(f.counts.totals()) {
+                            *total += n;
+                        }
                         f.dropped = true;
                         f.queues = Default::default();
                         f.sleepers.clear();

@@ -3,7 +3,7 @@
 
 use gearbox_proto::{PacketType as T, Priority};
 
-use super::job::JobState;
+use super::job::{JobState, Stored};
 use super::{Broker, ConnId, JobKey, MAX_FUNCTION, MAX_UNIQUE};
 
 impl Broker {
@@ -48,15 +48,7 @@ impl Broker {
         let unique: &[u8] = if unique == b"-" && data.len() <= MAX_UNIQUE { data } else { unique };
         if !unique.is_empty() {
             if let Some(key) = self.find_by_unique(fid, unique) {
-                if !background {
-                    self.attach(conn, key);
-                }
-                let job = &self.jobs[key as usize];
-                if job.state == JobState::Pending {
-                    return self.hold_ack(conn, job.seq);
-                }
-                let handle = self.handle(job.seq);
-                return self.send(conn, T::JobCreated, &[&handle]);
+                return self.coalesce(conn, key, background);
             }
         }
         let f = &self.functions[fid as usize];
@@ -76,6 +68,7 @@ impl Broker {
         let run_at = run_at.unwrap_or(0);
         if background && self.durable.is_some() {
             self.jobs[key as usize].state = JobState::Pending;
+            self.functions[fid as usize].pending += 1;
             return self.store_add(conn, key, run_at);
         }
         if !background {
@@ -90,6 +83,31 @@ impl Broker {
         self.send(conn, T::JobCreated, &[&handle]);
     }
 
+    /// A submission whose unique key names an existing job joins it. A foreground client
+    /// waits for its result; a background submission makes the job a background job, which
+    /// then outlives its foreground clients and is stored before this submission's
+    /// JOB_CREATED. The job's priority and time stay those of its first submission.
+    fn coalesce(&mut self, conn: ConnId, key: JobKey, background: bool) {
+        let job = &self.jobs[key as usize];
+        let (seq, upgrade) = (job.seq, background && !job.background);
+        if !background {
+            self.attach(conn, key);
+        } else if upgrade {
+            self.jobs[key as usize].background = true;
+            if self.durable.is_some() {
+                return self.store_add(conn, key, 0);
+            }
+        }
+        let job = &self.jobs[key as usize];
+        // A job waiting for its first commit may yet be refused; a background submission
+        // waits for the commit of the job's record in any case.
+        if job.state == JobState::Pending || (background && job.stored == Stored::Adding) {
+            return self.hold_ack(conn, seq);
+        }
+        let handle = self.handle(seq);
+        self.send(conn, T::JobCreated, &[&handle]);
+    }
+
     pub(super) fn attach(&mut self, conn: ConnId, key: JobKey) {
         let job = &mut self.jobs[key as usize];
         if !job.clients().contains(&conn) {
@@ -98,7 +116,8 @@ impl Broker {
         }
     }
 
-    /// A client stopped waiting for `key`. A queued foreground job nobody waits for is dropped.
+    /// A client stopped waiting for `key`. A queued job nobody waits for is dropped, unless
+    /// a background submission is attached to it.
     pub(super) fn detach_client(&mut self, key: JobKey, conn: ConnId) {
         let job = &mut self.jobs[key as usize];
         if let Some(extra) = job.extra.as_mut() {

@@ -2,9 +2,14 @@
 //!
 //! A background submission becomes a *pending* job: it is indexed (so duplicates coalesce
 //! onto it) but not dispatchable, and its record joins the batch the store thread commits
-//! next. The client's JOB_CREATED waits for that commit. Replies to one connection must keep
-//! their order, so once a connection waits for a commit, everything else sent to it waits
-//! behind it in a queue of held replies, released in order as commits complete.
+//! next. The client's JOB_CREATED waits for that commit. A background submission coalesced
+//! onto a foreground job makes it a background job: its record is written the same way (the
+//! job keeps running or waiting meanwhile) and that submission's JOB_CREATED waits too.
+//!
+//! Replies to one connection must keep their order, so once a connection waits for a
+//! commit, everything else sent to it waits behind it in a queue of held replies. When a
+//! batch commits, the acknowledgements of the jobs it carried become JOB_CREATED (or an
+//! ERROR if it failed) in place, and each queue is released up to its first unresolved one.
 //!
 //! Payloads of committed jobs are kept in memory up to a budget; past it they are dropped
 //! and read back from the store when a worker takes the job.
@@ -15,12 +20,12 @@ use std::sync::{Arc, Condvar};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use gearbox_proto::PacketType as T;
+use gearbox_proto::{encode_packet, Magic, PacketType as T};
 use gearbox_store::{Batch, Loc, PayloadReader, StoredJob};
 
-use super::job::{Job, JobState};
+use super::job::{Job, JobState, Stored};
 use super::timer::unix_now;
-use super::{Broker, ConnId, JobKey};
+use super::{Broker, ConnId, JobKey, MAX_UNIQUE};
 
 /// Payload bytes of stored jobs kept in memory; the rest are read back when needed.
 const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;
@@ -32,8 +37,8 @@ pub(super) struct Durability {
     wake: Arc<Condvar>,
     reader: Option<Arc<dyn PayloadReader>>,
     ram_bytes: usize,
-    /// Why the last failed commit failed, for the clients whose submissions it lost.
-    last_error: String,
+    /// The sequence numbers of the batch being applied, sorted (reused).
+    batch_seqs: Vec<u64>,
     /// When the oldest pending change, and the oldest pending job, arrived.
     change_since: Option<Instant>,
     add_since: Option<Instant>,
@@ -50,7 +55,9 @@ pub struct PendingState {
 /// A reply to a connection that waits for a commit.
 pub(super) enum Held {
     Bytes(BytesMut),
-    /// JOB_CREATED for the job with this sequence number, once it is committed.
+    /// The answer to a background submission (or a foreground one that joined a pending
+    /// job): JOB_CREATED for the job with this sequence number once the batch carrying its
+    /// record commits, an ERROR if that fails.
     Ack(u64),
 }
 
@@ -63,7 +70,7 @@ impl Broker {
             wake,
             reader,
             ram_bytes: 0,
-            last_error: String::new(),
+            batch_seqs: Vec::new(),
             change_since: None,
             add_since: None,
         });
@@ -103,9 +110,11 @@ impl Broker {
         d.pending.push_remove(seq, loc);
     }
 
-    /// Records a new background job for the store; its submitter's JOB_CREATED is held.
+    /// Writes a background job's record with the next batch; the submitter's JOB_CREATED
+    /// waits for it.
     pub(super) fn store_add(&mut self, conn: ConnId, key: JobKey, run_at: i64) {
-        let job = &self.jobs[key as usize];
+        let job = &mut self.jobs[key as usize];
+        job.stored = Stored::Adding;
         let (seq, priority) = (job.seq, job.priority as u8);
         let name = self.functions[job.function as usize].name.clone();
         let d = self.durable.as_mut().expect("durable store enabled");
@@ -119,10 +128,11 @@ impl Broker {
         self.hold_ack(conn, seq);
     }
 
-    /// Forgets a stored job (it finished, failed or was cancelled).
+    /// Forgets a stored job (it finished, failed or was cancelled). A job whose record is
+    /// still being written is removed once the commit says where the record landed.
     pub(super) fn unstore(&mut self, key: JobKey) {
         let job = &self.jobs[key as usize];
-        if self.durable.is_none() || !job.background || job.state == JobState::Pending {
+        if job.stored != Stored::Yes {
             return;
         }
         let (seq, loc, in_ram, len) = (job.seq, job.loc, job.in_ram, job.payload_len as usize);
@@ -142,37 +152,93 @@ impl Broker {
         held.get_or_insert_with(VecDeque::new).push_back(Held::Ack(seq));
     }
 
-    /// Applies the outcome of committing `batch`: committed jobs become runnable and their
-    /// submitters get JOB_CREATED; on failure they are dropped and get an ERROR instead.
+    /// Applies the outcome of committing `batch`. On success its new jobs become runnable
+    /// and every job it carried is stored; on failure new jobs are dropped and jobs made
+    /// background by a coalesced submission go back to being foreground jobs. Either way the
+    /// submissions waiting on it get their answer.
     pub fn committed(&mut self, batch: &Batch, outcome: Result<&[Loc], String>) {
         self.current = None;
         let now = unix_now();
         for (i, add) in batch.adds().enumerate() {
-            let Some(key) = self.find_by_seq(add.seq) else { continue };
-            if self.jobs[key as usize].state != JobState::Pending {
-                continue;
-            }
-            match &outcome {
-                Ok(locs) => {
-                    self.jobs[key as usize].loc = locs[i];
+            let key = self.find_by_seq(add.seq);
+            debug_assert!(key.is_none_or(|k| self.jobs[k as usize].stored == Stored::Adding));
+            match (&outcome, key) {
+                (Ok(locs), Some(key)) => {
+                    let job = &mut self.jobs[key as usize];
+                    job.loc = locs[i];
+                    job.stored = Stored::Yes;
+                    let (pending, fid) = (job.state == JobState::Pending, job.function);
                     self.keep_or_evict(key);
-                    self.release(key, add.run_at, now);
+                    if pending {
+                        self.functions[fid as usize].pending -= 1;
+                        self.release(key, add.run_at, now);
+                    }
                 }
-                Err(_) => {
-                    self.unindex(key);
-                    self.jobs.remove(key as usize);
-                }
+                // The job ended while its record was being written: remove the record.
+                (Ok(locs), None) => self.pending_remove(add.seq, locs[i]),
+                (Err(_), Some(key)) => self.unadd(key),
+                (Err(_), None) => {}
             }
         }
-        if let Err(why) = outcome {
+        if let Err(why) = &outcome {
             tracing::error!("queue store commit failed: {why}");
             // Nobody waits on removals: retry them with the next batch.
             for &(seq, loc) in batch.removes() {
                 self.pending_remove(seq, loc);
             }
-            self.durable.as_mut().unwrap().last_error = why;
         }
+        self.answer_acks(batch, outcome.as_ref().err().map(String::as_str));
         self.release_held();
+    }
+
+    /// A job whose record could not be stored: a new one is dropped; one that a coalesced
+    /// background submission made background is a foreground job again, dropped if it is
+    /// queued and no client waits for it any more.
+    fn unadd(&mut self, key: JobKey) {
+        let job = &mut self.jobs[key as usize];
+        job.stored = Stored::No;
+        if job.state == JobState::Pending {
+            self.functions[job.function as usize].pending -= 1;
+            self.unindex(key);
+            self.jobs.remove(key as usize);
+            return;
+        }
+        job.background = false;
+        if job.clients().is_empty() && job.state == JobState::Queued {
+            self.drop_queued(key, "its background submission could not be stored and no client waits for it");
+        }
+    }
+
+    /// Turns the held acknowledgements of the jobs `batch` carried into their answers.
+    fn answer_acks(&mut self, batch: &Batch, error: Option<&str>) {
+        if self.held_conns.is_empty() {
+            return;
+        }
+        let d = self.durable.as_mut().unwrap();
+        let mut seqs = std::mem::take(&mut d.batch_seqs);
+        seqs.clear();
+        seqs.extend(batch.adds().map(|a| a.seq));
+        seqs.sort_unstable();
+        let error = error.map(|why| format!("could not store the job: {why}"));
+        for &conn in &self.held_conns {
+            let Some(c) = self.conns.get(conn as usize) else { continue };
+            let mut held = c.held.borrow_mut();
+            for reply in held.iter_mut().flatten() {
+                let Held::Ack(seq) = *reply else { continue };
+                if seqs.binary_search(&seq).is_err() {
+                    continue;
+                }
+                let mut bytes = BytesMut::new();
+                match &error {
+                    None => encode_packet(&mut bytes, Magic::Response, T::JobCreated, &[&self.handle(seq)]),
+                    Some(why) => {
+                        encode_packet(&mut bytes, Magic::Response, T::Error, &[b"QUEUE_ERROR", why.as_bytes()])
+                    }
+                }
+                *reply = Held::Bytes(bytes);
+            }
+        }
+        self.durable.as_mut().unwrap().batch_seqs = seqs;
     }
 
     /// Makes a committed or restored job runnable (now or at its time).
@@ -198,48 +264,15 @@ impl Broker {
         }
     }
 
-    /// Sends what held connections may now receive, in order.
+    /// Sends each held connection its replies up to the first unanswered acknowledgement.
     fn release_held(&mut self) {
         let mut still_held = Vec::new();
         for conn in std::mem::take(&mut self.held_conns) {
             let Some(c) = self.conns.get(conn as usize) else { continue };
             let mut queue = c.held.borrow_mut().take().unwrap_or_default();
-            while let Some(front) = queue.front_mut() {
-                match front {
-                    Held::Bytes(bytes) => {
-                        let bytes = std::mem::take(bytes);
-                        self.push_out(conn, |b| b.extend_from_slice(&bytes));
-                    }
-                    Held::Ack(seq) => {
-                        let seq = *seq;
-                        match self.find_by_seq(seq) {
-                            Some(key) if self.jobs[key as usize].state == JobState::Pending => break,
-                            Some(_) => {
-                                let handle = self.handle(seq);
-                                self.push_out(conn, |b| {
-                                    gearbox_proto::encode_packet(
-                                        b,
-                                        gearbox_proto::Magic::Response,
-                                        T::JobCreated,
-                                        &[&handle],
-                                    )
-                                });
-                            }
-                            None => {
-                                let why =
-                                    format!("could not store the job: {}", self.durable.as_ref().unwrap().last_error);
-                                self.push_out(conn, |b| {
-                                    gearbox_proto::encode_packet(
-                                        b,
-                                        gearbox_proto::Magic::Response,
-                                        T::Error,
-                                        &[b"QUEUE_ERROR", why.as_bytes()],
-                                    )
-                                });
-                            }
-                        }
-                    }
-                }
+            while let Some(Held::Bytes(bytes)) = queue.front_mut() {
+                let bytes = std::mem::take(bytes);
+                self.push_out(conn, |b| b.extend_from_slice(&bytes));
                 queue.pop_front();
             }
             if !queue.is_empty() {
@@ -274,12 +307,20 @@ impl Broker {
         if self.find_by_seq(stored.seq).is_some() {
             return;
         }
+        let unique: &[u8] = if stored.unique.len() <= MAX_UNIQUE {
+            &stored.unique
+        } else {
+            // Only an import from another server could hold such a key: keep the job, unkeyed.
+            tracing::warn!("restored job {} has a unique key longer than {MAX_UNIQUE} bytes; ignoring it", stored.seq);
+            b""
+        };
         // The store does not keep submission times: the job log sees the load time.
-        let key = self.insert_job(stored.seq, fid, priority, true, &stored.unique, &stored.data);
+        let key = self.insert_job(stored.seq, fid, priority, true, unique, &stored.data);
         let job = &mut self.jobs[key as usize];
         job.loc = stored.loc;
+        job.stored = Stored::Yes;
         job.state = JobState::Pending;
-        if !job.unique().is_empty() && self.find_by_unique(fid, &stored.unique) != Some(key) {
+        if !unique.is_empty() && self.find_by_unique(fid, unique) != Some(key) {
             // Two stored jobs with one unique key (possible after an import): keep both.
             tracing::warn!("restored job {} shares its unique key with another", stored.seq);
         }

@@ -19,6 +19,8 @@ pub(super) struct Function {
     pub(super) queues: [VecDeque<JobKey>; 3],
     pub(super) queued: [u32; 3],
     pub(super) scheduled: u32,
+    /// New background jobs waiting for the durable store's commit.
+    pub(super) pending: u32,
     pub(super) running: u32,
     pub(super) workers: u32,
     pub(super) max_queue: [u32; 3],
@@ -35,6 +37,7 @@ impl Function {
             queues: Default::default(),
             queued: [0; 3],
             scheduled: 0,
+            pending: 0,
             running: 0,
             workers: 0,
             max_queue: [0; 3],
@@ -49,7 +52,7 @@ impl Function {
     }
 
     pub(super) fn total(&self) -> u32 {
-        self.queued_total() + self.running + self.scheduled
+        self.queued_total() + self.running + self.scheduled + self.pending
     }
 }
 

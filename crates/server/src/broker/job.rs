@@ -8,7 +8,7 @@ use gearbox_joblog::{now_millis, Millis, RecordRef, Status as Outcome};
 use gearbox_proto::Priority;
 use gearbox_store::Loc;
 
-use super::{Broker, ConnId, FunctionId, JobKey};
+use super::{Broker, ConnId, FunctionId, JobKey, MAX_UNIQUE};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum JobState {
@@ -37,6 +37,17 @@ impl PackedConn {
     }
 }
 
+/// Whether the durable store holds a job's record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Stored {
+    /// Not written: a foreground job, or no durable store.
+    No,
+    /// In the batch being written or the next one; its location is not known yet.
+    Adding,
+    /// Committed, at [`Job::loc`].
+    Yes,
+}
+
 /// Kept small: a deep queue holds millions of these.
 pub(super) struct Job {
     pub(super) seq: u64,
@@ -48,15 +59,19 @@ pub(super) struct Job {
     pub(super) extra: Option<Box<JobExtra>>,
     /// Milliseconds since the epoch (for a job loaded from the store: when it was loaded).
     pub(super) submitted_at: Millis,
-    /// The [`Conn::serial`] of the connection that submitted it.
+    /// The [`Conn::serial`](super::conn::Conn::serial) of the connection that submitted it.
     pub(super) submitter: u32,
     pub(super) function: FunctionId,
     pub(super) payload_len: u32,
     pub(super) state: JobState,
     pub(super) attempts: u16,
-    pub(super) unique_len: u16,
+    /// At most [`MAX_UNIQUE`].
+    pub(super) unique_len: u8,
     pub(super) priority: Priority,
+    /// A background submission is attached: the job is kept and stored until it ends, whoever
+    /// else waits on it. Set by the first such submission, whether or not it created the job.
     pub(super) background: bool,
+    pub(super) stored: Stored,
     /// False when the payload was dropped from memory to be read back from the store.
     pub(super) in_ram: bool,
 }
@@ -121,7 +136,7 @@ impl Broker {
             .copied()
     }
 
-    /// Creates an indexed job, not yet queued.
+    /// Creates an indexed job, not yet queued. `unique` is at most [`MAX_UNIQUE`] bytes.
     pub(super) fn insert_job(
         &mut self,
         seq: u64,
@@ -131,6 +146,7 @@ impl Broker {
         unique: &[u8],
         data: &[u8],
     ) -> JobKey {
+        debug_assert!(unique.len() <= MAX_UNIQUE);
         let mut body = Vec::with_capacity(unique.len() + data.len());
         body.extend_from_slice(unique);
         body.extend_from_slice(data);
@@ -141,12 +157,13 @@ impl Broker {
             background,
             state: JobState::Queued,
             attempts: 0,
-            unique_len: unique.len() as u16,
+            unique_len: unique.len() as u8,
             extra: None,
             submitted_at: now_millis(),
             submitter: u32::MAX,
             body: body.into_boxed_slice(),
             payload_len: data.len() as u32,
+            stored: Stored::No,
             in_ram: true,
             loc: Loc::NONE,
         }) as JobKey;

@@ -125,6 +125,8 @@ pub struct Broker {
     /// Live connections by [`Conn::serial`].
     serials: HashMap<u32, ConnId>,
     commit_times: Histogram,
+    /// [`FunctionCounts::totals`] of dropped functions, so that server totals never go down.
+    dropped_totals: [u64; 3],
 }
 
 impl Broker {
@@ -155,6 +157,7 @@ impl Broker {
             next_serial: 0,
             serials: HashMap::new(),
             commit_times: Histogram::default(),
+            dropped_totals: [0; 3],
         }
     }
 

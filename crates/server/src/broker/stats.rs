@@ -59,6 +59,13 @@ pub struct FunctionCounts {
     pub run_time: Histogram,
 }
 
+impl FunctionCounts {
+    /// Submitted, completed and failed, all priorities.
+    pub fn totals(&self) -> [u64; 3] {
+        [&self.submitted, &self.completed, &self.failed].map(|by_priority| by_priority.iter().sum())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use gearbox_joblog::{Millis, Status as Outcome};
 use gearbox_proto::{GrabKind, Priority};
 use gearbox_store::Loc;
 
-use super::job::JobState;
+use super::job::{JobState, Stored};
 use super::*;
 use crate::outbox::Outbox;
 
@@ -60,7 +60,8 @@ mod model {
             priority: u8,
             later: bool,
         },
-        CanDo(usize, u8),
+        /// CAN_DO, or CAN_DO_TIMEOUT (1 s) when the flag is set.
+        CanDo(usize, u8, bool),
         CantDo(usize, u8),
         Grab(usize),
         PreSleep(usize),
@@ -70,6 +71,8 @@ mod model {
         },
         Status(usize),
         Cancel(usize, u64),
+        /// Admin: `maxqueue FUNCTION N`, or `drop function FUNCTION` when N is 0.
+        Limit(usize, u8, u32),
         Disconnect(usize),
         Tick,
         /// The store thread commits what is pending, successfully or not.
@@ -89,13 +92,14 @@ mod model {
                     later
                 }
             ),
-            (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CanDo(c, f)),
+            (c.clone(), 0..3u8, any::<bool>()).prop_map(|(c, f, t)| Op::CanDo(c, f, t)),
             (c.clone(), 0..3u8).prop_map(|(c, f)| Op::CantDo(c, f)),
             c.clone().prop_map(Op::Grab),
             c.clone().prop_map(Op::PreSleep),
             (c.clone(), 0..4u8).prop_map(|(conn, how)| Op::Finish { conn, how }),
             c.clone().prop_map(Op::Status),
             (c.clone(), 0..8u64).prop_map(|(c, n)| Op::Cancel(c, n)),
+            (c.clone(), 0..3u8, 0..3u32).prop_map(|(c, f, n)| Op::Limit(c, f, n)),
             c.prop_map(Op::Disconnect),
             Just(Op::Tick),
             any::<bool>().prop_map(Op::Commit),
@@ -125,11 +129,18 @@ mod model {
             }
             assert_eq!(f.running as usize, jobs().filter(|j| matches!(j.state, JobState::Running(_))).count());
             assert_eq!(f.scheduled as usize, jobs().filter(|j| j.state == JobState::Scheduled).count());
+            assert_eq!(f.pending as usize, jobs().filter(|j| j.state == JobState::Pending).count());
             let workers = b.conns.iter().filter(|(_, c)| c.abilities.iter().any(|a| a.function == fid)).count();
             assert_eq!(f.workers as usize, workers);
         }
         let live = b.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped).count();
         assert_eq!(b.by_seq.len(), live);
+        for (_, job) in b.jobs.iter().filter(|(_, j)| j.state != JobState::Dropped) {
+            // Whatever submissions a job has had, it is stored exactly when one of them was a
+            // background one (the store may still be writing it).
+            let should = b.durable.is_some() && job.background;
+            assert_eq!(job.stored != Stored::No, should, "{:?} background {}", job.stored, job.background);
+        }
         for (key, job) in &b.jobs {
             if let JobState::Running(w) = job.state {
                 let w = w.get();
@@ -141,11 +152,40 @@ mod model {
         }
     }
 
-    fn commit(b: &mut Broker, ok: bool) {
+    /// What a store holds after the commits it was given: jobs by sequence number.
+    type Store = std::collections::BTreeMap<u64, gearbox_store::StoredJob>;
+
+    /// The store thread's turn: takes what is pending, commits it into `store` (or fails).
+    fn commit(b: &mut Broker, store: &mut Store, ok: bool) {
         let mut batch = gearbox_store::Batch::default();
         b.take_pending(&mut batch);
         let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+        if ok {
+            for add in batch.adds() {
+                let job = gearbox_store::StoredJob {
+                    seq: add.seq,
+                    priority: add.priority,
+                    run_at: add.run_at,
+                    function: add.function.to_vec(),
+                    unique: add.unique.to_vec(),
+                    data: add.data.to_vec(),
+                    loc: Loc::NONE,
+                };
+                store.insert(add.seq, job);
+            }
+            for (seq, _) in batch.removes() {
+                store.remove(seq);
+            }
+        }
         b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+    }
+
+    /// The sequence numbers of the background jobs a broker holds.
+    fn background_jobs(b: &Broker) -> Vec<u64> {
+        let mut seqs: Vec<u64> =
+            b.jobs.iter().filter(|(_, j)| j.background && j.state != JobState::Dropped).map(|(_, j)| j.seq).collect();
+        seqs.sort_unstable();
+        seqs
     }
 
     proptest! {
@@ -159,6 +199,8 @@ mod model {
             let (log, _, writer) = gearbox_joblog::writer::start(Box::new(Collect(records.clone())), None, Some(8));
             b.set_job_log(log);
             let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t", 1)).collect();
+            let mut store = Store::new();
+            let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
                 match op {
@@ -172,7 +214,8 @@ mod model {
                         };
                         b.apply(conns[conn], req);
                     }
-                    Op::CanDo(c, f) => b.apply(conns[c], Request::CanDo { function: name(f) }),
+                    Op::CanDo(c, f, false) => b.apply(conns[c], Request::CanDo { function: name(f) }),
+                    Op::CanDo(c, f, true) => b.apply(conns[c], Request::CanDoTimeout { function: name(f), timeout: 1000 }),
                     Op::CantDo(c, f) => b.apply(conns[c], Request::CantDo { function: name(f) }),
                     Op::Grab(c) => b.apply(conns[c], Request::GrabJob(GrabKind::Uniq)),
                     Op::PreSleep(c) => b.apply(conns[c], Request::PreSleep),
@@ -190,8 +233,13 @@ mod model {
                     Op::Status(c) => b.apply(conns[c], Request::GetStatusUnique { unique: Bytes::from_static(b"u1") }),
                     Op::Cancel(c, n) => {
                         let handle = Bytes::copy_from_slice(&b.handle(b.next_seq.saturating_sub(n + 1)));
-                        let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
                         b.admin(conns[c], AdminCommand::CancelJob { handle }, &info);
+                    }
+                    Op::Limit(c, f, 0) => {
+                        b.admin(conns[c], AdminCommand::DropFunction { function: name(f) }, &info);
+                    }
+                    Op::Limit(c, f, n) => {
+                        b.admin(conns[c], AdminCommand::MaxQueue { function: name(f), limits: [n; 3] }, &info);
                     }
                     Op::Disconnect(c) => {
                         b.disconnect(conns[c]);
@@ -200,12 +248,12 @@ mod model {
                     Op::Tick => {
                         b.tick(Instant::now() + Duration::from_secs(5));
                     }
-                    Op::Commit(ok) => commit(&mut b, ok || !durable),
+                    Op::Commit(ok) => commit(&mut b, &mut store, ok || !durable),
                 }
                 check(&b);
             }
             // Once everything is committed, no job is pending and no reply is held.
-            commit(&mut b, true);
+            commit(&mut b, &mut store, true);
             check(&b);
             prop_assert!(b.jobs.iter().all(|(_, j)| j.state != JobState::Pending));
             prop_assert!(b.conns.iter().all(|(_, c)| c.held.borrow().is_none()));
@@ -214,6 +262,20 @@ mod model {
                 check(&b);
             }
             prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
+            if durable {
+                // The store holds exactly the background jobs (once the removals that waited
+                // for their job's own commit are written), and a restart brings them all back.
+                commit(&mut b, &mut store, true);
+                commit(&mut b, &mut store, true);
+                prop_assert_eq!(store.keys().copied().collect::<Vec<_>>(), background_jobs(&b));
+                let mut restarted = Broker::new(BrokerConfig::default());
+                restarted.enable_durability(Arc::new(std::sync::Condvar::new()), None);
+                for job in store.values() {
+                    restarted.restore(job.clone());
+                }
+                check(&restarted);
+                prop_assert_eq!(background_jobs(&restarted), background_jobs(&b));
+            }
 
             // Every attempt that ended was logged once, as the counters say.
             b.close_job_log();
@@ -221,8 +283,7 @@ mod model {
             let records = records.lock().unwrap();
             let count = |status: Outcome| records.iter().filter(|r| r.status == status).count() as u64;
             let given_up = records.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("given up"))).count() as u64;
-            let completed: u64 = b.functions.iter().map(|f| f.counts.completed.iter().sum::<u64>()).sum();
-            let failed: u64 = b.functions.iter().map(|f| f.counts.failed.iter().sum::<u64>()).sum();
+            let [_, completed, failed] = b.totals();
             prop_assert_eq!(count(Outcome::Complete), completed);
             prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
             for r in records.iter() {

@@ -61,6 +61,7 @@ impl Broker {
             .filter(|f| !f.dropped)
             .map(|f| {
                 let [high, normal, low] = f.queued;
+                let [submitted, completed, failed] = f.counts.totals();
                 FunctionView {
                     name: String::from_utf8_lossy(&f.name).into_owned(),
                     queued: f.queued_total() + f.scheduled,
@@ -70,9 +71,9 @@ impl Broker {
                     scheduled: f.scheduled,
                     running: f.running,
                     workers: f.workers,
-                    submitted: f.counts.submitted.iter().sum(),
-                    completed: f.counts.completed.iter().sum(),
-                    failed: f.counts.failed.iter().sum(),
+                    submitted,
+                    completed,
+                    failed,
                     counts: f.counts.clone(),
                 }
             })
@@ -100,11 +101,10 @@ impl Broker {
 
     /// Jobs submitted, completed and failed since the server started.
     pub fn totals(&self) -> [u64; 3] {
-        let mut totals = [0; 3];
+        let mut totals = self.dropped_totals;
         for f in self.functions.iter().filter(|f| !f.dropped) {
-            let c = &f.counts;
-            for (total, by_priority) in totals.iter_mut().zip([&c.submitted, &c.completed, &c.failed]) {
-                *total += by_priority.iter().sum::<u64>();
+            for (total, n) in totals.iter_mut().zip(f.counts.totals()) {
+                *total += n;
             }
         }
         totals
