@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # The test command: installs and starts what the tests need on a fresh Debian machine, then
 # runs every test of the workspace. Safe to run again: it only installs or starts what is
-# missing. Needs root (apt, services, and the disk-full test mounts a small tmpfs).
+# missing, and stops what it started when it ends. Needs root (apt, services, and the
+# disk-full test mounts a small tmpfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf 'test.sh: %s\n' "$*" >&2; }
+
+# Commands that stop what this run started, run at exit in reverse order.
+stops=()
+cleanup() {
+    local i
+    for ((i = ${#stops[@]} - 1; i >= 0; i--)); do
+        eval "${stops[i]}" >/dev/null 2>&1 || true
+    done
+}
+trap cleanup EXIT
+mkdir -p target
 
 apt_updated=0
 install() {
@@ -41,7 +53,9 @@ if ! mariadb_ok >/dev/null 2>&1; then
     if ! mariadb -u root -e 'SELECT 1' >/dev/null 2>&1; then
         log "starting MariaDB"
         mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
-        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+        start-stop-daemon --start --oknodo --background --make-pidfile --pidfile target/test-mariadb.pid \
+            --exec /usr/sbin/mariadbd -- --user=mysql
+        stops+=("start-stop-daemon --stop --retry 30 --pidfile target/test-mariadb.pid --remove-pidfile")
         wait_until 30 mariadb -u root -e 'SELECT 1'
     fi
     mariadb -u root -e "
@@ -63,8 +77,11 @@ if ! pg_ok >/dev/null 2>&1; then
         sed -i '1i host all all 127.0.0.1/32 trust # gearbox tests\nhost all all ::1/128 trust # gearbox tests' "$hba"
     fi
     log "starting PostgreSQL $version"
-    pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null ||
+    if pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null; then
+        stops+=("pg_ctlcluster --skip-systemctl-redirect $version main stop")
+    else
         pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    fi
     wait_until 30 runuser -u postgres -- psql -c 'SELECT 1'
     runuser -u postgres -- psql -qc "DO \$\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'root') THEN CREATE ROLE root SUPERUSER LOGIN; END IF; END\$\$;"
     runuser -u postgres -- psql -tc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 ||
@@ -78,18 +95,17 @@ command -v npm >/dev/null 2>&1 || install nodejs npm
 [ -d tests/browser/node_modules ] || (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 # --- A MongoDB-wire test server for the job log's MongoDB sink (crates/joblog/tests/mongo.rs) ---
-# Started only when nothing listens on 27017 (never stopped here: it may not be ours); the tool
-# installs what it needs. Data under target/, so `cargo clean` removes it.
+# Started only when nothing listens on 27017, and then stopped at the end; the tool installs
+# what it needs. Data under target/, so `cargo clean` removes it.
 mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
 if [ -z "${GEARBOX_TEST_MONGO:-}" ]; then
     if ! mongo_up; then
         log "starting the MongoDB test server"
-        tool=""
-        for t in ../shared/tools/mongo-test-server /work/shared/tools/mongo-test-server; do
-            [ -x "$t" ] && tool=$t && break
-        done
-        if [ -n "$tool" ]; then
+        mkdir -p target
+        tool=../shared/tools/mongo-test-server
+        if [ -x "$tool" ]; then
             PORT=27017 "$tool" start "$PWD/target/mongo-test-data" >/dev/null
+            stops+=("PORT=27017 $tool stop")
         else
             # Without the workplace's tool: the same server (nx-27017 from PyPI) in a venv of ours.
             venv=$PWD/target/mongo-venv
@@ -101,10 +117,12 @@ if [ -z "${GEARBOX_TEST_MONGO:-}" ]; then
             mkdir -p target/mongo-test-data
             nohup setsid "$venv/bin/nx-27017" --host 127.0.0.1 -p 27017 --data-dir "$PWD/target/mongo-test-data" \
                 -j WAL >target/mongo-test-server.log 2>&1 </dev/null &
+            stops+=("kill $!")
             wait_until 30 mongo_up
         fi
     fi
     export GEARBOX_TEST_MONGO=mongodb://127.0.0.1:27017
 fi
 
+# Not `exec`: the cleanup trap runs when the tests end.
 cargo test --workspace --no-fail-fast "$@"

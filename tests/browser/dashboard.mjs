@@ -8,7 +8,8 @@
 // (default browser_probe; one through the page's form, two through fetch from inside the page)
 // and waits until the functions table shows them queued, then opens the job-log view.
 // Env: FUNCTION, CHROMIUM (default /usr/bin/chromium), SCREENSHOT (a PNG path to save the
-// page to at the end). Exits 0 on success, 1 with a message otherwise.
+// page to at the end), EXPECT_ERROR (text of a failed job's error that the job-log view must
+// show in full, without scrolling sideways). Exits 0 on success, 1 with a message otherwise.
 import { chromium } from 'playwright-core';
 
 const url = process.argv[2];
@@ -146,6 +147,20 @@ async function run() {
     say(`job-log view rendered: ${(await page.locator('#log-off').textContent()).trim()}`);
   } else {
     const rows = await page.locator('#log-table tbody tr[data-key]').count();
+    // Long errors wrap inside their cell: the table never needs scrolling sideways.
+    const overflow = await page.evaluate(() => {
+      const wrap = document.querySelector('#log-table-wrap');
+      return wrap.scrollWidth - wrap.clientWidth;
+    });
+    check(overflow <= 1, `the job-log table is ${overflow}px wider than its box`);
+    if (process.env.EXPECT_ERROR) {
+      const cell = page.locator('#log-table td.err div', { hasText: process.env.EXPECT_ERROR.slice(0, 40) }).first();
+      await guard(cell.waitFor());
+      const [text, hidden] = await cell.evaluate((d) => [d.textContent, d.scrollWidth - d.clientWidth]);
+      check(text.includes(process.env.EXPECT_ERROR), `the error cell shows "${text}"`);
+      check(hidden <= 1, `the error cell hides ${hidden}px of its text`);
+      say('a long error is shown whole, wrapped in its cell');
+    }
     if (rows) {
       await page.locator('#log-table tbody tr[data-key]').first().click();
       await page.locator('#details-body dl.fields').waitFor();

@@ -29,7 +29,9 @@ use tokio::sync::mpsc;
 
 use connection::Connection;
 
-#[derive(Debug, thiserror::Error)]
+/// Why a call failed. `Debug` prints the same text as `Display`, so that
+/// `fn main() -> Result<(), gearbox_client::Error>` reports a readable message.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     #[error("cannot connect to {0}: {1}")]
@@ -46,10 +48,18 @@ pub enum Error {
     Server { code: String, text: String },
     #[error("the job failed")]
     Failed,
-    #[error("the job failed: {}", String::from_utf8_lossy(.0))]
+    /// The worker's WORK_EXCEPTION payload; its message is shown (unfrozen if a Perl worker
+    /// sent it).
+    #[error("the job failed: {}", String::from_utf8_lossy(gearbox_proto::exception::text(.0)))]
     Exception(Bytes),
     #[error("timed out")]
     Timeout,
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// A job to submit. Payloads are opaque bytes.
@@ -115,8 +125,16 @@ pub struct JobHandle {
 }
 
 impl JobHandle {
+    /// The handle as the server sent it (`H:host:123` from gearbox and gearmand).
     pub fn handle(&self) -> &[u8] {
         &self.handle
+    }
+}
+
+/// The handle as text (bytes that are not UTF-8 are replaced).
+impl std::fmt::Display for JobHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.handle))
     }
 }
 
@@ -355,6 +373,16 @@ fn jump_hash(mut key: u64, buckets: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_and_handles_print_as_text() {
+        let e = Error::Exception(Bytes::from_static(b"no such image"));
+        assert_eq!(format!("{e:?}"), "the job failed: no such image");
+        let e = Error::Server { code: "QUEUE_ERROR".into(), text: "Job queue is full".into() };
+        assert_eq!(format!("{e:?}"), "server error QUEUE_ERROR: Job queue is full");
+        let h = JobHandle { server: 0, handle: Bytes::from_static(b"H:host:42") };
+        assert_eq!(h.to_string(), "H:host:42");
+    }
 
     #[test]
     fn jump_hash_is_stable_and_moves_few_keys() {

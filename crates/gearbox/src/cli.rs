@@ -163,6 +163,13 @@ enum AdminCommand {
     Version,
     /// Cancel a queued job
     Cancel { handle: String },
+    /// Queue limits per function and priority (0: none). With FUNCTION, set its limits
+    /// first: one LIMIT for every priority, or HIGH NORMAL LOW; none removes them
+    Maxqueue {
+        function: Option<String>,
+        #[arg(requires = "function", num_args = 0..=3, allow_negative_numbers = true)]
+        limits: Vec<i64>,
+    },
     /// Counters: connections, jobs, job-log records written and dropped
     Stats,
 }
@@ -171,8 +178,8 @@ enum AdminCommand {
 pub struct AdminArgs {
     #[command(flatten)]
     servers: Servers,
-    /// Print JSON instead of a table
-    #[arg(long)]
+    /// Print JSON (one object per line) instead of a table
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: AdminCommand,
@@ -203,7 +210,14 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Workers => ("workers".into(), &["fd", "address", "client_id", "functions"]),
         AdminCommand::Jobs => ("show jobs".into(), &["handle", "retries", "ignored", "background"]),
         AdminCommand::Version => ("version".into(), &["version"]),
-        AdminCommand::Cancel { handle } => (format!("cancel job {handle}"), &["result"]),
+        AdminCommand::Cancel { handle } => return cancel(&args.servers, handle, args.json),
+        AdminCommand::Maxqueue { function, limits } => {
+            if let Some(function) = function {
+                let limits: Vec<String> = limits.iter().map(i64::to_string).collect();
+                set_max_queue(&args.servers, &format!("maxqueue {function} {}", limits.join(" ")))?;
+            }
+            ("maxqueue".into(), &["function", "high", "normal", "low"])
+        }
         AdminCommand::Stats => ("stats".into(), &["name", "value"]),
     };
     let runtime = runtime()?;
@@ -221,7 +235,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
                     f.push(functions.trim().to_string());
                     f
                 }
-                AdminCommand::Version | AdminCommand::Cancel { .. } => {
+                AdminCommand::Version => {
                     vec![l.trim_start_matches("OK").trim().to_string()]
                 }
                 _ => l.split('\t').map(str::to_string).collect(),
@@ -257,6 +271,49 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }))
         .collect();
     print_table(&table)
+}
+
+fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    for server in &servers.servers {
+        let reply = runtime.block_on(admin_line(server, line))?;
+        if !reply.starts_with("OK") {
+            bail!("{server}: {}", reply.trim().trim_start_matches("ERR ").replace('+', " "));
+        }
+    }
+    Ok(())
+}
+
+/// `gearbox admin cancel H`: asks every server (a handle lives on one of them) and says
+/// what became of the job.
+fn cancel(servers: &Servers, handle: &str, json: bool) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let mut running_on = None;
+    for server in &servers.servers {
+        let reply = runtime.block_on(admin_line(server, &format!("cancel job {handle}")))?;
+        let reply = reply.trim();
+        if reply.starts_with("OK") {
+            if json {
+                println!(
+                    "{{\"handle\":{},\"server\":{},\"cancelled\":true}}",
+                    json_string(handle),
+                    json_string(server)
+                );
+            } else {
+                println!("cancelled {handle} on {server}");
+            }
+            return Ok(());
+        }
+        if reply.starts_with("ERR JOB_RUNNING") {
+            running_on = Some(server);
+        } else if !reply.starts_with("ERR UNKNOWN_JOB") {
+            bail!("{server}: {}", reply.trim_start_matches("ERR ").replace('+', " "));
+        }
+    }
+    match running_on {
+        Some(server) => bail!("job {handle} is running on {server}; a running job cannot be cancelled"),
+        None => bail!("no queued job {handle} on {} (it finished, or never existed)", servers.servers.join(", ")),
+    }
 }
 
 /// Prints rows as left-aligned columns, the first row being the header.
@@ -436,7 +493,8 @@ pub struct WorkArgs {
     #[arg(short = 'c', long)]
     count: Option<u64>,
     /// Command run for each job: the payload on its standard input, its standard output the
-    /// result; a non-zero exit fails the job (WORK_EXCEPTION, with the exit status)
+    /// result; a non-zero exit fails the job (WORK_EXCEPTION, with the last 4 KiB of its
+    /// standard error and the exit status)
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -516,7 +574,10 @@ async fn work_on(
                 match run_command(&args.command, &data).await {
                     Ok(result) => Request::WorkComplete { handle, data: result.into() }.encode(&mut out),
                     Err(e) => {
-                        eprintln!("gearbox work: job {}: {e:#}", String::from_utf8_lossy(&handle));
+                        // The command's standard error has been shown already: just the status here.
+                        let why = format!("{e:#}");
+                        let status = why.lines().last().unwrap_or_default();
+                        eprintln!("gearbox work: job {}: {status}", String::from_utf8_lossy(&handle));
                         // The reason reaches clients that asked for exceptions, and the job log;
                         // others see a plain WORK_FAIL.
                         Request::WorkException { handle, data: format!("{e:#}").into() }.encode(&mut out)
@@ -539,12 +600,17 @@ async fn work_on(
     }
 }
 
+/// How much of a failing command's standard error becomes the job's exception text.
+const STDERR_TAIL: usize = 4096;
+
 /// Runs the command with `payload` on its standard input; its standard output on success.
+/// Its standard error passes through to ours; on failure the error carries its last 4 KiB.
 async fn run_command(command: &[String], payload: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", command[0]))?;
     let mut stdin = child.stdin.take().expect("piped");
@@ -553,10 +619,35 @@ async fn run_command(command: &[String], payload: &[u8]) -> anyhow::Result<Vec<u
     let feed = tokio::spawn(async move {
         let _ = stdin.write_all(&payload).await;
     });
+    let stderr = tokio::spawn(stderr_tail(child.stderr.take().expect("piped")));
     let output = child.wait_with_output().await?;
     let _ = feed.await;
+    let stderr = stderr.await.unwrap_or_default();
     if !output.status.success() {
-        bail!("{} exited with {}", command[0], output.status);
+        let tail = String::from_utf8_lossy(&stderr);
+        let tail = tail.trim();
+        if tail.is_empty() {
+            bail!("{} exited with {}", command[0], output.status);
+        }
+        bail!("{tail}\n({} exited with {})", command[0], output.status);
     }
     Ok(output.stdout)
+}
+
+/// Copies a child's standard error to ours and returns its last [`STDERR_TAIL`] bytes.
+async fn stderr_tail(mut from: tokio::process::ChildStderr) -> Vec<u8> {
+    let mut tail = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut ours = tokio::io::stderr();
+    while let Ok(n @ 1..) = from.read(&mut chunk).await {
+        let _ = ours.write_all(&chunk[..n]).await;
+        tail.extend_from_slice(&chunk[..n]);
+        if tail.len() > 2 * STDERR_TAIL {
+            tail.drain(..tail.len() - STDERR_TAIL);
+        }
+    }
+    if tail.len() > STDERR_TAIL {
+        tail.drain(..tail.len() - STDERR_TAIL);
+    }
+    tail
 }

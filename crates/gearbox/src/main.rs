@@ -3,6 +3,7 @@
 mod cli;
 mod import;
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -74,7 +75,8 @@ fn init_logging(config: &gearbox_server::Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
             builder.with_ansi(false).with_writer(Mutex::new(file)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        // Colours only for a person at a terminal, not for journald or a file.
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
     }
     Ok(())
 }

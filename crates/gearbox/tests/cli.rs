@@ -65,14 +65,43 @@ fn background_jobs_and_admin_views() {
     let status = stdout(&gearbox(&server, &["admin", "status"], None));
     assert!(status.lines().next().unwrap().starts_with("FUNCTION"), "{status}");
     assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["later", "1", "0", "0"]), "{status}");
-    let json = stdout(&gearbox(&server, &["admin", "--json", "jobs"], None));
-    assert!(json.contains(&format!("\"handle\":\"{}\"", handle.trim())) && json.contains("\"background\":1"), "{json}");
+    // --json goes before or after the subcommand.
+    for args in [["admin", "--json", "jobs"], ["admin", "jobs", "--json"]] {
+        let json = stdout(&gearbox(&server, &args, None));
+        assert!(
+            json.contains(&format!("\"handle\":\"{}\"", handle.trim())) && json.contains("\"background\":1"),
+            "{json}"
+        );
+    }
     assert!(stdout(&gearbox(&server, &["admin", "version"], None)).contains("gearbox"));
-    stdout(&gearbox(&server, &["admin", "cancel", handle.trim()], None));
+    let cancelled = stdout(&gearbox(&server, &["admin", "cancel", handle.trim()], None));
+    assert_eq!(cancelled.trim(), format!("cancelled {} on {}", handle.trim(), server.addr));
     let after = stdout(&gearbox(&server, &["admin", "status"], None));
     assert!(after.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["later", "0", "0", "0"]), "{after}");
     let unknown = gearbox(&server, &["admin", "cancel", "H:nope:1"], None);
-    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("UNKNOWN_JOB"));
+    let why = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success() && why.contains("no queued job H:nope:1"), "{why}");
+
+    let limits = stdout(&gearbox(&server, &["admin", "maxqueue", "later", "5"], None));
+    assert!(limits.lines().any(|l| l.split_whitespace().eq(["later", "5", "5", "5"])), "{limits}");
+    let limits = stdout(&gearbox(&server, &["admin", "maxqueue", "later", "1", "-1", "3", "--json"], None));
+    assert!(limits.contains(r#"{"function":"later","high":1,"normal":0,"low":3}"#), "{limits}");
+}
+
+/// A failing command's standard error becomes the job's exception text: the client that
+/// asked for it and the job log see why.
+#[test]
+fn a_failing_commands_stderr_is_the_exception_text() {
+    let server = Server::start(&[]);
+    let script = "echo progress output; echo 'resize: no such image' >&2; exit 3";
+    let _w = worker(&server, &["-f", "resize", "--", "sh", "-c", script]);
+    let failed = gearbox(&server, &["submit", "-f", "resize", "x.png"], None);
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("resize: no such image"), "{failed:?}");
+    let log = || stdout(&gearbox(&server, &["log", "-f", "resize", "--json"], None));
+    wait_for("the failure in the job log", || log().contains("exception"));
+    let record: serde_json::Value = serde_json::from_str(log().lines().next().unwrap()).unwrap();
+    assert_eq!(record["error"], "resize: no such image\n(sh exited with exit status: 3)", "{record}");
 }
 
 #[test]

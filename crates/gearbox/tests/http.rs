@@ -229,8 +229,21 @@ fn an_explicit_busy_address_is_fatal_and_the_default_one_is_not() {
 fn the_dashboard_shows_queues_changing_in_a_real_browser() {
     let server = Server::start(&["--http", "127.0.0.1:0"]);
     let url = format!("http://{}/", server.http.unwrap());
+    // A failed job with a long error, for the job-log view to show.
+    let error = format!("resize: cannot open {}: no such file", "/srv/images/".repeat(40));
+    let _w = worker(&server, "explode", &["sh", "-c", &format!("echo '{error}' >&2; exit 2")]);
+    let failed = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["submit", "--server", &server.addr.to_string(), "-f", "explode", "x"])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    wait_for("the failure in the job log", || {
+        let (_, log) = get_json(server.http.unwrap(), "/api/log?function=explode");
+        log.to_string().contains("no such file")
+    });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser/dashboard.mjs");
     let out = Command::new("timeout")
+        .env("EXPECT_ERROR", &error)
         .args(["120", "node", script, &url])
         .output()
         .expect("node is installed (the README's test command sets up tests/browser)");
@@ -243,4 +256,33 @@ fn the_dashboard_shows_queues_changing_in_a_real_browser() {
     // What the page did reached the server.
     let (_, status) = get_json(server.http.unwrap(), "/api/status");
     assert_eq!(function(&status, "browser_probe")["queued"], 3, "{status}");
+}
+
+/// After a restart the per-function counters still add up: jobs loaded from the durable
+/// queue are counted as restored.
+#[test]
+fn counters_add_up_after_a_restart() {
+    let data_dir = common::temp_data_dir();
+    let mut server = Server::start_in(data_dir.clone(), &["--http", "127.0.0.1:0"]);
+    for i in 0..3 {
+        let (code, _) =
+            post_json(server.http.unwrap(), "/api/jobs", json!({"function": "later", "payload": i.to_string()}));
+        assert_eq!(code, 200);
+    }
+    server.terminate();
+    server.data_dir = common::temp_data_dir(); // the restart keeps the data
+
+    let server = Server::start_in(data_dir, &["--http", "127.0.0.1:0"]);
+    let _w = worker(&server, "later", &["cat"]);
+    let http = server.http.unwrap();
+    wait_for("the restored jobs to run", || function(&get_json(http, "/api/status").1, "later")["completed"] == 3);
+    let (_, status) = get_json(http, "/api/status");
+    let f = function(&status, "later");
+    assert_eq!(
+        (&f["submitted"], &f["restored"], &f["queued"], &f["failed"], &f["cancelled"]),
+        (&json!(0), &json!(3), &json!(0), &json!(0), &json!(0)),
+        "{f}"
+    );
+    let (_, _, metrics) = request(http, "GET", "/metrics", None);
+    assert!(metrics.contains("gearbox_jobs_restored_total{function=\"later\",priority=\"normal\"} 3"), "{metrics}");
 }

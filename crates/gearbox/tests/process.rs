@@ -62,6 +62,12 @@ fn perl_gearman_client_and_worker() {
     let tap = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "Perl interop failed:\n{tap}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(tap.contains("1..9") && !tap.contains("not ok"), "{tap}");
+    // Gearman::Worker freezes a `die` message with Storable: the job log shows its text.
+    let args = ["log", "-s", &server.addr.to_string(), "-f", "explode", "--json"];
+    let log = || String::from_utf8_lossy(&run_tool(env!("CARGO_BIN_EXE_gearbox"), &args).stdout).into_owned();
+    wait_for("the Perl worker's exception in the job log", || log().contains("exception"));
+    let record: serde_json::Value = serde_json::from_str(log().lines().next().unwrap()).unwrap();
+    assert_eq!(record["error"], "kaboom\n", "{record}");
 }
 
 #[test]

@@ -6,9 +6,11 @@
 //!   lines, decided per message by the first byte.
 //! - [`message`]: typed [`Request`]s (to a server) and [`Response`]s (from it).
 //! - [`admin`]: the text admin protocol's commands and gearmand's error replies.
+//! - [`exception`]: the message in a WORK_EXCEPTION payload (Perl's workers freeze it).
 
 pub mod admin;
 pub mod decoder;
+pub mod exception;
 pub mod message;
 pub mod packet;
 

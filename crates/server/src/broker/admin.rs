@@ -94,7 +94,10 @@ impl Broker {
                             *total += n;
                         }
                         f.dropped = true;
-                        f.queues = Default::default();
+                        // Nothing live is queued: what the queues still hold are dropped jobs.
+                        for key in std::mem::take(&mut f.queues).into_iter().flatten() {
+                            self.jobs.remove(key as usize);
+                        }
                         f.sleepers.clear();
                         out.push_str(OK);
                     }

@@ -64,13 +64,13 @@ impl Broker {
         job.submitter = self.conns[conn as usize].serial;
         // One clock read per submission: the job's own time serves for scheduling too.
         let now = job.submitted_at.div_euclid(1000);
-        self.functions[fid as usize].counts.submitted[priority as usize] += 1;
         let run_at = run_at.unwrap_or(0);
         if background && self.durable.is_some() {
             self.jobs[key as usize].state = JobState::Pending;
             self.functions[fid as usize].pending += 1;
             return self.store_add(conn, key, run_at);
         }
+        self.functions[fid as usize].counts.submitted[priority as usize] += 1;
         if !background {
             self.attach(conn, key);
         }

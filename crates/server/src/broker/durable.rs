@@ -167,10 +167,12 @@ impl Broker {
                     let job = &mut self.jobs[key as usize];
                     job.loc = locs[i];
                     job.stored = Stored::Yes;
-                    let (pending, fid) = (job.state == JobState::Pending, job.function);
+                    let (pending, fid, priority) = (job.state == JobState::Pending, job.function, job.priority);
                     self.keep_or_evict(key);
                     if pending {
-                        self.functions[fid as usize].pending -= 1;
+                        let f = &mut self.functions[fid as usize];
+                        f.pending -= 1;
+                        f.counts.submitted[priority as usize] += 1;
                         self.release(key, add.run_at, now);
                     }
                 }
@@ -324,6 +326,7 @@ impl Broker {
             // Two stored jobs with one unique key (possible after an import): keep both.
             tracing::warn!("restored job {} shares its unique key with another", stored.seq);
         }
+        self.functions[fid as usize].counts.restored[priority as usize] += 1;
         self.keep_or_evict(key);
         self.release(key, stored.run_at, unix_now());
     }

@@ -234,7 +234,8 @@ impl Broker {
         match outcome {
             Outcome::Complete => counts.completed[job.priority as usize] += 1,
             Outcome::Fail | Outcome::Exception => counts.failed[job.priority as usize] += 1,
-            Outcome::Cancelled | Outcome::Timeout | Outcome::LostWorker => {}
+            Outcome::Cancelled => counts.cancelled[job.priority as usize] += 1,
+            Outcome::Timeout | Outcome::LostWorker => {}
         }
         if let Some(started_at) = started_at {
             counts.run_time.observe_ms(finished_at - started_at);

@@ -47,14 +47,21 @@ impl Histogram {
     }
 }
 
-/// Counters since the server started, indexed by priority (high, normal, low).
+/// Counters since the server started, indexed by priority (high, normal, low). Jobs in
+/// the queue or running, plus those completed, failed and cancelled, add up to those
+/// submitted and restored.
 #[derive(Clone, Debug, Default)]
 pub struct FunctionCounts {
-    /// New jobs (a submission coalesced into an existing job by its unique key is not one).
+    /// New jobs, counted when acknowledged (a submission coalesced into an existing job by
+    /// its unique key is not one).
     pub submitted: [u64; 3],
+    /// Jobs loaded from the durable queue at start.
+    pub restored: [u64; 3],
     pub completed: [u64; 3],
     /// WORK_FAIL, WORK_EXCEPTION, or given up after `-j` attempts.
     pub failed: [u64; 3],
+    /// Taken out of the queue by an admin, or left by every client that waited for them.
+    pub cancelled: [u64; 3],
     pub queue_wait: Histogram,
     pub run_time: Histogram,
 }

@@ -130,6 +130,19 @@ mod model {
             assert_eq!(f.running as usize, jobs().filter(|j| matches!(j.state, JobState::Running(_))).count());
             assert_eq!(f.scheduled as usize, jobs().filter(|j| j.state == JobState::Scheduled).count());
             assert_eq!(f.pending as usize, jobs().filter(|j| j.state == JobState::Pending).count());
+            // Every acknowledged job is somewhere: waiting, running, or ended one way.
+            let c = &f.counts;
+            for p in 0..3 {
+                let waiting = jobs().filter(|j| {
+                    j.priority as usize == p
+                        && matches!(j.state, JobState::Queued | JobState::Scheduled | JobState::Running(_))
+                });
+                assert_eq!(
+                    c.submitted[p] + c.restored[p],
+                    waiting.count() as u64 + c.completed[p] + c.failed[p] + c.cancelled[p],
+                    "counts of priority {p} add up"
+                );
+            }
             let workers = b.conns.iter().filter(|(_, c)| c.abilities.iter().any(|a| a.function == fid)).count();
             assert_eq!(f.workers as usize, workers);
         }

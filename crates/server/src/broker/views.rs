@@ -17,9 +17,13 @@ pub struct FunctionView {
     pub scheduled: u32,
     pub running: u32,
     pub workers: u32,
+    /// Counts since the server started; `submitted + restored` equals `queued + running +
+    /// completed + failed + cancelled` (jobs waiting for the store's commit aside).
     pub submitted: u64,
+    pub restored: u64,
     pub completed: u64,
     pub failed: u64,
+    pub cancelled: u64,
     #[serde(skip)]
     pub counts: FunctionCounts,
 }
@@ -72,8 +76,10 @@ impl Broker {
                     running: f.running,
                     workers: f.workers,
                     submitted,
+                    restored: f.counts.restored.iter().sum(),
                     completed,
                     failed,
+                    cancelled: f.counts.cancelled.iter().sum(),
                     counts: f.counts.clone(),
                 }
             })

@@ -217,7 +217,8 @@ impl Broker {
                 }
             }
             self.conns[conn as usize].excepted = Some(self.jobs[key as usize].seq);
-            self.finish(key, Outcome::Exception, None, Some(data));
+            // Clients get the payload as sent; the job log, its text.
+            self.finish(key, Outcome::Exception, None, Some(gearbox_proto::exception::text(data)));
         }
     }
 
@@ -254,6 +255,9 @@ impl Broker {
         }
         self.log_attempt(key, outcome, worker, Some(started_at), None, None);
         if !background && abandoned {
+            // Nobody wants the result any more: the job ends without another attempt.
+            let job = &self.jobs[key as usize];
+            self.functions[job.function as usize].counts.cancelled[job.priority as usize] += 1;
             self.unindex(key);
             self.jobs.remove(key as usize);
         } else {

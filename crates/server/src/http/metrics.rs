@@ -37,13 +37,19 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
             let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {}", value(f));
         }
     }
-    let counters: [(&str, &str, Counter); 3] = [
+    let counters: [(&str, &str, Counter); 5] = [
         ("gearbox_jobs_submitted_total", "New jobs (coalesced duplicates are not counted).", |c| &c.submitted),
+        ("gearbox_jobs_restored_total", "Jobs loaded from the durable queue at start.", |c| &c.restored),
         ("gearbox_jobs_completed_total", "Jobs that ended with WORK_COMPLETE.", |c| &c.completed),
         (
             "gearbox_jobs_failed_total",
             "Jobs that ended with WORK_FAIL or WORK_EXCEPTION, or ran out of attempts.",
             |c| &c.failed,
+        ),
+        (
+            "gearbox_jobs_cancelled_total",
+            "Jobs cancelled by an admin, or left by every client that waited for them.",
+            |c| &c.cancelled,
         ),
     ];
     for (metric, help, value) in counters {
