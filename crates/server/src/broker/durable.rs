@@ -56,9 +56,11 @@ pub struct PendingState {
 pub(super) enum Held {
     Bytes(BytesMut),
     /// The answer to a background submission (or a foreground one that joined a pending
-    /// job): JOB_CREATED for the job with this sequence number once the batch carrying its
-    /// record commits, an ERROR if that fails.
+    /// job), waiting for the commit of the batch carrying this job's record: it becomes
+    /// `Created`, or the bytes of an ERROR if the commit fails.
     Ack(u64),
+    /// JOB_CREATED for this job, encoded when released.
+    Created(u64),
 }
 
 impl Broker {
@@ -230,14 +232,14 @@ impl Broker {
                 if seqs.binary_search(&seq).is_err() {
                     continue;
                 }
-                let mut bytes = BytesMut::new();
-                match &error {
-                    None => encode_packet(&mut bytes, Magic::Response, T::JobCreated, &[&self.handle(seq)]),
+                *reply = match &error {
+                    None => Held::Created(seq),
                     Some(why) => {
-                        encode_packet(&mut bytes, Magic::Response, T::Error, &[b"QUEUE_ERROR", why.as_bytes()])
+                        let mut bytes = BytesMut::new();
+                        encode_packet(&mut bytes, Magic::Response, T::Error, &[b"QUEUE_ERROR", why.as_bytes()]);
+                        Held::Bytes(bytes)
                     }
-                }
-                *reply = Held::Bytes(bytes);
+                };
             }
         }
         self.durable.as_mut().unwrap().batch_seqs = seqs;
@@ -272,9 +274,15 @@ impl Broker {
         for conn in std::mem::take(&mut self.held_conns) {
             let Some(c) = self.conns.get(conn as usize) else { continue };
             let mut queue = c.held.borrow_mut().take().unwrap_or_default();
-            while let Some(Held::Bytes(bytes)) = queue.front_mut() {
-                let bytes = std::mem::take(bytes);
-                self.push_out(conn, |b| b.extend_from_slice(&bytes));
+            loop {
+                match queue.front() {
+                    Some(Held::Bytes(bytes)) => self.push_out(conn, |b| b.extend_from_slice(bytes)),
+                    Some(&Held::Created(seq)) => {
+                        let handle = self.handle(seq);
+                        self.push_out(conn, |b| encode_packet(b, Magic::Response, T::JobCreated, &[&handle]));
+                    }
+                    Some(Held::Ack(_)) | None => break,
+                }
                 queue.pop_front();
             }
             if !queue.is_empty() {
