@@ -60,6 +60,12 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_QUEUE")]
     pub queue: Option<String>,
 
+    /// How long to wait at start for a database queue table's lock when another session holds
+    /// it (a killed predecessor's, until the database ends its session), e.g. 30s or 2m; 0
+    /// fails at once [default: 30s]
+    #[arg(long, env = "GEARBOX_QUEUE_LOCK_WAIT")]
+    pub queue_lock_wait: Option<String>,
+
     /// Directory of the embedded queue [default: ~/.local/share/gearbox]
     #[arg(long, env = "GEARBOX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -130,6 +136,7 @@ impl Settings {
             allow_shutdown: self.allow_shutdown.or(other.allow_shutdown),
             hostname: self.hostname.or(other.hostname),
             queue: self.queue.or(other.queue),
+            queue_lock_wait: self.queue_lock_wait.or(other.queue_lock_wait),
             data_dir: self.data_dir.or(other.data_dir),
             job_log: self.job_log.or(other.job_log),
             job_log_retention: self.job_log_retention.or(other.job_log_retention),
@@ -151,6 +158,12 @@ impl Settings {
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
         let queue =
             QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
+        let queue_lock_wait = match s.queue_lock_wait.as_deref() {
+            Some(wait) => humantime::parse_duration(wait).map_err(|e| {
+                ConfigError::Queue(format!("bad queue lock wait {wait:?}: {e} (use e.g. 30s, 2m or 0)"))
+            })?,
+            None => gearbox_store::DEFAULT_LOCK_WAIT,
+        };
         let spec: gearbox_joblog::Spec =
             s.job_log.as_deref().unwrap_or("embedded").parse().map_err(ConfigError::JobLog)?;
         let retention = gearbox_joblog::parse_retention(s.job_log_retention.as_deref().unwrap_or("7d"))
@@ -175,6 +188,7 @@ impl Settings {
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
                 queue,
+                queue_lock_wait,
                 job_log,
             },
         })
@@ -230,11 +244,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gearbox-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gearbox.toml");
-        std::fs::write(&path, "port = 5000\njob-retries = 3\n").unwrap();
+        std::fs::write(&path, "port = 5000\njob-retries = 3\nqueue-lock-wait = \"2m\"\n").unwrap();
         let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000"]);
         let config = cli.settings.resolve().unwrap();
         assert_eq!(config.port, 6000);
         assert_eq!(config.serve.broker.job_retries, 3);
+        assert_eq!(config.serve.queue_lock_wait, std::time::Duration::from_secs(120));
         assert_eq!(config.threads, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -248,6 +263,19 @@ mod tests {
         let err = Settings { config: Some(path), ..Default::default() }.resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn queue_lock_wait_defaults_and_parses() {
+        let wait = |s: Option<&str>| {
+            Settings { queue_lock_wait: s.map(String::from), ..Default::default() }
+                .resolve()
+                .map(|c| c.serve.queue_lock_wait)
+        };
+        assert_eq!(wait(None).unwrap(), std::time::Duration::from_secs(30));
+        assert_eq!(wait(Some("0")).unwrap(), std::time::Duration::ZERO);
+        assert_eq!(wait(Some("1500ms")).unwrap(), std::time::Duration::from_millis(1500));
+        assert!(matches!(wait(Some("soon")), Err(ConfigError::Queue(_))));
     }
 
     #[test]

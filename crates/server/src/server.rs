@@ -29,6 +29,8 @@ pub struct ServeOptions {
     /// Reported by the admin `verbose` command.
     pub verbose: String,
     pub queue: QueueSpec,
+    /// How long opening a database queue waits for its table's lock.
+    pub queue_lock_wait: Duration,
     /// `None` records nothing.
     pub job_log: Option<gearbox_joblog::Options>,
 }
@@ -41,6 +43,7 @@ impl Default for ServeOptions {
             allow_shutdown: false,
             verbose: "INFO".into(),
             queue: QueueSpec::Memory,
+            queue_lock_wait: gearbox_store::DEFAULT_LOCK_WAIT,
             job_log: None,
         }
     }
@@ -64,7 +67,8 @@ pub async fn serve(
         Some(o) => gearbox_joblog::open(o).await?,
         None => None,
     };
-    let (mut broker, store) = crate::store::open(&options.queue, Broker::new(options.broker), store_wake.clone())?;
+    let (mut broker, store) =
+        crate::store::open(&options.queue, options.queue_lock_wait, Broker::new(options.broker), store_wake.clone())?;
     let (mut log_writer, mut search, mut log_info) = (None, None, None);
     if let Some(opened) = job_log {
         broker.set_job_log(opened.log);
