@@ -70,6 +70,12 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Open files (connections, roughly) to allow; above the hard limit it takes root
+    /// (CAP_SYS_RESOURCE); the server does not start if it cannot have them [default: the hard
+    /// limit]
+    #[arg(short = 'f', long, env = "GEARBOX_FILE_DESCRIPTORS")]
+    pub file_descriptors: Option<u64>,
+
     /// Host name used in job handles [default: the machine's host name]
     #[arg(long, env = "GEARBOX_HOSTNAME")]
     pub hostname: Option<String>,
@@ -113,6 +119,8 @@ pub struct Config {
     pub listen: Vec<String>,
     pub port: u16,
     pub threads: usize,
+    /// The open-files limit to ask for; `None` raises the soft limit to the hard limit.
+    pub file_descriptors: Option<u64>,
     pub log_level: tracing::Level,
     pub pid_file: Option<PathBuf>,
     pub log_file: Option<PathBuf>,
@@ -137,6 +145,7 @@ impl Settings {
             hostname: self.hostname.or(other.hostname),
             queue: self.queue.or(other.queue),
             queue_lock_wait: self.queue_lock_wait.or(other.queue_lock_wait),
+            file_descriptors: self.file_descriptors.or(other.file_descriptors),
             data_dir: self.data_dir.or(other.data_dir),
             job_log: self.job_log.or(other.job_log),
             job_log_retention: self.job_log_retention.or(other.job_log_retention),
@@ -178,6 +187,7 @@ impl Settings {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
             threads: s.threads.unwrap_or(1),
+            file_descriptors: s.file_descriptors,
             log_level,
             pid_file: s.pid_file,
             log_file: s.log_file,
@@ -244,12 +254,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gearbox-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gearbox.toml");
-        std::fs::write(&path, "port = 5000\njob-retries = 3\nqueue-lock-wait = \"2m\"\n").unwrap();
-        let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000"]);
+        std::fs::write(&path, "port = 5000\njob-retries = 3\nqueue-lock-wait = \"2m\"\nfile-descriptors = 4096\n")
+            .unwrap();
+        let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000", "-f", "8192"]);
         let config = cli.settings.resolve().unwrap();
         assert_eq!(config.port, 6000);
         assert_eq!(config.serve.broker.job_retries, 3);
         assert_eq!(config.serve.queue_lock_wait, std::time::Duration::from_secs(120));
+        assert_eq!(config.file_descriptors, Some(8192));
         assert_eq!(config.threads, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }

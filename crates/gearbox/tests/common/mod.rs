@@ -58,7 +58,8 @@ pub fn temp_data_dir() -> std::path::PathBuf {
 impl Server {
     /// Starts `gearbox server` on an ephemeral port with the default (embedded) queue in a
     /// data directory of its own, plus `extra` flags. HTTP is off unless `extra` asks for it
-    /// (tests run in parallel; they cannot all have the default HTTP port).
+    /// (tests run in parallel; they cannot all have the default HTTP port); the log level is
+    /// INFO unless `extra` has `--verbose`.
     pub fn start(extra: &[&str]) -> Server {
         Self::start_in(temp_data_dir(), extra)
     }
@@ -72,9 +73,10 @@ impl Server {
     pub fn spawn(data_dir: std::path::PathBuf, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Starting {
         let mut command = Command::new(env!("CARGO_BIN_EXE_gearbox"));
         command
-            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--verbose", "INFO", "--data-dir"])
+            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--data-dir"])
             .arg(&data_dir)
             .args(if extra.iter().any(|a| a.starts_with("--http")) { &[][..] } else { &["--http", "off"][..] })
+            .args(if extra.contains(&"--verbose") { &[][..] } else { &["--verbose", "INFO"][..] })
             .args(extra)
             .stderr(Stdio::piped());
         configure(&mut command);
