@@ -27,7 +27,8 @@ const BATCH: usize = 10_000;
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(gearbox_server::config::default_data_dir);
     let spec = QueueSpec::parse(&args.queue, &data_dir).map_err(anyhow::Error::msg)?;
-    let Some(mut store) = open_store(&spec)? else {
+    // A server on the queue holds it; waiting for the server to stop would only confuse.
+    let Some(mut store) = open_store(&spec, std::time::Duration::ZERO)? else {
         bail!("the memory queue keeps nothing to import into; use --queue embedded or a database URL");
     };
     // New jobs take sequence numbers after everything stored, as the server's own do.

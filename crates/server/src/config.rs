@@ -60,9 +60,21 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_QUEUE")]
     pub queue: Option<String>,
 
+    /// How long to wait at start for a database queue table's lock when another session holds
+    /// it (a killed predecessor's, until the database ends its session), e.g. 30s or 2m; 0
+    /// fails at once [default: 30s]
+    #[arg(long, env = "GEARBOX_QUEUE_LOCK_WAIT")]
+    pub queue_lock_wait: Option<String>,
+
     /// Directory of the embedded queue [default: ~/.local/share/gearbox]
     #[arg(long, env = "GEARBOX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// Open files (connections, roughly) to allow; above the hard limit it takes root
+    /// (CAP_SYS_RESOURCE); the server does not start if it cannot have them [default: the hard
+    /// limit]
+    #[arg(short = 'f', long, env = "GEARBOX_FILE_DESCRIPTORS")]
+    pub file_descriptors: Option<u64>,
 
     /// Host name used in job handles [default: the machine's host name]
     #[arg(long, env = "GEARBOX_HOSTNAME")]
@@ -107,6 +119,8 @@ pub struct Config {
     pub listen: Vec<String>,
     pub port: u16,
     pub threads: usize,
+    /// The open-files limit to ask for; `None` raises the soft limit to the hard limit.
+    pub file_descriptors: Option<u64>,
     pub log_level: tracing::Level,
     pub pid_file: Option<PathBuf>,
     pub log_file: Option<PathBuf>,
@@ -130,6 +144,8 @@ impl Settings {
             allow_shutdown: self.allow_shutdown.or(other.allow_shutdown),
             hostname: self.hostname.or(other.hostname),
             queue: self.queue.or(other.queue),
+            queue_lock_wait: self.queue_lock_wait.or(other.queue_lock_wait),
+            file_descriptors: self.file_descriptors.or(other.file_descriptors),
             data_dir: self.data_dir.or(other.data_dir),
             job_log: self.job_log.or(other.job_log),
             job_log_retention: self.job_log_retention.or(other.job_log_retention),
@@ -151,6 +167,12 @@ impl Settings {
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
         let queue =
             QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
+        let queue_lock_wait = match s.queue_lock_wait.as_deref() {
+            Some(wait) => humantime::parse_duration(wait).map_err(|e| {
+                ConfigError::Queue(format!("bad queue lock wait {wait:?}: {e} (use e.g. 30s, 2m or 0)"))
+            })?,
+            None => gearbox_store::DEFAULT_LOCK_WAIT,
+        };
         let spec: gearbox_joblog::Spec =
             s.job_log.as_deref().unwrap_or("embedded").parse().map_err(ConfigError::JobLog)?;
         let retention = gearbox_joblog::parse_retention(s.job_log_retention.as_deref().unwrap_or("7d"))
@@ -165,6 +187,7 @@ impl Settings {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
             threads: s.threads.unwrap_or(1),
+            file_descriptors: s.file_descriptors,
             log_level,
             pid_file: s.pid_file,
             log_file: s.log_file,
@@ -175,6 +198,7 @@ impl Settings {
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
                 queue,
+                queue_lock_wait,
                 job_log,
             },
         })
@@ -230,11 +254,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gearbox-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gearbox.toml");
-        std::fs::write(&path, "port = 5000\njob-retries = 3\n").unwrap();
-        let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000"]);
+        std::fs::write(&path, "port = 5000\njob-retries = 3\nqueue-lock-wait = \"2m\"\nfile-descriptors = 4096\n")
+            .unwrap();
+        let cli = Cli::parse_from(["x", "-c", path.to_str().unwrap(), "--port", "6000", "-f", "8192"]);
         let config = cli.settings.resolve().unwrap();
         assert_eq!(config.port, 6000);
         assert_eq!(config.serve.broker.job_retries, 3);
+        assert_eq!(config.serve.queue_lock_wait, std::time::Duration::from_secs(120));
+        assert_eq!(config.file_descriptors, Some(8192));
         assert_eq!(config.threads, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -248,6 +275,19 @@ mod tests {
         let err = Settings { config: Some(path), ..Default::default() }.resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn queue_lock_wait_defaults_and_parses() {
+        let wait = |s: Option<&str>| {
+            Settings { queue_lock_wait: s.map(String::from), ..Default::default() }
+                .resolve()
+                .map(|c| c.serve.queue_lock_wait)
+        };
+        assert_eq!(wait(None).unwrap(), std::time::Duration::from_secs(30));
+        assert_eq!(wait(Some("0")).unwrap(), std::time::Duration::ZERO);
+        assert_eq!(wait(Some("1500ms")).unwrap(), std::time::Duration::from_millis(1500));
+        assert!(matches!(wait(Some("soon")), Err(ConfigError::Queue(_))));
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! - [`server`]: listeners, the timer task, and shutdown; [`serve`] runs a server on
 //!   listeners a caller has bound (tests bind `127.0.0.1:0`).
 //! - [`http`]: the dashboard, Prometheus metrics and the JSON API.
+//! - [`fd_limit`]: the open-files limit, raised at start so connections are not capped at 1,024.
 
 pub mod broker;
 pub mod config;
+pub mod fd_limit;
 pub mod http;
 pub mod outbox;
 pub mod server;
@@ -28,11 +30,17 @@ pub use store::QueueSpec;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Runs a server as configured until SIGTERM, SIGINT or an allowed admin `shutdown`.
+/// Runs a server as configured until SIGTERM, SIGINT or an allowed admin `shutdown`. Sets
+/// the process's open-files limit first (see [`fd_limit::set`]).
 pub async fn run(config: Config) -> std::io::Result<()> {
     // Installed before anything else: a signal that arrives early must not kill the process.
     use tokio::signal::unix::{signal, SignalKind};
     let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    match fd_limit::set(config.file_descriptors)? {
+        (before, now) if before < now => tracing::info!("open files limit: {now} (raised from {before})"),
+        (before, now) if before > now => tracing::info!("open files limit: {now} (lowered from {before})"),
+        (_, now) => tracing::info!("open files limit: {now}"),
+    }
     let mut listeners = Vec::new();
     for addr in &config.listen {
         // An IP address (v6 with or without brackets) or a host name.

@@ -1,5 +1,6 @@
 //! Accepting connections, the timer task, and orderly shutdown.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ pub struct ServeOptions {
     /// Reported by the admin `verbose` command.
     pub verbose: String,
     pub queue: QueueSpec,
+    /// How long opening a database queue waits for its table's lock.
+    pub queue_lock_wait: Duration,
     /// `None` records nothing.
     pub job_log: Option<gearbox_joblog::Options>,
 }
@@ -41,6 +44,7 @@ impl Default for ServeOptions {
             allow_shutdown: false,
             verbose: "INFO".into(),
             queue: QueueSpec::Memory,
+            queue_lock_wait: gearbox_store::DEFAULT_LOCK_WAIT,
             job_log: None,
         }
     }
@@ -64,7 +68,8 @@ pub async fn serve(
         Some(o) => gearbox_joblog::open(o).await?,
         None => None,
     };
-    let (mut broker, store) = crate::store::open(&options.queue, Broker::new(options.broker), store_wake.clone())?;
+    let (mut broker, store) =
+        crate::store::open(&options.queue, options.queue_lock_wait, Broker::new(options.broker), store_wake.clone())?;
     let (mut log_writer, mut search, mut log_info) = (None, None, None);
     if let Some(opened) = job_log {
         broker.set_job_log(opened.log);
@@ -137,12 +142,32 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTrac
                 tasks.spawn(crate::session::run(stream, shared.clone()));
             }
             Err(e) => {
+                warn_accept_failed(&e);
                 // Typically EMFILE: wait for connections to close rather than spin.
-                tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Logs a failed accept. Running out of file descriptors is said once, with what to do about
+/// it; while it lasts, every retry fails the same way, so the rest go to DEBUG.
+fn warn_accept_failed(e: &std::io::Error) {
+    static OUT_OF_FILES_WARNED: AtomicBool = AtomicBool::new(false);
+    let out_of_files = match e.raw_os_error() {
+        Some(libc::EMFILE) => format!(
+            "the open-files limit ({}) caps connections; raise it with --file-descriptors \
+             (above the hard limit as root, or raise the hard limit: systemd's LimitNOFILE=)",
+            crate::fd_limit::current()
+        ),
+        Some(libc::ENFILE) => "the system's open-files table is full (fs.file-max)".to_string(),
+        _ => return tracing::warn!("accept failed: {e}"),
+    };
+    if OUT_OF_FILES_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::debug!("accept failed: {e}");
+    } else {
+        tracing::warn!("accept failed: {e}: {out_of_files}; new connections wait until others close");
     }
 }
 

@@ -43,13 +43,14 @@ impl QueueSpec {
     }
 }
 
-/// Opens the store `spec` names (`None` for memory). Call it outside any async runtime:
-/// SQL stores drive one of their own.
-pub fn open_store(spec: &QueueSpec) -> Result<Option<Box<dyn QueueStore>>, StoreError> {
+/// Opens the store `spec` names (`None` for memory), waiting up to `lock_wait` for a database
+/// table's lock that another session holds (the embedded store never waits). Call it outside
+/// any async runtime: SQL stores drive one of their own.
+pub fn open_store(spec: &QueueSpec, lock_wait: Duration) -> Result<Option<Box<dyn QueueStore>>, StoreError> {
     Ok(Some(match spec {
         QueueSpec::Memory => return Ok(None),
         QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
-        QueueSpec::Sql(url) => gearbox_store::open_sql(url)?,
+        QueueSpec::Sql(url) => gearbox_store::open_sql(url, lock_wait)?,
     }))
 }
 
@@ -57,13 +58,14 @@ pub fn open_store(spec: &QueueSpec) -> Result<Option<Box<dyn QueueStore>>, Store
 /// block, and SQL stores drive a runtime of their own.
 pub(crate) fn open(
     spec: &QueueSpec,
+    lock_wait: Duration,
     broker: Broker,
     wake: Arc<Condvar>,
 ) -> Result<(Broker, Option<Box<dyn QueueStore>>), StoreError> {
     let spec = spec.clone();
     std::thread::spawn(move || {
         let mut broker = broker;
-        let Some(mut store) = open_store(&spec)? else { return Ok((broker, None)) };
+        let Some(mut store) = open_store(&spec, lock_wait)? else { return Ok((broker, None)) };
         broker.enable_durability(wake, store.payload_reader());
         let started = std::time::Instant::now();
         let mut count = 0usize;

@@ -14,6 +14,7 @@ pub mod log;
 pub use batch::{AddView, Batch};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where a stored payload can be read back from, so the server need not keep it in memory.
 /// Opaque to the server; [`Loc::NONE`] when the backend offers no such reads.
@@ -44,12 +45,28 @@ pub struct StoredJob {
 pub enum StoreError {
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
-    #[error("another gearbox server holds {0}")]
-    Locked(String),
+    /// Another server (or session) holds the store's lock. `what` names the store (a data
+    /// directory, or a database URL without password and its table); `holder` is who holds
+    /// the lock, when the database shows it (e.g. `session pid 1234 from 10.0.0.5:51234`);
+    /// `waited` is how long the store waited for the lock (zero: it did not wait).
+    #[error("another gearbox server holds {what}{}{}", parenthesized(holder), waited_for(*waited))]
+    Locked { what: String, holder: Option<String>, waited: Duration },
     #[error("corrupt queue store: {0}")]
     Corrupt(String),
     #[error("database: {0}")]
     Database(String),
+}
+
+fn parenthesized(holder: &Option<String>) -> String {
+    holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+}
+
+fn waited_for(waited: Duration) -> String {
+    if waited.is_zero() {
+        String::new()
+    } else {
+        format!("; waited {waited:?}")
+    }
 }
 
 impl StoreError {
@@ -97,6 +114,8 @@ pub trait QueueStore: Send {
 
 mod gearmand_import;
 mod sql;
+mod sql_lock;
 
 pub use gearmand_import::{import_gearmand, GearmandJob};
-pub use sql::open_sql;
+pub use sql::{open_sql, DEFAULT_LOCK_WAIT};
+pub use sql_lock::TableLock;

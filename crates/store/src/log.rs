@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::{Batch, Loc, PayloadReader, QueueStore, Result, StoreError, StoredJob};
 
@@ -103,7 +104,11 @@ impl LogStore {
             .open(dir.join("gearbox.lock"))
             .map_err(io("open lock file"))?;
         if lock.try_lock().is_err() {
-            return Err(StoreError::Locked(format!("data directory {}", dir.display())));
+            return Err(StoreError::Locked {
+                what: format!("data directory {}", dir.display()),
+                holder: None,
+                waited: Duration::ZERO,
+            });
         }
         let mut ids: Vec<u32> = std::fs::read_dir(dir)
             .map_err(io(format!("list {}", dir.display())))?
@@ -537,7 +542,7 @@ mod tests {
     fn a_second_store_on_the_directory_is_refused() {
         let dir = temp_dir("lock");
         let first = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
-        assert!(matches!(LogStore::open(&dir, DEFAULT_SEGMENT_BYTES), Err(StoreError::Locked(_))));
+        assert!(matches!(LogStore::open(&dir, DEFAULT_SEGMENT_BYTES), Err(StoreError::Locked { .. })));
         drop(first);
         LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -5,20 +5,21 @@
 //! `postgres://USER[:PASS]@HOST:PORT/DB` (or `postgresql://`), with an optional `table=NAME`
 //! parameter (default `gearbox_queue`). It creates the table if needed (the table's comment
 //! records the schema version, so later versions can migrate it) and takes an exclusive lock
-//! for the store's lifetime, on the connection the store writes through: `GET_LOCK` on MySQL,
-//! a session advisory lock on PostgreSQL. Payloads stay in the database: jobs load with
-//! [`Loc::NONE`].
+//! for the store's lifetime, on the connection the store writes through (see [`TableLock`]),
+//! waiting a while for a predecessor's to be released. Payloads stay in the database: jobs
+//! load with [`Loc::NONE`]. On PostgreSQL the session's `application_name` is `gearbox`
+//! unless the URL gives one.
 //!
 //! Each batch is one transaction: multi-row INSERTs, then `DELETE … WHERE seq IN (…)`, chunked
 //! under the protocols' 65,535 bind parameters and MySQL's `max_allowed_packet`. When the
 //! connection breaks (the database restarted, the session was killed), a commit reconnects,
-//! takes the lock again and retries the whole batch with backoff for up to ten seconds. If
-//! another server took the table meanwhile, this store fails every later commit.
+//! takes the lock again and retries the whole batch with backoff for up to ten seconds (the
+//! lock may still be held by the store's own lost session). If another server holds the table
+//! after that, this store fails every later commit.
 //!
 //! The methods block: they drive a single-threaded tokio runtime of the store's own, so they
 //! must be called from a plain thread, not from within another runtime.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -31,9 +32,13 @@ use sqlx::{ConnectOptions, Connection, Executor, Row};
 use tokio::runtime::Runtime;
 use url::Url;
 
+use crate::sql_lock::{lock_table, TableLock};
 use crate::{AddView, Batch, Loc, QueueStore, Result, StoreError, StoredJob};
 
-const DEFAULT_TABLE: &str = "gearbox_queue";
+pub(crate) const DEFAULT_TABLE: &str = "gearbox_queue";
+/// How long a server waits at start for the lock of a table another session holds: long
+/// enough for a database to notice that a killed predecessor's connection is gone.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 const SCHEMA_VERSION: u32 = 1;
 /// The table comment that marks a gearbox queue table, followed by the schema version.
 const SCHEMA_TAG: &str = "gearbox queue, schema ";
@@ -54,14 +59,18 @@ const RETRY_FOR: Duration = Duration::from_secs(10);
 /// Bounds one attempt, so that a database that stops answering fails commits instead of
 /// hanging them until TCP gives up.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// MySQL truncates longer `GET_LOCK` names.
-const MYSQL_LOCK_NAME_MAX: usize = 64;
 
-/// Opens (creating if needed) the queue table named by `url` and locks it for this store.
-pub fn open_sql(url: &str) -> Result<Box<dyn QueueStore>> {
+/// Opens (creating if needed) the queue table named by `url` and locks it for this store,
+/// waiting up to `lock_wait` ([`DEFAULT_LOCK_WAIT`] for a server; zero tries once) if another
+/// session holds the lock.
+///
+/// Errors: [`StoreError::Locked`] (naming the holder) if the lock is still held after
+/// `lock_wait`; [`StoreError::Database`] for a bad URL, an unreachable database, or a table
+/// that is not a gearbox queue of this schema version.
+pub fn open_sql(url: &str, lock_wait: Duration) -> Result<Box<dyn QueueStore>> {
     let target = Target::parse(url, DEFAULT_TABLE)?;
     let rt = runtime()?;
-    let db = rt.block_on(Db::open(target))?;
+    let db = rt.block_on(Db::open(target, lock_wait))?;
     Ok(Box::new(SqlStore { rt, db, broken: None }))
 }
 
@@ -94,7 +103,7 @@ impl Kind {
 pub(crate) struct Target {
     pub(crate) kind: Kind,
     /// The URL less the `table` parameter.
-    url: Url,
+    pub(crate) url: Url,
     /// Validated: `[A-Za-z0-9_]+`, so it can be spliced into SQL. Lowercase on PostgreSQL,
     /// which folds unquoted names.
     pub(crate) table: String,
@@ -144,7 +153,14 @@ impl Target {
     pub(crate) async fn connect(&self) -> sqlx::Result<Conn> {
         Ok(match self.kind {
             Kind::MySql => Conn::MySql(MySqlConnectOptions::from_url(&self.url)?.connect().await?),
-            Kind::Postgres => Conn::Postgres(PgConnectOptions::from_url(&self.url)?.connect().await?),
+            Kind::Postgres => {
+                let mut options = PgConnectOptions::from_url(&self.url)?;
+                // Names our sessions in pg_stat_activity, e.g. as a lock's holder.
+                if options.get_application_name().is_none() {
+                    options = options.application_name("gearbox");
+                }
+                Conn::Postgres(options.connect().await?)
+            }
         })
     }
 
@@ -183,32 +199,6 @@ impl Conn {
             Conn::MySql(c) => sqlx::query_scalar("SELECT DATABASE()").fetch_one(c).await,
             Conn::Postgres(c) => sqlx::query_scalar("SELECT current_database()").fetch_one(c).await,
         }
-    }
-
-    /// Takes the table's lock for this session without waiting; false if another holds it.
-    async fn try_lock(&mut self, lock_id: &str) -> sqlx::Result<bool> {
-        match self {
-            Conn::MySql(c) => {
-                let got: Option<i64> =
-                    sqlx::query_scalar("SELECT GET_LOCK(?, 0)").bind(mysql_lock_name(lock_id)).fetch_one(c).await?;
-                Ok(got == Some(1))
-            }
-            Conn::Postgres(c) => {
-                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(pg_lock_key(lock_id)).fetch_one(c).await
-            }
-        }
-    }
-
-    async fn unlock(&mut self, lock_id: &str) -> sqlx::Result<()> {
-        match self {
-            Conn::MySql(c) => {
-                sqlx::query("DO RELEASE_LOCK(?)").bind(mysql_lock_name(lock_id)).execute(c).await?;
-            }
-            Conn::Postgres(c) => {
-                sqlx::query("SELECT pg_advisory_unlock($1)").bind(pg_lock_key(lock_id)).execute(c).await?;
-            }
-        }
-        Ok(())
     }
 
     async fn close(self) -> sqlx::Result<()> {
@@ -303,24 +293,6 @@ impl Conn {
     }
 }
 
-fn mysql_lock_name(lock_id: &str) -> Cow<'_, str> {
-    if lock_id.len() <= MYSQL_LOCK_NAME_MAX {
-        Cow::Borrowed(lock_id)
-    } else {
-        Cow::Owned(format!("gearbox:{:016x}", fnv1a(lock_id)))
-    }
-}
-
-fn pg_lock_key(lock_id: &str) -> i64 {
-    fnv1a(lock_id) as i64
-}
-
-/// A hash that stays the same across builds and platforms: lock identities must agree
-/// between servers.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// Whether the error means the connection is gone or unusable, so that reconnecting may help.
 fn is_connection_error(e: &sqlx::Error) -> bool {
     match e {
@@ -345,8 +317,9 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 enum Failure {
     /// The connection broke or could not be made: a retry may succeed.
     Lost { error: String, maybe_committed: bool },
-    /// Reconnected, but another server holds the table now.
-    Locked,
+    /// Reconnected, but another session (described, if the database shows it) holds the
+    /// table's lock.
+    Locked(Option<String>),
     /// The database refused the batch.
     Refused(String),
 }
@@ -363,7 +336,8 @@ impl Failure {
 
 /// Why the store refuses every batch.
 enum Broken {
-    Locked,
+    /// Another session took the table; its description, if known.
+    Locked(Option<String>),
     /// A commit failed at a point where the database may have applied it.
     Unknown(String),
 }
@@ -376,8 +350,7 @@ struct SqlStore {
 
 struct Db {
     target: Target,
-    /// Names the table's lock; the backend derives its lock name or key from it.
-    lock_id: String,
+    lock: TableLock,
     /// None after the connection broke, until a commit reconnects.
     conn: Option<Conn>,
     statement_bytes: usize,
@@ -387,26 +360,24 @@ struct Db {
 }
 
 impl Db {
-    async fn open(target: Target) -> Result<Db> {
+    async fn open(target: Target, lock_wait: Duration) -> Result<Db> {
         let mut conn = target.connect().await.map_err(|e| target.error(e))?;
         let database = conn
             .database()
             .await
             .map_err(|e| target.error(e))?
             .ok_or_else(|| StoreError::Database(format!("{}: the URL names no database", target.public)))?;
-        let lock_id = format!("gearbox:{database}:{}", target.table);
-        if !conn.try_lock(&lock_id).await.map_err(|e| target.error(e))? {
-            return Err(StoreError::Locked(target.public.clone()));
-        }
+        let lock = TableLock::new(&database, &target.table);
+        lock_table(&mut conn, &target, &lock, lock_wait).await?;
         conn.ensure_schema(&target).await?;
         let (statement_bytes, max_job_bytes) = conn.limits().await.map_err(|e| target.error(e))?;
-        Ok(Db { target, lock_id, conn: Some(conn), statement_bytes, max_job_bytes, committing: false })
+        Ok(Db { target, lock, conn: Some(conn), statement_bytes, max_job_bytes, committing: false })
     }
 
     async fn write(&mut self, plan: &Plan<'_>, idempotent: bool) -> std::result::Result<(), Failure> {
         self.committing = false;
         let table = &self.target.table;
-        let conn = connection(&mut self.conn, &self.target, &self.lock_id).await?;
+        let conn = connection(&mut self.conn, &self.target, &self.lock).await?;
         let kind = conn.kind();
         let mut tx = per_backend!(Conn, conn, c, _DB => c.begin().await.map(Tx::from))
             .map_err(|e| Failure::from_sqlx(e, false))?;
@@ -444,8 +415,8 @@ impl Db {
             "SELECT seq, priority, run_at, function_name, unique_key, data FROM {} ORDER BY seq",
             self.target.table
         );
-        let conn = connection(&mut self.conn, &self.target, &self.lock_id).await.map_err(|f| match f {
-            Failure::Locked => StoreError::Locked(public.clone()),
+        let conn = connection(&mut self.conn, &self.target, &self.lock).await.map_err(|f| match f {
+            Failure::Locked(holder) => StoreError::Locked { what: public.clone(), holder, waited: Duration::ZERO },
             Failure::Lost { error, .. } | Failure::Refused(error) => StoreError::Database(format!("{public}: {error}")),
         })?;
         let db_error = |e: sqlx::Error| StoreError::Database(format!("{public}: {e}"));
@@ -492,14 +463,15 @@ impl<'c> From<sqlx::Transaction<'c, sqlx::Postgres>> for Tx<'c> {
 async fn connection<'a>(
     slot: &'a mut Option<Conn>,
     target: &Target,
-    lock_id: &str,
+    lock: &TableLock,
 ) -> std::result::Result<&'a mut Conn, Failure> {
     let conn = match slot.take() {
         Some(conn) => conn,
         None => {
             let mut conn = target.connect().await.map_err(|e| Failure::from_sqlx(e, false))?;
-            if !conn.try_lock(lock_id).await.map_err(|e| Failure::from_sqlx(e, false))? {
-                return Err(Failure::Locked);
+            if !conn.try_lock(lock).await.map_err(|e| Failure::from_sqlx(e, false))? {
+                let holder = conn.lock_holder(lock).await.map_err(|e| Failure::from_sqlx(e, false))?;
+                return Err(Failure::Locked(holder));
             }
             tracing::info!("queue database {}: reconnected", target.public);
             conn
@@ -608,7 +580,9 @@ impl QueueStore for SqlStore {
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()> {
         let public = &self.db.target.public;
         match &self.broken {
-            Some(Broken::Locked) => return Err(StoreError::Locked(public.clone())),
+            Some(Broken::Locked(holder)) => {
+                return Err(StoreError::Locked { what: public.clone(), holder: holder.clone(), waited: Duration::ZERO })
+            }
             Some(Broken::Unknown(why)) => {
                 return Err(StoreError::Database(format!(
                     "{public}: refusing batches since a commit may or may not have been applied ({why}); \
@@ -626,7 +600,7 @@ impl QueueStore for SqlStore {
         if plan.adds.is_empty() && plan.removes.is_empty() {
             return Ok(());
         }
-        let mut deadline = None;
+        let mut first_failure = None;
         let mut delay = RETRY_FIRST;
         let mut maybe_committed = false;
         loop {
@@ -641,22 +615,34 @@ impl QueueStore for SqlStore {
                 },
             };
             let public = &self.db.target.public;
+            let failed_at = *first_failure.get_or_insert_with(Instant::now);
+            let may_retry = Instant::now() + delay < failed_at + RETRY_FOR;
             let error = match failure {
                 Failure::Lost { error, maybe_committed: m } => {
                     self.db.conn = None;
                     maybe_committed |= m;
-                    if Instant::now() + delay < *deadline.get_or_insert_with(|| Instant::now() + RETRY_FOR) {
+                    if may_retry {
                         tracing::warn!("queue database {public}: {error}; retrying in {delay:?}");
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(RETRY_MAX);
+                        back_off(&mut delay);
                         continue;
                     }
                     StoreError::Database(format!("{public}: connection lost, gave up after {RETRY_FOR:?}: {error}"))
                 }
-                Failure::Locked => {
-                    self.db.conn = None;
-                    self.broken = Some(Broken::Locked);
-                    return Err(StoreError::Locked(public.clone()));
+                // The holder may be this store's own lost session, which the database has not
+                // ended yet: give it the same time as a lost connection.
+                Failure::Locked(holder) => {
+                    if may_retry {
+                        let who = holder.as_deref().unwrap_or("another session");
+                        tracing::warn!(
+                            "queue database {public}: reconnected, but {who} holds the table's lock; retrying in {delay:?}"
+                        );
+                        back_off(&mut delay);
+                        continue;
+                    }
+                    self.broken = Some(Broken::Locked(holder.clone()));
+                    // In tenths of a second, for the message.
+                    let waited = Duration::from_millis((failed_at.elapsed().as_millis() as u64).div_ceil(100) * 100);
+                    return Err(StoreError::Locked { what: public.clone(), holder, waited });
                 }
                 Failure::Refused(error) => StoreError::Database(format!("{public}: {error}")),
             };
@@ -668,14 +654,20 @@ impl QueueStore for SqlStore {
     }
 }
 
+/// Sleeps `delay` before the next attempt, and doubles it (up to [`RETRY_MAX`]).
+fn back_off(delay: &mut Duration) {
+    std::thread::sleep(*delay);
+    *delay = (*delay * 2).min(RETRY_MAX);
+}
+
 impl Drop for SqlStore {
     fn drop(&mut self) {
         let Some(mut conn) = self.db.conn.take() else { return };
         // Release the lock rather than leave it to the server, which frees a closed session's
         // locks only once it notices: a successor may be opening the table right now.
-        let lock_id = &self.db.lock_id;
+        let lock = &self.db.lock;
         let release = async {
-            let _ = conn.unlock(lock_id).await;
+            let _ = conn.unlock(lock).await;
             conn.close().await
         };
         let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), release).await });
@@ -763,13 +755,5 @@ mod tests {
         let mut b = Batch::default();
         b.push_remove(u64::MAX, Loc::NONE);
         assert!(matches!(Plan::new(&b, 2500, 1000), Err(StoreError::Database(_))));
-    }
-
-    #[test]
-    fn mysql_lock_names_fit() {
-        assert_eq!(mysql_lock_name("gearbox:test:q"), "gearbox:test:q");
-        let long = format!("gearbox:{}:{}", "d".repeat(64), "t".repeat(63));
-        assert!(mysql_lock_name(&long).len() <= MYSQL_LOCK_NAME_MAX);
-        assert_ne!(mysql_lock_name(&long), mysql_lock_name(&long.replace('t', "u")));
     }
 }

@@ -1,155 +1,22 @@
-//! The SQL queue stores against real databases: the shared MariaDB and PostgreSQL (root, no
-//! password, database `test`), each test on a table of its own, and private instances that
-//! the restart tests start, stop and start again.
+//! The SQL queue stores against real databases: the shared MariaDB and PostgreSQL, each test
+//! on a table of its own, and private instances that the restart tests start, stop and start
+//! again. The table lock's tests are in `sql_lock.rs`.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+#[macro_use]
 mod common;
 
-use common::stop_child;
-use gearbox_store::{open_sql, Batch, Loc, QueueStore, StoreError, StoredJob};
+use common::{
+    assert_locked, batch_of, block_on, commit, exec, is_mysql, job, load, open, stop_child, Table, MYSQL, POSTGRES,
+};
+use gearbox_store::{open_sql, Batch, StoreError, StoredJob};
 use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor};
-
-const MYSQL: &str = "mysql://root@127.0.0.1:3306/test";
-const POSTGRES: &str = "postgres://root@127.0.0.1:5432/test";
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
-}
-
-fn is_mysql(base: &str) -> bool {
-    base.starts_with("mysql:")
-}
-
-/// Runs statements on a connection of their own.
-async fn exec(base: &str, statements: &[&str]) -> sqlx::Result<()> {
-    if is_mysql(base) {
-        let mut c = MySqlConnection::connect(base).await?;
-        for s in statements {
-            c.execute(*s).await?;
-        }
-    } else {
-        let mut c = PgConnection::connect(base).await?;
-        for s in statements {
-            c.execute(*s).await?;
-        }
-    }
-    Ok(())
-}
-
-/// A table name of this test's own, dropped at the end.
-struct Table {
-    base: String,
-    name: String,
-}
-
-impl Table {
-    fn new(base: &str) -> Table {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos();
-        let name = format!("t_{}_{nanos:x}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        Table { base: base.to_string(), name }
-    }
-
-    /// The store's URL. On PostgreSQL the session is named after the table, so that a test
-    /// can find and end it.
-    fn url(&self) -> String {
-        if is_mysql(&self.base) {
-            format!("{}?table={}", self.base, self.name)
-        } else {
-            format!("{}?table={}&application_name={}", self.base, self.name, self.name)
-        }
-    }
-
-    /// Ends the store's database session behind its back, as a database restart would.
-    fn kill_session(&self) {
-        block_on(async {
-            if is_mysql(&self.base) {
-                let mut c = MySqlConnection::connect(&self.base).await?;
-                let holder: Option<i64> = sqlx::query_scalar("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)")
-                    .bind(format!("gearbox:test:{}", self.name))
-                    .fetch_one(&mut c)
-                    .await?;
-                let holder = holder.expect("the store holds its lock");
-                c.execute(format!("KILL {holder}").as_str()).await?;
-            } else {
-                let mut c = PgConnection::connect(&self.base).await?;
-                let ended: Vec<bool> = sqlx::query_scalar(
-                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1",
-                )
-                .bind(&self.name)
-                .fetch_all(&mut c)
-                .await?;
-                assert_eq!(ended, [true]);
-            }
-            Ok::<(), sqlx::Error>(())
-        })
-        .expect("end the store's session");
-    }
-}
-
-impl Drop for Table {
-    fn drop(&mut self) {
-        let drop_table = format!("DROP TABLE IF EXISTS {}", self.name);
-        if let Err(e) = block_on(exec(&self.base, &[&drop_table])) {
-            eprintln!("could not drop {}: {e}", self.name);
-        }
-    }
-}
-
-fn job(seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], data: &[u8]) -> StoredJob {
-    StoredJob {
-        seq,
-        priority,
-        run_at,
-        function: function.to_vec(),
-        unique: unique.to_vec(),
-        data: data.to_vec(),
-        loc: Loc::NONE,
-    }
-}
-
-fn batch_of(adds: &[&StoredJob], removes: &[u64]) -> Batch {
-    let mut b = Batch::default();
-    for j in adds {
-        b.push_add(j.seq, j.priority, j.run_at, &j.function, &j.unique, &j.data);
-    }
-    for &seq in removes {
-        b.push_remove(seq, Loc::NONE);
-    }
-    b
-}
-
-fn commit(store: &mut dyn QueueStore, batch: &Batch) -> Result<(), StoreError> {
-    let mut locs = vec![Loc(7)];
-    store.commit(batch, &mut locs)?;
-    assert_eq!(locs, vec![Loc::NONE; batch.adds().len()]);
-    Ok(())
-}
-
-fn load(store: &mut dyn QueueStore) -> Vec<StoredJob> {
-    let mut jobs = Vec::new();
-    store.load(&mut |j| jobs.push(j)).expect("load");
-    jobs
-}
-
-fn open(url: &str) -> Box<dyn QueueStore> {
-    open_sql(url).unwrap_or_else(|e| panic!("open {url}: {e}"))
-}
-
-fn assert_locked(url: &str, table: &str) {
-    match open_sql(url) {
-        Err(StoreError::Locked(what)) => assert!(what.ends_with(&format!(" table {table}")), "{what}"),
-        Err(e) => panic!("expected Locked, got {e}"),
-        Ok(_) => panic!("opened a table another store holds"),
-    }
-}
+use sqlx::Connection;
 
 fn roundtrip(base: &str) {
     let table = Table::new(base);
@@ -211,15 +78,6 @@ fn big_batch(base: &str) {
     assert!(load(&mut *store).is_empty());
 }
 
-fn lock(base: &str) {
-    let table = Table::new(base);
-    let first = open(&table.url());
-    assert_locked(&table.url(), &table.name);
-    drop(first);
-    let mut second = open(&table.url());
-    assert!(load(&mut *second).is_empty());
-}
-
 fn reconnect_after_session_killed(base: &str) {
     let table = Table::new(base);
     let mut store = open(&table.url());
@@ -231,33 +89,6 @@ fn reconnect_after_session_killed(base: &str) {
     assert_eq!(load(&mut *store), [one, two]);
     // The new session holds the lock again.
     assert_locked(&table.url(), &table.name);
-}
-
-fn lock_taken_while_disconnected(base: &str) {
-    let table = Table::new(base);
-    let mut first = open(&table.url());
-    let one = job(1, 1, 0, b"f", b"u1", b"one");
-    commit(&mut *first, &batch_of(&[&one], &[])).expect("commit");
-    table.kill_session();
-
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut second = loop {
-        match open_sql(&table.url()) {
-            Ok(store) => break store,
-            Err(StoreError::Locked(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("second open: {e}"),
-        }
-    };
-    let two = job(2, 1, 0, b"f", b"u2", b"two");
-    for _ in 0..2 {
-        match commit(&mut *first, &batch_of(&[&two], &[])) {
-            Err(StoreError::Locked(_)) => {}
-            other => panic!("expected Locked, got {other:?}"),
-        }
-    }
-    let three = job(3, 1, 0, b"f", b"u3", b"three");
-    commit(&mut *second, &batch_of(&[&three], &[])).expect("commit by the new owner");
-    assert_eq!(load(&mut *second), [one, three]);
 }
 
 /// A job bigger than MySQL's `max_allowed_packet` fails at once and leaves the store usable; on
@@ -296,33 +127,14 @@ fn oversized_job(base: &str) {
 fn not_a_queue_table(base: &str) {
     let table = Table::new(base);
     block_on(exec(base, &[&format!("CREATE TABLE {} (a INT)", table.name)])).expect("create");
-    match open_sql(&table.url()) {
+    match open_sql(&table.url(), Duration::ZERO) {
         Err(StoreError::Database(why)) => assert!(why.contains("not a gearbox queue"), "{why}"),
         Err(e) => panic!("expected a database error, got {e}"),
         Ok(_) => panic!("opened a table that is not a queue"),
     }
 }
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod mysql {
-            $(#[test] fn $test() { super::$test(super::MYSQL) })*
-        }
-        mod postgres {
-            $(#[test] fn $test() { super::$test(super::POSTGRES) })*
-        }
-    };
-}
-
-on_both_backends!(
-    roundtrip,
-    big_batch,
-    lock,
-    reconnect_after_session_killed,
-    lock_taken_while_disconnected,
-    oversized_job,
-    not_a_queue_table
-);
+on_both_backends!(roundtrip, big_batch, reconnect_after_session_killed, oversized_job, not_a_queue_table);
 
 // --- Database restarts, on private instances ---
 

@@ -1,10 +1,15 @@
 //! The `gearbox` binary run as a child process, and the tools the tests drive it with.
 #![allow(dead_code)] // each test file uses a different part
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use gearbox_proto::{Decoder, Message, Request, Response};
 
 pub struct Server {
     pub child: Child,
@@ -13,6 +18,31 @@ pub struct Server {
     pub http: Option<SocketAddr>,
     /// The server's own data directory, removed on drop.
     pub data_dir: std::path::PathBuf,
+    /// Every line the server has logged to standard error so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A server process that has not announced its address yet (killed on drop).
+pub struct Starting {
+    server: Server,
+    announced: Receiver<String>,
+    wants_http: bool,
+}
+
+impl Starting {
+    /// The lines logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.server.log.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 30 s) for the server to announce its addresses.
+    pub fn ready(self) -> Server {
+        let Starting { mut server, announced, wants_http } = self;
+        let next = |what: &str| announced.recv_timeout(Duration::from_secs(30)).expect(what).parse().unwrap();
+        server.addr = next("server announces its address");
+        server.http = wants_http.then(|| next("server announces its HTTP address"));
+        server
+    }
 }
 
 static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -28,23 +58,34 @@ pub fn temp_data_dir() -> std::path::PathBuf {
 impl Server {
     /// Starts `gearbox server` on an ephemeral port with the default (embedded) queue in a
     /// data directory of its own, plus `extra` flags. HTTP is off unless `extra` asks for it
-    /// (tests run in parallel; they cannot all have the default HTTP port).
+    /// (tests run in parallel; they cannot all have the default HTTP port); the log level is
+    /// INFO unless `extra` has `--verbose`.
     pub fn start(extra: &[&str]) -> Server {
         Self::start_in(temp_data_dir(), extra)
     }
 
     pub fn start_in(data_dir: std::path::PathBuf, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
-            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--verbose", "INFO", "--data-dir"])
+        Self::spawn(data_dir, extra, |_| {}).ready()
+    }
+
+    /// Starts the server as [`Server::start_in`] does, after `configure` had its say on the
+    /// command, and returns without waiting for it to listen.
+    pub fn spawn(data_dir: std::path::PathBuf, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Starting {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gearbox"));
+        command
+            .args(["server", "--listen", "127.0.0.1", "--port", "0", "--data-dir"])
             .arg(&data_dir)
             .args(if extra.iter().any(|a| a.starts_with("--http")) { &[][..] } else { &["--http", "off"][..] })
+            .args(if extra.contains(&"--verbose") { &[][..] } else { &["--verbose", "INFO"][..] })
             .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gearbox");
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().expect("start gearbox");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let wants_http = extra.iter().any(|a| a.starts_with("--http")) && !extra.contains(&"off");
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
@@ -53,12 +94,16 @@ impl Server {
                 if let Some(addr) = line.split("API on http://").nth(1) {
                     let _ = tx.send(addr.trim().trim_end_matches('/').to_string());
                 }
+                lines.lock().unwrap().push(line);
             }
         });
-        let announced = |what: &str| rx.recv_timeout(Duration::from_secs(30)).expect(what).parse().unwrap();
-        let addr = announced("server announces its address");
-        let http = wants_http.then(|| announced("server announces its HTTP address"));
-        Server { child, addr, http, data_dir }
+        let addr = SocketAddr::from(([0, 0, 0, 0], 0)); // until announced
+        Starting { server: Server { child, addr, http: None, data_dir, log }, announced: rx, wants_http }
+    }
+
+    /// The lines logged so far that contain `text`.
+    pub fn logged(&self, text: &str) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(text)).cloned().collect()
     }
 
     pub fn port(&self) -> String {
@@ -132,6 +177,26 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends ECHO_REQ with `data` on `stream` and checks that ECHO_RES returns it.
+pub fn echo(stream: &mut TcpStream, data: &[u8]) {
+    let mut out = BytesMut::new();
+    Request::EchoReq { data: data.to_vec().into() }.encode(&mut out);
+    stream.write_all(&out).expect("send ECHO_REQ");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(Message::Packet(frame)) = Decoder::default().decode(&mut buf).expect("a valid reply") {
+            match Response::parse(&frame).expect("a known reply") {
+                Response::EchoRes { data: got } => return assert_eq!(&got[..], data),
+                other => panic!("expected ECHO_RES, got {other:?}"),
+            }
+        }
+        let n = stream.read(&mut chunk).expect("read ECHO_RES");
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
