@@ -16,7 +16,8 @@
 # embedded queue and the embedded job log, in a fresh data directory per run),
 # ALT_FLAGS (when set, a third server, gearbox with these flags added, joins the rotation and
 # the tables gain an alt/gearbox column: e.g. ALT_FLAGS="--job-log none" measures what the job
-# log costs).
+# log costs), ALT_GEARBOX (the alt server runs this gearbox binary instead, e.g. a build of an
+# earlier commit, to compare two versions in one run).
 # Exits non-zero if any run failed (timeout, lost or duplicated job).
 set -euo pipefail
 
@@ -61,7 +62,8 @@ BENCH=("$GEARBOX" bench)
 
 GEARBOX_FLAGS=(--listen 127.0.0.1 ${GEARBOX_EXTRA_FLAGS:-})
 KINDS=(gearmand gearbox)
-if [[ -n ${ALT_FLAGS:-} ]]; then
+ALT_GEARBOX=${ALT_GEARBOX:-}
+if [[ -n ${ALT_FLAGS:-} || -n $ALT_GEARBOX ]]; then
     KINDS+=(alt)
 fi
 
@@ -90,7 +92,7 @@ start_server() {
         ;;
     gearbox) args=("$GEARBOX" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}") ;;
     # shellcheck disable=SC2206
-    alt) args=("$GEARBOX" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}" $ALT_FLAGS) ;;
+    alt) args=("${ALT_GEARBOX:-$GEARBOX}" server --port "$port" --data-dir "$WORK/data-$port" "${GEARBOX_FLAGS[@]}" ${ALT_FLAGS:-}) ;;
     esac
     "${args[@]}" >"$WORK/$kind-$port.log" 2>&1 &
     SERVER_PID=$!
@@ -174,8 +176,9 @@ table() {
     printf '\n== %s: %s (median of successful runs; gearmand %s/%s ok, gearbox %s/%s ok) ==\n' \
         "$scenario" "$(bench_args "$scenario")" "$(runs gearmand "$scenario")" "$ROUNDS" \
         "$(runs gearbox "$scenario")" "$ROUNDS"
-    if [[ -n ${ALT_FLAGS:-} ]]; then
-        printf 'alt = gearbox with %s added (%s/%s ok)\n' "$ALT_FLAGS" "$(runs alt "$scenario")" "$ROUNDS"
+    if [[ " ${KINDS[*]} " == *" alt "* ]]; then
+        printf 'alt = %s with "%s" added (%s/%s ok)\n' "${ALT_GEARBOX:-gearbox}" "${ALT_FLAGS:-}" \
+            "$(runs alt "$scenario")" "$ROUNDS"
         printf '%-28s %14s %14s %18s %14s %14s\n' metric gearmand gearbox gearbox/gearmand alt alt/gearbox
     else
         printf '%-28s %14s %14s %18s\n' metric gearmand gearbox gearbox/gearmand
@@ -186,7 +189,7 @@ table() {
         shift 2
         a=$(median gearmand "$scenario" "$key")
         b=$(median gearbox "$scenario" "$key")
-        if [[ -n ${ALT_FLAGS:-} ]]; then
+        if [[ " ${KINDS[*]} " == *" alt "* ]]; then
             c=$(median alt "$scenario" "$key")
             printf '%-28s %14s %14s %18s %14s %14s\n' "$label" "$a" "$b" "$(ratio "$b" "$a")" "$c" "$(ratio "$c" "$b")"
         else

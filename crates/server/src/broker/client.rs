@@ -101,8 +101,11 @@ impl Broker {
         let job = &self.jobs[key as usize];
         // A job waiting for its first commit may yet be refused; a background submission
         // waits for the commit of the job's record in any case.
-        if job.state == JobState::Pending || (background && job.stored == Stored::Adding) {
-            return self.hold_ack(conn, seq);
+        if let Stored::Adding { odd } = job.stored {
+            if job.state == JobState::Pending || background {
+                let batch = self.batch_carrying(odd);
+                return self.hold_ack(conn, seq, batch);
+            }
         }
         let handle = self.handle(seq);
         self.send(conn, T::JobCreated, &[&handle]);

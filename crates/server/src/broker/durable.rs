@@ -37,8 +37,8 @@ pub(super) struct Durability {
     wake: Arc<Condvar>,
     reader: Option<Arc<dyn PayloadReader>>,
     ram_bytes: usize,
-    /// The sequence numbers of the batch being applied, sorted (reused).
-    batch_seqs: Vec<u64>,
+    /// The number of the batch `pending` becomes; the one before it is being written.
+    batch: u64,
     /// When the oldest pending change, and the oldest pending job, arrived.
     change_since: Option<Instant>,
     add_since: Option<Instant>,
@@ -56,9 +56,13 @@ pub struct PendingState {
 pub(super) enum Held {
     Bytes(BytesMut),
     /// The answer to a background submission (or a foreground one that joined a pending
-    /// job), waiting for the commit of the batch carrying this job's record: it becomes
-    /// `Created`, or the bytes of an ERROR if the commit fails.
-    Ack(u64),
+    /// job) with this sequence number, waiting for the commit of the batch with this number,
+    /// which carries the job's record: it becomes `Created`, or the bytes of an ERROR if the
+    /// commit fails.
+    Ack {
+        seq: u64,
+        batch: u64,
+    },
     /// JOB_CREATED for this job, encoded when released.
     Created(u64),
 }
@@ -72,7 +76,7 @@ impl Broker {
             wake,
             reader,
             ram_bytes: 0,
-            batch_seqs: Vec::new(),
+            batch: 0,
             change_since: None,
             add_since: None,
         });
@@ -96,6 +100,7 @@ impl Broker {
     pub fn take_pending(&mut self, batch: &mut Batch) {
         if let Some(d) = self.durable.as_mut() {
             std::mem::swap(&mut d.pending, batch);
+            d.batch += 1;
             d.change_since = None;
             d.add_since = None;
         }
@@ -115,11 +120,11 @@ impl Broker {
     /// Writes a background job's record with the next batch; the submitter's JOB_CREATED
     /// waits for it.
     pub(super) fn store_add(&mut self, conn: ConnId, key: JobKey, run_at: i64) {
-        let job = &mut self.jobs[key as usize];
-        job.stored = Stored::Adding;
-        let (seq, priority) = (job.seq, job.priority as u8);
-        let name = self.functions[job.function as usize].name.clone();
         let d = self.durable.as_mut().expect("durable store enabled");
+        let job = &mut self.jobs[key as usize];
+        job.stored = Stored::Adding { odd: d.batch % 2 == 1 };
+        let (seq, priority, batch) = (job.seq, job.priority as u8, d.batch);
+        let name = self.functions[job.function as usize].name.clone();
         if d.add_since.is_none() {
             let now = Instant::now();
             d.add_since = Some(now);
@@ -127,7 +132,18 @@ impl Broker {
             d.wake.notify_one();
         }
         d.pending.push_add(seq, priority, run_at, &name, job.unique(), job.data());
-        self.hold_ack(conn, seq);
+        self.hold_ack(conn, seq, batch);
+    }
+
+    /// The number of the batch carrying a record in `Stored::Adding { odd }`: the pending
+    /// batch or the one being written, whichever has that parity.
+    pub(super) fn batch_carrying(&self, odd: bool) -> u64 {
+        let pending = self.durable.as_ref().expect("durable store enabled").batch;
+        if (pending % 2 == 1) == odd {
+            pending
+        } else {
+            pending - 1
+        }
     }
 
     /// Forgets a stored job (it finished, failed or was cancelled). A job whose record is
@@ -144,14 +160,15 @@ impl Broker {
         self.pending_remove(seq, loc);
     }
 
-    /// Queues JOB_CREATED for `seq` behind everything already held for `conn`.
-    pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64) {
+    /// Queues JOB_CREATED for `seq`, once `batch` commits, behind everything already held for
+    /// `conn`.
+    pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64, batch: u64) {
         let Some(c) = self.conns.get(conn as usize) else { return };
         let mut held = c.held.borrow_mut();
         if held.is_none() {
             self.held_conns.push(conn);
         }
-        held.get_or_insert_with(VecDeque::new).push_back(Held::Ack(seq));
+        held.get_or_insert_with(VecDeque::new).push_back(Held::Ack { seq, batch });
     }
 
     /// Applies the outcome of committing `batch`. On success its new jobs become runnable
@@ -163,7 +180,7 @@ impl Broker {
         let now = unix_now();
         for (i, add) in batch.adds().enumerate() {
             let key = self.find_by_seq(add.seq);
-            debug_assert!(key.is_none_or(|k| self.jobs[k as usize].stored == Stored::Adding));
+            debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
             match (&outcome, key) {
                 (Ok(locs), Some(key)) => {
                     let job = &mut self.jobs[key as usize];
@@ -191,7 +208,7 @@ impl Broker {
                 self.pending_remove(seq, loc);
             }
         }
-        self.answer_acks(batch, outcome.as_ref().err().map(String::as_str));
+        self.answer_acks(outcome.as_ref().err().map(String::as_str));
         self.release_held();
     }
 
@@ -213,23 +230,19 @@ impl Broker {
         }
     }
 
-    /// Turns the held acknowledgements of the jobs `batch` carried into their answers.
-    fn answer_acks(&mut self, batch: &Batch, error: Option<&str>) {
+    /// Turns the held acknowledgements waiting for the batch just written into their answers.
+    fn answer_acks(&mut self, error: Option<&str>) {
         if self.held_conns.is_empty() {
             return;
         }
-        let d = self.durable.as_mut().unwrap();
-        let mut seqs = std::mem::take(&mut d.batch_seqs);
-        seqs.clear();
-        seqs.extend(batch.adds().map(|a| a.seq));
-        seqs.sort_unstable();
+        let written = self.durable.as_ref().unwrap().batch - 1;
         let error = error.map(|why| format!("could not store the job: {why}"));
         for &conn in &self.held_conns {
             let Some(c) = self.conns.get(conn as usize) else { continue };
             let mut held = c.held.borrow_mut();
             for reply in held.iter_mut().flatten() {
-                let Held::Ack(seq) = *reply else { continue };
-                if seqs.binary_search(&seq).is_err() {
+                let Held::Ack { seq, batch } = *reply else { continue };
+                if batch != written {
                     continue;
                 }
                 *reply = match &error {
@@ -242,7 +255,6 @@ impl Broker {
                 };
             }
         }
-        self.durable.as_mut().unwrap().batch_seqs = seqs;
     }
 
     /// Makes a committed or restored job runnable (now or at its time).
@@ -281,7 +293,7 @@ impl Broker {
                         let handle = self.handle(seq);
                         self.push_out(conn, |b| encode_packet(b, Magic::Response, T::JobCreated, &[&handle]));
                     }
-                    Some(Held::Ack(_)) | None => break,
+                    Some(Held::Ack { .. }) | None => break,
                 }
                 queue.pop_front();
             }

@@ -42,8 +42,9 @@ impl PackedConn {
 pub(super) enum Stored {
     /// Not written: a foreground job, or no durable store.
     No,
-    /// In the batch being written or the next one; its location is not known yet.
-    Adding,
+    /// In the batch being written or the next one (told apart by the parity of the batch's
+    /// number); its location is not known yet.
+    Adding { odd: bool },
     /// Committed, at [`Job::loc`].
     Yes,
 }

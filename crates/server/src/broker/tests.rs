@@ -75,7 +75,10 @@ mod model {
         Limit(usize, u8, u32),
         Disconnect(usize),
         Tick,
-        /// The store thread commits what is pending, successfully or not.
+        /// The store thread takes what is pending and starts writing it.
+        Take,
+        /// The store thread's write ends, successfully or not (taking what is pending first
+        /// if nothing is being written).
         Commit(bool),
     }
 
@@ -102,6 +105,7 @@ mod model {
             (c.clone(), 0..3u8, 0..3u32).prop_map(|(c, f, n)| Op::Limit(c, f, n)),
             c.prop_map(Op::Disconnect),
             Just(Op::Tick),
+            Just(Op::Take),
             any::<bool>().prop_map(Op::Commit),
         ]
     }
@@ -165,32 +169,110 @@ mod model {
         }
     }
 
-    /// What a store holds after the commits it was given: jobs by sequence number.
-    type Store = std::collections::BTreeMap<u64, gearbox_store::StoredJob>;
+    /// A store as the store thread drives it: at most one batch being written at a time.
+    #[derive(Default)]
+    struct Store {
+        /// What it holds after the commits it was given, by sequence number.
+        jobs: std::collections::BTreeMap<u64, gearbox_store::StoredJob>,
+        /// Every job it ever held.
+        ever: std::collections::HashSet<u64>,
+        writing: Option<gearbox_store::Batch>,
+    }
 
-    /// The store thread's turn: takes what is pending, commits it into `store` (or fails).
-    fn commit(b: &mut Broker, store: &mut Store, ok: bool) {
-        let mut batch = gearbox_store::Batch::default();
-        b.take_pending(&mut batch);
-        let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
-        if ok {
-            for add in batch.adds() {
-                let job = gearbox_store::StoredJob {
-                    seq: add.seq,
-                    priority: add.priority,
-                    run_at: add.run_at,
-                    function: add.function.to_vec(),
-                    unique: add.unique.to_vec(),
-                    data: add.data.to_vec(),
-                    loc: Loc::NONE,
-                };
-                store.insert(add.seq, job);
-            }
-            for (seq, _) in batch.removes() {
-                store.remove(seq);
+    impl Store {
+        fn take(&mut self, b: &mut Broker) {
+            if self.writing.is_none() {
+                let mut batch = gearbox_store::Batch::default();
+                b.take_pending(&mut batch);
+                self.writing = Some(batch);
             }
         }
-        b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+
+        fn commit(&mut self, b: &mut Broker, ok: bool) {
+            self.take(b);
+            let batch = self.writing.take().unwrap();
+            let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+            if ok {
+                for add in batch.adds() {
+                    let job = gearbox_store::StoredJob {
+                        seq: add.seq,
+                        priority: add.priority,
+                        run_at: add.run_at,
+                        function: add.function.to_vec(),
+                        unique: add.unique.to_vec(),
+                        data: add.data.to_vec(),
+                        loc: Loc::NONE,
+                    };
+                    self.jobs.insert(add.seq, job);
+                    self.ever.insert(add.seq);
+                }
+                for (seq, _) in batch.removes() {
+                    self.jobs.remove(seq);
+                }
+            }
+            b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+        }
+    }
+
+    /// A direct reply a connection waits for, in order.
+    #[derive(Debug, PartialEq)]
+    enum Expect {
+        Submit { background: bool },
+        Grab,
+        Status,
+        Admin,
+    }
+
+    /// A test connection: its outbox and the replies it waits for.
+    struct Peer {
+        id: ConnId,
+        outbox: Arc<Outbox>,
+        expect: std::collections::VecDeque<Expect>,
+    }
+
+    impl Peer {
+        fn connect(b: &mut Broker, fd: i32) -> Peer {
+            let outbox = Arc::new(Outbox::default());
+            Peer { id: b.connect(outbox.clone(), fd, "t", 1), outbox, expect: Default::default() }
+        }
+
+        /// Reads what the broker sent and pairs each direct reply with its request. A
+        /// background submission acknowledged on a durable broker must be in the store.
+        fn read(&mut self, b: &Broker, store: &Store) {
+            let mut bytes = bytes::BytesMut::new();
+            self.outbox.take_into(&mut bytes);
+            use gearbox_proto::{Decoder, Message, Response as R};
+            while let Some(message) = Decoder::default().decode(&mut bytes).unwrap() {
+                let reply = match message {
+                    Message::AdminLine(_) => Expect::Admin,
+                    Message::Packet(frame) => match R::parse(&frame).unwrap() {
+                        R::Noop
+                        | R::WorkStatus { .. }
+                        | R::WorkData { .. }
+                        | R::WorkWarning { .. }
+                        | R::WorkComplete { .. }
+                        | R::WorkFail { .. }
+                        | R::WorkException { .. } => continue,
+                        R::JobCreated { handle } => {
+                            let expected = self.expect.front();
+                            if b.durable.is_some() && expected == Some(&Expect::Submit { background: true }) {
+                                let seq = b.parse_handle(&handle).unwrap();
+                                assert!(store.ever.contains(&seq), "job {seq} acknowledged before it was stored");
+                            }
+                            let background = matches!(expected, Some(Expect::Submit { background: true }));
+                            Expect::Submit { background }
+                        }
+                        R::Error { .. } => Expect::Submit {
+                            background: matches!(self.expect.front(), Some(Expect::Submit { background: true })),
+                        },
+                        R::JobAssignUniq { .. } | R::NoJob => Expect::Grab,
+                        R::StatusResUnique { .. } => Expect::Status,
+                        other => panic!("unexpected {other:?}"),
+                    },
+                };
+                assert_eq!(self.expect.pop_front(), Some(reply), "replies come in request order");
+            }
+        }
     }
 
     /// The sequence numbers of the background jobs a broker holds.
@@ -211,13 +293,14 @@ mod model {
             let records = Arc::new(std::sync::Mutex::new(Vec::new()));
             let (log, _, writer) = gearbox_joblog::writer::start(Box::new(Collect(records.clone())), None, Some(8));
             b.set_job_log(log);
-            let mut conns: Vec<ConnId> = (0..4).map(|i| b.connect(Arc::new(Outbox::default()), i, "t", 1)).collect();
-            let mut store = Store::new();
+            let mut peers: Vec<Peer> = (0..4).map(|i| Peer::connect(&mut b, i)).collect();
+            let mut store = Store::default();
             let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
                 match op {
                     Op::Submit { conn, function, unique, background, priority, later } => {
+                        peers[conn].expect.push_back(Expect::Submit { background: background || later });
                         let unique = if unique == 0 { Bytes::new() } else { Bytes::from(format!("u{unique}")) };
                         let priority = Priority::ALL[priority as usize];
                         let req = if later {
@@ -225,15 +308,18 @@ mod model {
                         } else {
                             Request::SubmitJob { function: name(function), unique, data: Bytes::from_static(b"d"), priority, background }
                         };
-                        b.apply(conns[conn], req);
+                        b.apply(peers[conn].id, req);
                     }
-                    Op::CanDo(c, f, false) => b.apply(conns[c], Request::CanDo { function: name(f) }),
-                    Op::CanDo(c, f, true) => b.apply(conns[c], Request::CanDoTimeout { function: name(f), timeout: 1000 }),
-                    Op::CantDo(c, f) => b.apply(conns[c], Request::CantDo { function: name(f) }),
-                    Op::Grab(c) => b.apply(conns[c], Request::GrabJob(GrabKind::Uniq)),
-                    Op::PreSleep(c) => b.apply(conns[c], Request::PreSleep),
+                    Op::CanDo(c, f, false) => b.apply(peers[c].id, Request::CanDo { function: name(f) }),
+                    Op::CanDo(c, f, true) => b.apply(peers[c].id, Request::CanDoTimeout { function: name(f), timeout: 1000 }),
+                    Op::CantDo(c, f) => b.apply(peers[c].id, Request::CantDo { function: name(f) }),
+                    Op::Grab(c) => {
+                        peers[c].expect.push_back(Expect::Grab);
+                        b.apply(peers[c].id, Request::GrabJob(GrabKind::Uniq));
+                    }
+                    Op::PreSleep(c) => b.apply(peers[c].id, Request::PreSleep),
                     Op::Finish { conn, how } => {
-                        let Some(key) = b.conns[conns[conn] as usize].running.first().map(|r| r.key) else { continue };
+                        let Some(key) = b.conns[peers[conn].id as usize].running.first().map(|r| r.key) else { continue };
                         let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
                         let req = match how {
                             0 => Request::WorkComplete { handle, data: Bytes::new() },
@@ -241,49 +327,64 @@ mod model {
                             2 => Request::WorkException { handle, data: Bytes::new() },
                             _ => Request::WorkStatus { handle, numerator: 1, denominator: 2 },
                         };
-                        b.apply(conns[conn], req);
+                        b.apply(peers[conn].id, req);
                     }
-                    Op::Status(c) => b.apply(conns[c], Request::GetStatusUnique { unique: Bytes::from_static(b"u1") }),
+                    Op::Status(c) => {
+                        peers[c].expect.push_back(Expect::Status);
+                        b.apply(peers[c].id, Request::GetStatusUnique { unique: Bytes::from_static(b"u1") });
+                    }
                     Op::Cancel(c, n) => {
                         let handle = Bytes::copy_from_slice(&b.handle(b.next_seq.saturating_sub(n + 1)));
-                        b.admin(conns[c], AdminCommand::CancelJob { handle }, &info);
-                    }
-                    Op::Limit(c, f, 0) => {
-                        b.admin(conns[c], AdminCommand::DropFunction { function: name(f) }, &info);
+                        peers[c].expect.push_back(Expect::Admin);
+                        b.admin(peers[c].id, AdminCommand::CancelJob { handle }, &info);
                     }
                     Op::Limit(c, f, n) => {
-                        b.admin(conns[c], AdminCommand::MaxQueue { function: name(f), limits: [n; 3] }, &info);
+                        let cmd = match n {
+                            0 => AdminCommand::DropFunction { function: name(f) },
+                            n => AdminCommand::MaxQueue { function: name(f), limits: [n; 3] },
+                        };
+                        peers[c].expect.push_back(Expect::Admin);
+                        b.admin(peers[c].id, cmd, &info);
                     }
                     Op::Disconnect(c) => {
-                        b.disconnect(conns[c]);
-                        conns[c] = b.connect(Arc::new(Outbox::default()), c as i32, "t", 1);
+                        b.disconnect(peers[c].id);
+                        peers[c] = Peer::connect(&mut b, c as i32);
                     }
                     Op::Tick => {
                         b.tick(Instant::now() + Duration::from_secs(5));
                     }
-                    Op::Commit(ok) => commit(&mut b, &mut store, ok || !durable),
+                    Op::Take => store.take(&mut b),
+                    Op::Commit(ok) => store.commit(&mut b, ok || !durable),
                 }
                 check(&b);
+                for peer in &mut peers {
+                    peer.read(&b, &store);
+                }
             }
-            // Once everything is committed, no job is pending and no reply is held.
-            commit(&mut b, &mut store, true);
+            // Once everything is committed, no job is pending and every request is answered.
+            store.commit(&mut b, true);
+            store.commit(&mut b, true);
             check(&b);
             prop_assert!(b.jobs.iter().all(|(_, j)| j.state != JobState::Pending));
             prop_assert!(b.conns.iter().all(|(_, c)| c.held.borrow().is_none()));
-            for c in conns {
-                b.disconnect(c);
+            for peer in &mut peers {
+                peer.read(&b, &store);
+                prop_assert!(peer.expect.is_empty(), "unanswered: {:?}", peer.expect);
+            }
+            for peer in peers {
+                b.disconnect(peer.id);
                 check(&b);
             }
             prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
             if durable {
                 // The store holds exactly the background jobs (once the removals that waited
                 // for their job's own commit are written), and a restart brings them all back.
-                commit(&mut b, &mut store, true);
-                commit(&mut b, &mut store, true);
-                prop_assert_eq!(store.keys().copied().collect::<Vec<_>>(), background_jobs(&b));
+                store.commit(&mut b, true);
+                store.commit(&mut b, true);
+                prop_assert_eq!(store.jobs.keys().copied().collect::<Vec<_>>(), background_jobs(&b));
                 let mut restarted = Broker::new(BrokerConfig::default());
                 restarted.enable_durability(Arc::new(std::sync::Condvar::new()), None);
-                for job in store.values() {
+                for job in store.jobs.values() {
                     restarted.restore(job.clone());
                 }
                 check(&restarted);
