@@ -27,6 +27,11 @@ pub struct Settings {
     #[arg(short = 'p', long, env = "GEARBOX_PORT")]
     pub port: Option<u16>,
 
+    /// Connections the kernel completes and queues while the server is busy accepting (the
+    /// kernel caps it at net.core.somaxconn) [default: 1024]
+    #[arg(short = 'b', long, env = "GEARBOX_BACKLOG")]
+    pub backlog: Option<u32>,
+
     /// I/O threads; 0 or 1 runs everything on one thread [default: 1]
     #[arg(short = 't', long, env = "GEARBOX_THREADS")]
     pub threads: Option<usize>,
@@ -118,6 +123,8 @@ pub enum ConfigError {
 pub struct Config {
     pub listen: Vec<String>,
     pub port: u16,
+    /// The listen backlog of the Gearman port.
+    pub backlog: u32,
     pub threads: usize,
     /// The open-files limit to ask for; `None` raises the soft limit to the hard limit.
     pub file_descriptors: Option<u64>,
@@ -135,6 +142,7 @@ impl Settings {
             config: self.config.or(other.config),
             listen: self.listen.or(other.listen),
             port: self.port.or(other.port),
+            backlog: self.backlog.or(other.backlog),
             threads: self.threads.or(other.threads),
             job_retries: self.job_retries.or(other.job_retries),
             max_packet_size: self.max_packet_size.or(other.max_packet_size),
@@ -186,6 +194,7 @@ impl Settings {
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
+            backlog: s.backlog.unwrap_or(1024),
             threads: s.threads.unwrap_or(1),
             file_descriptors: s.file_descriptors,
             log_level,

@@ -27,7 +27,7 @@ pub use gearbox_store::StoreError;
 pub use server::{serve, ServeError, ServeOptions};
 pub use store::QueueSpec;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// Runs a server as configured until SIGTERM, SIGINT or an allowed admin `shutdown`. Sets
@@ -43,15 +43,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        // An IP address (v6 with or without brackets) or a host name.
-        let bind = match addr.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() {
-            Ok(ip) => std::net::SocketAddr::new(ip, config.port).to_string(),
-            Err(_) => format!("{addr}:{}", config.port),
-        };
-        let listener = TcpListener::bind(&bind)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))?;
-        listeners.push(listener);
+        listeners.push(listen(addr, config.port, config.backlog).await?);
     }
     let http = config.http.bind().await?;
     if let Some(path) = &config.pid_file {
@@ -65,6 +57,29 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Binds `addr` (an IP address, v6 with or without brackets, or a host name) on `port`, with
+/// a listen backlog of `backlog` connections. The default of std and tokio, 128, is soon full
+/// when thousands of workers reconnect after a restart; the client's kernel then retries each
+/// connection after a second.
+async fn listen(addr: &str, port: u16, backlog: u32) -> std::io::Result<TcpListener> {
+    let bind = match addr.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{addr}:{port}"),
+    };
+    let failed = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}"));
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
+    for at in tokio::net::lookup_host(&bind).await.map_err(failed)? {
+        let socket = if at.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(failed)?;
+        // As std and tokio do: a restarted server can bind while old connections linger.
+        socket.set_reuseaddr(true).map_err(failed)?;
+        match socket.bind(at).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = e,
+        }
+    }
+    Err(failed(last))
 }
 
 async fn stop_on_signal(

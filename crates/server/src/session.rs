@@ -14,6 +14,12 @@ use crate::broker::{AdminEffect, ConnId};
 use crate::outbox::{Fate, Outbox};
 use crate::shared::Shared;
 
+/// A connection's read buffer starts with room for the packets of a typical client or worker,
+/// so that thousands of idle connections stay cheap...
+const READ_SMALL: usize = 512;
+/// ...and once a read fills it (the peer sends more than that at once), reads at least this
+/// much, growing by up to `READ_CHUNK` at a time.
+const READ_LARGE: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading from a peer while this much output to it is unsent.
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -35,8 +41,8 @@ pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
 async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Shared) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let decoder = Decoder::new(shared.max_packet);
-    // Small until the peer sends much: idle connections (thousands of workers) stay cheap.
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(READ_SMALL);
+    let mut large = false;
     let mut wbuf = BytesMut::new();
     // Created once: re-creating these futures on every turn of the loop costs more than
     // the rest of the loop.
@@ -63,8 +69,11 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
             }
             Fate::Closing => {}
         }
-        if rbuf.capacity() - rbuf.len() < 1024 {
-            rbuf.reserve(rbuf.capacity().clamp(4096, READ_CHUNK));
+        // Takes back the space of consumed packets, or grows the buffer.
+        let (min_free, grow) =
+            if large { (READ_LARGE / 4, rbuf.capacity().clamp(READ_LARGE, READ_CHUNK)) } else { (64, READ_SMALL) };
+        if rbuf.capacity() - rbuf.len() < min_free {
+            rbuf.reserve(grow);
         }
         let reading = !closing && wbuf.len() < WRITE_HIGH_WATER;
         tokio::select! {
@@ -77,6 +86,7 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
                     outbox.close();
                     continue;
                 }
+                large |= rbuf.len() == rbuf.capacity();
                 loop {
                     match process(&mut rbuf, &decoder, id, shared) {
                         Processed::All => break,
