@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the job server (Gearman protocol and admin protocol on one port)
-    Server(gearbox_server::Settings),
+    Server(Box<gearbox_server::Settings>),
     /// Submit a job (or, with --bulk, one per input line) and print its result or handle
     Submit(cli::SubmitArgs),
     /// Serve functions by running a command for each job (payload on stdin, result on stdout)
