@@ -18,6 +18,15 @@ fn gearman_cli_worker_and_client() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "olleh");
 }
 
+/// Log lines to a pipe (journald, a file, this test) carry no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_colours() {
+    let server = Server::start(&[]);
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.contains("INFO") && l.contains("listening on")), "{log:?}");
+    assert!(log.iter().all(|l| !l.contains('\x1b')), "{log:?}");
+}
+
 #[test]
 fn gearadmin_reads_status_workers_and_jobs() {
     let server = Server::start(&[]);
