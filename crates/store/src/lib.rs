@@ -115,6 +115,7 @@ pub trait QueueStore: Send {
 mod gearmand_import;
 mod sql;
 mod sql_lock;
+mod sql_plan;
 
 pub use gearmand_import::{import_gearmand, GearmandJob};
 pub use sql::{open_sql, DEFAULT_LOCK_WAIT};

@@ -11,8 +11,8 @@
 //! unless the URL gives one.
 //!
 //! Each batch is one transaction: multi-row INSERTs, then `DELETE … WHERE seq IN (…)`, chunked
-//! under the protocols' 65,535 bind parameters and MySQL's `max_allowed_packet`. When the
-//! connection breaks (the database restarted, the session was killed), a commit reconnects,
+//! under the protocols' 65,535 bind parameters and MySQL's `max_allowed_packet` (see
+//! `sql_plan`). When the connection breaks (the database restarted, the session was killed), a commit reconnects,
 //! takes the lock again and retries the whole batch with backoff for up to ten seconds (the
 //! lock may still be held by the store's own lost session). If another server holds the table
 //! after that, this store fails every later commit.
@@ -20,9 +20,6 @@
 //! The methods block: they drive a single-threaded tokio runtime of the store's own, so they
 //! must be called from a plain thread, not from within another runtime.
 
-use std::collections::HashSet;
-use std::fmt::Write as _;
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
@@ -33,7 +30,8 @@ use tokio::runtime::Runtime;
 use url::Url;
 
 use crate::sql_lock::{lock_table, TableLock};
-use crate::{AddView, Batch, Loc, QueueStore, Result, StoreError, StoredJob};
+use crate::sql_plan::{delete_sql, insert_sql, Plan, MAX_PARAMS, ROW_OVERHEAD};
+use crate::{Batch, Loc, QueueStore, Result, StoreError, StoredJob};
 
 pub(crate) const DEFAULT_TABLE: &str = "gearbox_queue";
 /// How long a server waits at start for the lock of a table another session holds: long
@@ -42,13 +40,8 @@ pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
 const SCHEMA_VERSION: u32 = 1;
 /// The table comment that marks a gearbox queue table, followed by the schema version.
 const SCHEMA_TAG: &str = "gearbox queue, schema ";
-/// Both protocols count a statement's bind parameters in 16 bits.
-const MAX_PARAMS: usize = 65_535;
-const ADD_PARAMS: usize = 6;
 /// Payload bytes per INSERT on PostgreSQL; on MySQL, half its `max_allowed_packet`.
 const PG_STATEMENT_BYTES: usize = 16 << 20;
-/// Room for a row's framing in a statement, beyond its payload.
-const ROW_OVERHEAD: usize = 64;
 /// Statements of up to this many rows recur with every batch and stay prepared on the
 /// connection; bigger ones are rare and costly to keep prepared on the server.
 const CACHED_ROWS: usize = 64;
@@ -480,94 +473,6 @@ async fn connection<'a>(
     Ok(slot.insert(conn))
 }
 
-/// A batch as the statements carry it: jobs both added and removed in it are left out.
-struct Plan<'a> {
-    adds: Vec<AddView<'a>>,
-    /// Ranges of `adds` that go into one INSERT each.
-    add_chunks: Vec<Range<usize>>,
-    removes: Vec<i64>,
-}
-
-impl<'a> Plan<'a> {
-    fn new(batch: &'a Batch, statement_bytes: usize, max_job_bytes: usize) -> Result<Plan<'a>> {
-        let seq_param = |seq: u64| {
-            i64::try_from(seq).map_err(|_| StoreError::Database(format!("sequence number {seq} does not fit a BIGINT")))
-        };
-        let (adds, removes): (Vec<AddView<'a>>, Vec<u64>) = if batch.removes().is_empty() || batch.adds().len() == 0 {
-            (batch.adds().collect(), batch.removes().iter().map(|&(seq, _)| seq).collect())
-        } else {
-            let removed: HashSet<u64> = batch.removes().iter().map(|&(seq, _)| seq).collect();
-            let added: HashSet<u64> = batch.adds().map(|a| a.seq).collect();
-            (
-                batch.adds().filter(|a| !removed.contains(&a.seq)).collect(),
-                batch.removes().iter().map(|&(seq, _)| seq).filter(|seq| !added.contains(seq)).collect(),
-            )
-        };
-        let rows_per_insert = MAX_PARAMS / ADD_PARAMS;
-        let mut add_chunks = Vec::new();
-        let (mut start, mut bytes) = (0, 0);
-        for (i, add) in adds.iter().enumerate() {
-            seq_param(add.seq)?;
-            let size = ROW_OVERHEAD + add.function.len() + add.unique.len() + add.data.len();
-            if size > max_job_bytes {
-                return Err(StoreError::Database(format!(
-                    "job {} of {size} bytes exceeds the database's packet limit of {max_job_bytes}",
-                    add.seq
-                )));
-            }
-            if i > start && (i - start == rows_per_insert || bytes + size > statement_bytes) {
-                add_chunks.push(start..i);
-                (start, bytes) = (i, 0);
-            }
-            bytes += size;
-        }
-        if start < adds.len() {
-            add_chunks.push(start..adds.len());
-        }
-        let removes = removes.into_iter().map(seq_param).collect::<Result<_>>()?;
-        Ok(Plan { adds, add_chunks, removes })
-    }
-}
-
-/// `n` placeholders from the `first`-th (1-based) on: `?, ?` or `$3, $4`.
-fn push_placeholders(sql: &mut String, kind: Kind, first: usize, n: usize) {
-    for i in first..first + n {
-        if i > first {
-            sql.push_str(", ");
-        }
-        match kind {
-            Kind::MySql => sql.push('?'),
-            Kind::Postgres => {
-                let _ = write!(sql, "${i}");
-            }
-        }
-    }
-}
-
-fn insert_sql(kind: Kind, table: &str, rows: usize, idempotent: bool) -> String {
-    let mut sql = format!("INSERT INTO {table} (seq, priority, run_at, function_name, unique_key, data) VALUES ");
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        push_placeholders(&mut sql, kind, row * ADD_PARAMS + 1, ADD_PARAMS);
-        sql.push(')');
-    }
-    // A retry after a COMMIT whose outcome was lost must not fail on the rows it did write.
-    if idempotent {
-        sql.push_str(match kind {
-            Kind::MySql => " ON DUPLICATE KEY UPDATE seq = seq",
-            Kind::Postgres => " ON CONFLICT (seq) DO NOTHING",
-        });
-    }
-    sql
-}
-
-fn delete_sql(kind: Kind, table: &str, n: usize) -> String {
-    let mut sql = format!("DELETE FROM {table} WHERE seq IN (");
-    push_placeholders(&mut sql, kind, 1, n);
-    sql.push(')');
-    sql
-}
-
 impl QueueStore for SqlStore {
     fn describe(&self) -> String {
         self.db.target.public.clone()
@@ -707,53 +612,5 @@ mod tests {
         ] {
             assert!(matches!(Target::parse(url, DEFAULT_TABLE), Err(StoreError::Database(_))), "{url}");
         }
-    }
-
-    #[test]
-    fn statements() {
-        assert_eq!(
-            insert_sql(Kind::Postgres, "q", 2, true),
-            "INSERT INTO q (seq, priority, run_at, function_name, unique_key, data) \
-             VALUES ($1, $2, $3, $4, $5, $6), ($7, $8, $9, $10, $11, $12) ON CONFLICT (seq) DO NOTHING"
-        );
-        assert!(insert_sql(Kind::MySql, "q", 1, false).ends_with("VALUES (?, ?, ?, ?, ?, ?)"));
-        assert_eq!(delete_sql(Kind::MySql, "q", 3), "DELETE FROM q WHERE seq IN (?, ?, ?)");
-        assert_eq!(delete_sql(Kind::Postgres, "q", 2), "DELETE FROM q WHERE seq IN ($1, $2)");
-    }
-
-    #[test]
-    fn plan_skips_jobs_added_and_removed_together() {
-        let mut b = Batch::default();
-        b.push_add(1, 1, 0, b"f", b"", b"a");
-        b.push_add(2, 1, 0, b"f", b"", b"b");
-        b.push_remove(2, Loc::NONE);
-        b.push_remove(0, Loc::NONE);
-        let plan = Plan::new(&b, usize::MAX, usize::MAX).unwrap();
-        assert_eq!(plan.adds.iter().map(|a| a.seq).collect::<Vec<_>>(), [1]);
-        assert_eq!(plan.add_chunks, vec![Range { start: 0, end: 1 }]);
-        assert_eq!(plan.removes, [0]);
-    }
-
-    #[test]
-    fn plan_chunks_by_parameters_and_bytes() {
-        let mut b = Batch::default();
-        let rows = MAX_PARAMS / ADD_PARAMS;
-        for seq in 0..rows as u64 + 5 {
-            b.push_add(seq, 1, 0, b"", b"", b"");
-        }
-        let plan = Plan::new(&b, usize::MAX, usize::MAX).unwrap();
-        assert_eq!(plan.add_chunks, [0..rows, rows..rows + 5]);
-
-        let mut b = Batch::default();
-        for seq in 0..5 {
-            b.push_add(seq, 1, 0, b"", b"", &[0; 1000 - ROW_OVERHEAD]);
-        }
-        let plan = Plan::new(&b, 2500, 1000).unwrap();
-        assert_eq!(plan.add_chunks, [0..2, 2..4, 4..5]);
-        assert!(matches!(Plan::new(&b, 2500, 999), Err(StoreError::Database(_))));
-
-        let mut b = Batch::default();
-        b.push_remove(u64::MAX, Loc::NONE);
-        assert!(matches!(Plan::new(&b, 2500, 1000), Err(StoreError::Database(_))));
     }
 }

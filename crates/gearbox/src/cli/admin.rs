@@ -1,0 +1,151 @@
+//! `gearbox admin`: functions, workers, jobs, counters, version, queue limits; cancel a job.
+
+use anyhow::bail;
+
+use super::{admin_line, json_string, print_table, runtime, Servers};
+
+#[derive(clap::Subcommand, Clone)]
+enum AdminCommand {
+    /// Functions: queued, running, workers
+    Status,
+    /// Connections and the functions they can do
+    Workers,
+    /// Jobs on the server
+    Jobs,
+    /// Server version
+    Version,
+    /// Cancel a queued job
+    Cancel { handle: String },
+    /// Queue limits per function and priority (0: none). With FUNCTION, set its limits
+    /// first: one LIMIT for every priority, or HIGH NORMAL LOW; none removes them
+    Maxqueue {
+        function: Option<String>,
+        #[arg(requires = "function", num_args = 0..=3, allow_negative_numbers = true)]
+        limits: Vec<i64>,
+    },
+    /// Counters: connections, jobs, job-log records written and dropped
+    Stats,
+}
+
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    servers: Servers,
+    /// Print JSON (one object per line) instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    let (line, columns): (String, &[&str]) = match &args.command {
+        AdminCommand::Status => ("status".into(), &["function", "total", "running", "workers"]),
+        AdminCommand::Workers => ("workers".into(), &["fd", "address", "client_id", "functions"]),
+        AdminCommand::Jobs => ("show jobs".into(), &["handle", "retries", "ignored", "background"]),
+        AdminCommand::Version => ("version".into(), &["version"]),
+        AdminCommand::Cancel { handle } => return cancel(&args.servers, handle, args.json),
+        AdminCommand::Maxqueue { function, limits } => {
+            if let Some(function) = function {
+                let limits: Vec<String> = limits.iter().map(i64::to_string).collect();
+                set_max_queue(&args.servers, &format!("maxqueue {function} {}", limits.join(" ")))?;
+            }
+            ("maxqueue".into(), &["function", "high", "normal", "low"])
+        }
+        AdminCommand::Stats => ("stats".into(), &["name", "value"]),
+    };
+    let runtime = runtime()?;
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    for server in &args.servers.servers {
+        let reply = runtime.block_on(admin_line(server, &line))?;
+        if let Some(err) = reply.strip_prefix("ERR ") {
+            bail!("{server}: {}", err.trim().replace('+', " "));
+        }
+        for l in reply.lines().filter(|l| *l != ".") {
+            let fields: Vec<String> = match args.command {
+                AdminCommand::Workers => {
+                    let (head, functions) = l.split_once(" :").unwrap_or((l, ""));
+                    let mut f: Vec<String> = head.splitn(3, ' ').map(str::to_string).collect();
+                    f.push(functions.trim().to_string());
+                    f
+                }
+                AdminCommand::Version => {
+                    vec![l.trim_start_matches("OK").trim().to_string()]
+                }
+                _ => l.split('\t').map(str::to_string).collect(),
+            };
+            rows.push((server.clone(), fields));
+        }
+    }
+    let many = args.servers.servers.len() > 1;
+    if args.json {
+        for (server, fields) in &rows {
+            let mut obj: Vec<String> = Vec::new();
+            if many {
+                obj.push(format!("\"server\":{}", json_string(server)));
+            }
+            for (c, v) in columns.iter().zip(fields) {
+                let value = if v.parse::<u64>().is_ok() && *c != "handle" { v.clone() } else { json_string(v) };
+                obj.push(format!("\"{c}\":{value}"));
+            }
+            println!("{{{}}}", obj.join(","));
+        }
+        return Ok(());
+    }
+    let mut header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+    if many {
+        header.insert(0, "SERVER".into());
+    }
+    let table: Vec<Vec<String>> = std::iter::once(header)
+        .chain(rows.into_iter().map(|(s, mut f)| {
+            if many {
+                f.insert(0, s);
+            }
+            f
+        }))
+        .collect();
+    print_table(&table)
+}
+
+fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    for server in &servers.servers {
+        let reply = runtime.block_on(admin_line(server, line))?;
+        if !reply.starts_with("OK") {
+            bail!("{server}: {}", reply.trim().trim_start_matches("ERR ").replace('+', " "));
+        }
+    }
+    Ok(())
+}
+
+/// `gearbox admin cancel H`: asks every server (a handle lives on one of them) and says
+/// what became of the job.
+fn cancel(servers: &Servers, handle: &str, json: bool) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let mut running_on = None;
+    for server in &servers.servers {
+        let reply = runtime.block_on(admin_line(server, &format!("cancel job {handle}")))?;
+        let reply = reply.trim();
+        if reply.starts_with("OK") {
+            if json {
+                println!(
+                    "{{\"handle\":{},\"server\":{},\"cancelled\":true}}",
+                    json_string(handle),
+                    json_string(server)
+                );
+            } else {
+                println!("cancelled {handle} on {server}");
+            }
+            return Ok(());
+        }
+        if reply.starts_with("ERR JOB_RUNNING") {
+            running_on = Some(server);
+        } else if !reply.starts_with("ERR UNKNOWN_JOB") {
+            bail!("{server}: {}", reply.trim_start_matches("ERR ").replace('+', " "));
+        }
+    }
+    match running_on {
+        Some(server) => bail!("job {handle} is running on {server}; a running job cannot be cancelled"),
+        None => bail!("no queued job {handle} on {} (it finished, or never existed)", servers.servers.join(", ")),
+    }
+}
