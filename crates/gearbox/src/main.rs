@@ -4,6 +4,7 @@ mod cli;
 mod import;
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -36,8 +37,19 @@ enum Command {
     Bench(gearbox_bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors print as one line with their causes (`Error: what: why`), and never with a
+/// backtrace, whatever `RUST_BACKTRACE` says: they are a user's to read.
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(settings) => {
             let config = settings.resolve()?;

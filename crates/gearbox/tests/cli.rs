@@ -86,6 +86,22 @@ fn background_jobs_and_admin_views() {
     assert!(limits.lines().any(|l| l.split_whitespace().eq(["later", "5", "5", "5"])), "{limits}");
     let limits = stdout(&gearbox(&server, &["admin", "maxqueue", "later", "1", "-1", "3", "--json"], None));
     assert!(limits.contains(r#"{"function":"later","high":1,"normal":0,"low":3}"#), "{limits}");
+    let two = gearbox(&server, &["admin", "maxqueue", "later", "1", "2"], None);
+    assert!(!two.status.success() && String::from_utf8_lossy(&two.stderr).contains("or three: HIGH NORMAL LOW"));
+    let stats = stdout(&gearbox(&server, &["admin", "stats"], None));
+    for counter in [["jobs_submitted", "1"], ["jobs_restored", "0"], ["jobs_cancelled", "1"]] {
+        assert!(stats.lines().any(|l| l.split_whitespace().eq(counter)), "{counter:?} in {stats}");
+    }
+
+    // A bulk submission says why jobs failed.
+    stdout(&gearbox(&server, &["admin", "maxqueue", "capped", "2"], None));
+    let bulk = gearbox(&server, &["submit", "-f", "capped", "--background", "--bulk"], Some(b"1\n2\n3\n4\n5\n"));
+    let why = String::from_utf8_lossy(&bulk.stderr);
+    assert!(!bulk.status.success(), "{why}");
+    assert!(
+        why.contains("5 jobs: 2 ok, 3 failed") && why.contains("3 failed: server error QUEUE_ERROR: Job queue is full"),
+        "{why}"
+    );
 }
 
 /// A failing command's standard error becomes the job's exception text: the client that

@@ -283,6 +283,7 @@ fn counters_add_up_after_a_restart() {
         (&json!(0), &json!(3), &json!(0), &json!(0), &json!(0)),
         "{f}"
     );
+    assert_eq!(status["totals"]["restored"], 3, "{status}");
     let (_, _, metrics) = request(http, "GET", "/metrics", None);
     assert!(metrics.contains("gearbox_jobs_restored_total{function=\"later\",priority=\"normal\"} 3"), "{metrics}");
 }

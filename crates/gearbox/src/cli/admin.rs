@@ -17,7 +17,7 @@ enum AdminCommand {
     /// Cancel a queued job
     Cancel { handle: String },
     /// Queue limits per function and priority (0: none). With FUNCTION, set its limits
-    /// first: one LIMIT for every priority, or HIGH NORMAL LOW; none removes them
+    /// first: one LIMIT for every priority, or HIGH NORMAL LOW; FUNCTION alone removes them
     Maxqueue {
         function: Option<String>,
         #[arg(requires = "function", num_args = 0..=3, allow_negative_numbers = true)]
@@ -46,6 +46,9 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Version => ("version".into(), &["version"]),
         AdminCommand::Cancel { handle } => return cancel(&args.servers, handle, args.json),
         AdminCommand::Maxqueue { function, limits } => {
+            if limits.len() == 2 {
+                bail!("give one limit for every priority, or three: HIGH NORMAL LOW");
+            }
             if let Some(function) = function {
                 let limits: Vec<String> = limits.iter().map(i64::to_string).collect();
                 set_max_queue(&args.servers, &format!("maxqueue {function} {}", limits.join(" ")))?;

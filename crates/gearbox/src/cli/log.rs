@@ -134,12 +134,15 @@ pub fn result(args: ResultArgs) -> anyhow::Result<()> {
         limit: 1,
         ..Default::default()
     };
-    let name = args.handle.or(args.unique).unwrap_or_default();
+    let name = match (args.handle, args.unique) {
+        (Some(handle), _) => format!("job {handle}"),
+        (None, unique) => format!("job with unique key {}", unique.unwrap_or_default()),
+    };
     let Some(record) = fetch_log(&args.servers, &query)?.into_iter().next() else {
-        bail!("no completed job {name} in the job log");
+        bail!("no completed {name} in the job log");
     };
     let Some(result) = record.result else {
-        bail!("job {name} completed, but its result was not kept (start the server with --job-log-bodies BYTES)");
+        bail!("the {name} completed, but its result was not kept (start the server with --job-log-bodies BYTES)");
     };
     std::io::stdout().write_all(&result.to_bytes())?;
     Ok(())

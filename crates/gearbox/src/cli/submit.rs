@@ -1,5 +1,6 @@
 //! `gearbox submit`: one job, or one per input line with `--bulk`.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -82,23 +83,29 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Submits many jobs, 64 at a time, with a progress line on standard error.
+/// Submits many jobs, 64 at a time, with a progress line on standard error, and says why
+/// those that failed did.
 async fn bulk(client: &Client, jobs: Vec<Job>, background: bool) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let total = jobs.len();
-    let (done, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let done = AtomicUsize::new(0);
+    // How many failed, by reason.
+    let failures: std::sync::Mutex<BTreeMap<String, usize>> = Default::default();
     let started = Instant::now();
     let queue = std::sync::Mutex::new(jobs.into_iter());
     let one = || async {
         loop {
             let Some(job) = queue.lock().unwrap().next() else { return };
-            let ok =
-                if background { client.submit_background(job).await.is_ok() } else { client.run(job).await.is_ok() };
-            if !ok {
-                failed.fetch_add(1, Relaxed);
+            let outcome = if background {
+                client.submit_background(job).await.map(drop)
+            } else {
+                client.run(job).await.map(drop)
+            };
+            if let Err(e) = outcome {
+                *failures.lock().unwrap().entry(e.to_string()).or_default() += 1;
             }
             let n = done.fetch_add(1, Relaxed) + 1;
-            if n % 100 == 0 || n == total {
+            if n.is_multiple_of(100) || n == total {
                 let width = 30 * n / total.max(1);
                 eprint!("\r[{}{}] {n}/{total}", "=".repeat(width), " ".repeat(30 - width));
             }
@@ -107,12 +114,16 @@ async fn bulk(client: &Client, jobs: Vec<Job>, background: bool) -> anyhow::Resu
     let workers: Vec<_> = (0..64).map(|_| one()).collect();
     join_all(workers).await;
     let secs = started.elapsed().as_secs_f64();
-    let failed = failed.load(Relaxed);
+    let failures = failures.into_inner().unwrap();
+    let failed: usize = failures.values().sum();
     eprintln!(
         "\n{total} jobs: {} ok, {failed} failed in {secs:.2}s ({:.0} jobs/s)",
         total - failed,
         total as f64 / secs
     );
+    for (why, n) in &failures {
+        eprintln!("  {n} failed: {why}");
+    }
     if failed > 0 {
         bail!("{failed} jobs failed");
     }

@@ -101,7 +101,7 @@ async fn work_on(
                     Err(e) => {
                         // The command's standard error has been shown already: just the status here.
                         let why = format!("{e:#}");
-                        let status = why.lines().last().unwrap_or_default();
+                        let status = why.lines().last().unwrap_or_default().trim_matches(['(', ')']);
                         eprintln!("gearbox work: job {}: {status}", String::from_utf8_lossy(&handle));
                         // The reason reaches clients that asked for exceptions, and the job log;
                         // others see a plain WORK_FAIL.

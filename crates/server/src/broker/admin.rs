@@ -90,9 +90,7 @@ impl Broker {
                     } else {
                         self.function_ids.remove(&function[..]);
                         let f = &mut self.functions[fid as usize];
-                        for (total, n) in self.dropped_totals.iter_mut().zip(f.counts.totals()) {
-                            *total += n;
-                        }
+                        self.dropped_totals += f.counts.totals();
                         f.dropped = true;
                         // Nothing live is queued: what the queues still hold are dropped jobs.
                         for key in std::mem::take(&mut f.queues).into_iter().flatten() {
@@ -106,11 +104,12 @@ impl Broker {
             A::Stats => {
                 let queued: u64 = live().map(|f| u64::from(f.queued_total() + f.scheduled)).sum();
                 let running: u64 = live().map(|f| u64::from(f.running)).sum();
-                let [submitted, completed, failed] = self.totals();
+                let t = self.totals();
                 let _ = writeln!(out, "connections\t{}", self.conns.len());
                 let _ = writeln!(out, "jobs_queued\t{queued}\njobs_running\t{running}");
-                let _ =
-                    writeln!(out, "jobs_submitted\t{submitted}\njobs_completed\t{completed}\njobs_failed\t{failed}");
+                let _ = writeln!(out, "jobs_submitted\t{}\njobs_restored\t{}", t.submitted, t.restored);
+                let _ = writeln!(out, "jobs_completed\t{}\njobs_failed\t{}", t.completed, t.failed);
+                let _ = writeln!(out, "jobs_cancelled\t{}", t.cancelled);
                 match &info.job_log {
                     Some(log) => {
                         let _ = writeln!(out, "job_log\t{}", log.sink);

@@ -48,7 +48,7 @@ use function::Function;
 use gearbox_joblog::JobLog;
 use job::Job;
 
-pub use stats::{FunctionCounts, Histogram, BUCKET_BOUNDS_US};
+pub use stats::{FunctionCounts, Histogram, Totals, BUCKET_BOUNDS_US};
 pub use views::{CancelError, FunctionView, JobView, WorkerView};
 
 pub type ConnId = u32;
@@ -126,7 +126,7 @@ pub struct Broker {
     serials: HashMap<u32, ConnId>,
     commit_times: Histogram,
     /// [`FunctionCounts::totals`] of dropped functions, so that server totals never go down.
-    dropped_totals: [u64; 3],
+    dropped_totals: Totals,
 }
 
 impl Broker {
@@ -157,7 +157,7 @@ impl Broker {
             next_serial: 0,
             serials: HashMap::new(),
             commit_times: Histogram::default(),
-            dropped_totals: [0; 3],
+            dropped_totals: Totals::default(),
         }
     }
 

@@ -67,9 +67,37 @@ pub struct FunctionCounts {
 }
 
 impl FunctionCounts {
-    /// Submitted, completed and failed, all priorities.
-    pub fn totals(&self) -> [u64; 3] {
-        [&self.submitted, &self.completed, &self.failed].map(|by_priority| by_priority.iter().sum())
+    /// The counts of every priority together.
+    pub fn totals(&self) -> Totals {
+        let sum = |by_priority: &[u64; 3]| by_priority.iter().sum();
+        Totals {
+            submitted: sum(&self.submitted),
+            restored: sum(&self.restored),
+            completed: sum(&self.completed),
+            failed: sum(&self.failed),
+            cancelled: sum(&self.cancelled),
+        }
+    }
+}
+
+/// Jobs since the server started, as in [`FunctionCounts`], over every priority (and, for the
+/// server's totals, every function).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub submitted: u64,
+    pub restored: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, other: Totals) {
+        self.submitted += other.submitted;
+        self.restored += other.restored;
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
     }
 }
 

@@ -397,7 +397,7 @@ mod model {
             let records = records.lock().unwrap();
             let count = |status: Outcome| records.iter().filter(|r| r.status == status).count() as u64;
             let given_up = records.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("given up"))).count() as u64;
-            let [_, completed, failed] = b.totals();
+            let Totals { completed, failed, .. } = b.totals();
             prop_assert_eq!(count(Outcome::Complete), completed);
             prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
             for r in records.iter() {

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::job::JobState;
-use super::{Broker, FunctionCounts, Histogram, JobKey};
+use super::{Broker, FunctionCounts, Histogram, JobKey, Totals};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FunctionView {
@@ -65,7 +65,7 @@ impl Broker {
             .filter(|f| !f.dropped)
             .map(|f| {
                 let [high, normal, low] = f.queued;
-                let [submitted, completed, failed] = f.counts.totals();
+                let totals = f.counts.totals();
                 FunctionView {
                     name: String::from_utf8_lossy(&f.name).into_owned(),
                     queued: f.queued_total() + f.scheduled,
@@ -75,11 +75,11 @@ impl Broker {
                     scheduled: f.scheduled,
                     running: f.running,
                     workers: f.workers,
-                    submitted,
-                    restored: f.counts.restored.iter().sum(),
-                    completed,
-                    failed,
-                    cancelled: f.counts.cancelled.iter().sum(),
+                    submitted: totals.submitted,
+                    restored: totals.restored,
+                    completed: totals.completed,
+                    failed: totals.failed,
+                    cancelled: totals.cancelled,
                     counts: f.counts.clone(),
                 }
             })
@@ -105,13 +105,11 @@ impl Broker {
             .collect()
     }
 
-    /// Jobs submitted, completed and failed since the server started.
-    pub fn totals(&self) -> [u64; 3] {
+    /// Jobs since the server started, of every function (dropped ones too).
+    pub fn totals(&self) -> Totals {
         let mut totals = self.dropped_totals;
         for f in self.functions.iter().filter(|f| !f.dropped) {
-            for (total, n) in totals.iter_mut().zip(f.counts.totals()) {
-                *total += n;
-            }
+            totals += f.counts.totals();
         }
         totals
     }

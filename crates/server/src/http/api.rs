@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::local::LocalConn;
-use crate::broker::{CancelError, FunctionView, JobView, WorkerView};
+use crate::broker::{CancelError, FunctionView, JobView, Totals, WorkerView};
 use crate::shared::Shared;
 
 /// Most jobs `/api/functions/{name}/jobs` lists.
@@ -61,13 +61,6 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 #[derive(Serialize)]
-struct Totals {
-    submitted: u64,
-    completed: u64,
-    failed: u64,
-}
-
-#[derive(Serialize)]
 struct JobLogStatus {
     sink: &'static str,
     written: u64,
@@ -85,11 +78,10 @@ struct StatusReply {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
-    let (functions, connections, [submitted, completed, failed]) = {
+    let (functions, connections, totals) = {
         let broker = shared.broker.lock().unwrap();
         (broker.functions_view(), broker.connection_count(), broker.totals())
     };
-    let totals = Totals { submitted, completed, failed };
     let info = &shared.admin_info;
     Json(StatusReply {
         version: env!("CARGO_PKG_VERSION").into(),

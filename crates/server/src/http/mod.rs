@@ -102,13 +102,13 @@ impl FromRef<AppState> for History {
 }
 
 fn sample(shared: &Shared) -> Sample {
-    let [submitted, completed, failed] = shared.broker.lock().unwrap().totals();
+    let totals = shared.broker.lock().unwrap().totals();
     Sample {
         at_ms: gearbox_joblog::now_millis(),
         uptime_secs: shared.started.elapsed().as_secs(),
-        submitted,
-        completed,
-        failed,
+        submitted: totals.submitted,
+        completed: totals.completed,
+        failed: totals.failed,
     }
 }
 
