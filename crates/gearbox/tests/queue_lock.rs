@@ -62,6 +62,24 @@ fn mariadb_server_waits_for_a_held_lock() {
     rt.block_on(conn.execute(format!("DROP TABLE {table}").as_str())).unwrap();
 }
 
+/// SIGTERM while the server waits for the lock stops it then, not when the wait ends.
+#[test]
+fn a_server_waiting_for_the_lock_stops_on_sigterm() {
+    let base = "postgres://root@127.0.0.1:5432/test";
+    let table = table_name("pg_term");
+    let queue = format!("{base}?table={table}");
+    let key = TableLock::of_url(&queue).unwrap().pg_key();
+    let rt = runtime();
+    let mut conn = rt.block_on(sqlx::PgConnection::connect(base)).unwrap();
+    let got: bool =
+        rt.block_on(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn)).unwrap();
+    assert!(got);
+    let mut starting = Server::spawn(temp_data_dir(), &["--queue", &queue, "--queue-lock-wait", "60s"], |_| {});
+    wait_for("the server to say it waits", || starting.log().iter().any(|l| l.contains("waiting up to 60s")));
+    let (status, took) = starting.terminate();
+    assert!(status.success() && took < Duration::from_secs(5), "exit {status:?} after {took:?}");
+}
+
 #[test]
 fn postgres_server_waits_for_a_held_lock() {
     let base = "postgres://root@127.0.0.1:5432/test";

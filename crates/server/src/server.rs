@@ -64,12 +64,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let store_wake = Arc::new(Condvar::new());
+    let opening =
+        crate::store::open(&options.queue, options.queue_lock_wait, Broker::new(options.broker), store_wake.clone());
+    // A signal while the store waits for its table's lock, or loads a deep queue, stops the
+    // server then (the waiting thread goes with the process).
+    let (mut broker, store) = tokio::select! {
+        opened = opening => opened?,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped before the queue store was open");
+            return Ok(());
+        }
+    };
     let job_log = match &options.job_log {
         Some(o) => gearbox_joblog::open(o).await?,
         None => None,
     };
-    let (mut broker, store) =
-        crate::store::open(&options.queue, options.queue_lock_wait, Broker::new(options.broker), store_wake.clone())?;
     let (mut log_writer, mut search, mut log_info) = (None, None, None);
     if let Some(opened) = job_log {
         broker.set_job_log(opened.log);

@@ -54,30 +54,39 @@ pub fn open_store(spec: &QueueSpec, lock_wait: Duration) -> Result<Option<Box<dy
     }))
 }
 
-/// Opens the store and loads its jobs into `broker`. Runs on a thread of its own: stores
-/// block, and SQL stores drive a runtime of their own.
-pub(crate) fn open(
+/// Opens the store and loads its jobs into `broker`, on a thread of its own (stores block,
+/// and SQL stores drive a runtime of their own) so that the caller can give up waiting: for a
+/// table's lock, or for a deep queue to load.
+pub(crate) async fn open(
     spec: &QueueSpec,
     lock_wait: Duration,
     broker: Broker,
     wake: Arc<Condvar>,
 ) -> Result<(Broker, Option<Box<dyn QueueStore>>), StoreError> {
     let spec = spec.clone();
+    let (done, opened) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let mut broker = broker;
-        let Some(mut store) = open_store(&spec, lock_wait)? else { return Ok((broker, None)) };
-        broker.enable_durability(wake, store.payload_reader());
-        let started = std::time::Instant::now();
-        let mut count = 0usize;
-        store.load(&mut |job| {
-            count += 1;
-            broker.restore(job);
-        })?;
-        tracing::info!("queue store: {}; {count} queued jobs loaded in {:.1?}", store.describe(), started.elapsed());
-        Ok((broker, Some(store)))
-    })
-    .join()
-    .expect("the store loader does not panic")
+        let _ = done.send(load(&spec, lock_wait, broker, wake));
+    });
+    opened.await.expect("the store loader does not panic")
+}
+
+fn load(
+    spec: &QueueSpec,
+    lock_wait: Duration,
+    mut broker: Broker,
+    wake: Arc<Condvar>,
+) -> Result<(Broker, Option<Box<dyn QueueStore>>), StoreError> {
+    let Some(mut store) = open_store(spec, lock_wait)? else { return Ok((broker, None)) };
+    broker.enable_durability(wake, store.payload_reader());
+    let started = std::time::Instant::now();
+    let mut count = 0usize;
+    store.load(&mut |job| {
+        count += 1;
+        broker.restore(job);
+    })?;
+    tracing::info!("queue store: {}; {count} queued jobs loaded in {:.1?}", store.describe(), started.elapsed());
+    Ok((broker, Some(store)))
 }
 
 pub(crate) struct StoreThread {

@@ -35,6 +35,11 @@ impl Starting {
         self.server.log.lock().unwrap().clone()
     }
 
+    /// Sends SIGTERM and returns the exit status and how long the exit took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        self.server.terminate()
+    }
+
     /// Waits (up to 30 s) for the server to announce its addresses.
     pub fn ready(self) -> Server {
         let Starting { mut server, announced, wants_http } = self;
