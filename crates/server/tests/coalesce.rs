@@ -140,7 +140,10 @@ async fn running_job_is_queued_again_after_its_worker_is_lost(embedded: bool, ti
     drop(fg);
     let mut admin = s.server.conn().await;
     wait_connections(&mut admin, 3).await;
-    assert_eq!(status(&mut bg, &handle).await, (true, true), "still running for the background request");
+    // Still there for the background request (queued again already if the 1 s timeout has
+    // passed on a slow machine).
+    let (known, running) = status(&mut bg, &handle).await;
+    assert!(known && (running || timeout), "known {known}, running {running}");
     if !timeout {
         drop(worker);
     }

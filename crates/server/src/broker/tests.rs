@@ -223,17 +223,24 @@ mod model {
         Admin,
     }
 
-    /// A test connection: its outbox and the replies it waits for.
+    /// A test connection: its outbox, the replies it waits for, and the background jobs it
+    /// was told are queued.
     struct Peer {
         id: ConnId,
         outbox: Arc<Outbox>,
         expect: std::collections::VecDeque<Expect>,
+        acknowledged: Vec<u64>,
     }
 
     impl Peer {
         fn connect(b: &mut Broker, fd: i32) -> Peer {
             let outbox = Arc::new(Outbox::default());
-            Peer { id: b.connect(outbox.clone(), fd, "t", 1), outbox, expect: Default::default() }
+            Peer {
+                id: b.connect(outbox.clone(), fd, "t", 1),
+                outbox,
+                expect: Default::default(),
+                acknowledged: Vec::new(),
+            }
         }
 
         /// Reads what the broker sent and pairs each direct reply with its request. A
@@ -255,9 +262,11 @@ mod model {
                         | R::WorkException { .. } => continue,
                         R::JobCreated { handle } => {
                             let expected = self.expect.front();
-                            if b.durable.is_some() && expected == Some(&Expect::Submit { background: true }) {
+                            if expected == Some(&Expect::Submit { background: true }) {
                                 let seq = b.parse_handle(&handle).unwrap();
-                                assert!(store.ever.contains(&seq), "job {seq} acknowledged before it was stored");
+                                let stored = b.durable.is_none() || store.ever.contains(&seq);
+                                assert!(stored, "job {seq} acknowledged before it was stored");
+                                self.acknowledged.push(seq);
                             }
                             let background = matches!(expected, Some(Expect::Submit { background: true }));
                             Expect::Submit { background }
@@ -367,9 +376,11 @@ mod model {
             check(&b);
             prop_assert!(b.jobs.iter().all(|(_, j)| j.state != JobState::Pending));
             prop_assert!(b.conns.iter().all(|(_, c)| c.held.borrow().is_none()));
+            let mut acknowledged = Vec::new();
             for peer in &mut peers {
                 peer.read(&b, &store);
                 prop_assert!(peer.expect.is_empty(), "unanswered: {:?}", peer.expect);
+                acknowledged.append(&mut peer.acknowledged);
             }
             for peer in peers {
                 b.disconnect(peer.id);
@@ -400,6 +411,18 @@ mod model {
             let Totals { completed, failed, .. } = b.totals();
             prop_assert_eq!(count(Outcome::Complete), completed);
             prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
+            // A job a background submission was told is queued is still there, or it ran to
+            // an end, or an admin cancelled it, or it ran out of attempts: never dropped.
+            let live = background_jobs(&b);
+            for seq in acknowledged {
+                let handle = String::from_utf8(b.handle(seq).to_vec()).unwrap();
+                let ended = records.iter().any(|r| {
+                    r.handle == handle
+                        && (matches!(r.status, Outcome::Complete | Outcome::Fail | Outcome::Exception)
+                            || r.error.as_deref().is_some_and(|e| e == "cancelled by an admin" || e.starts_with("given up")))
+                });
+                prop_assert!(live.contains(&seq) || ended, "acknowledged job {} was dropped: {:?}", handle, records);
+            }
             for r in records.iter() {
                 prop_assert_eq!(r.started_at.is_none(), r.status == Outcome::Cancelled, "{:?}", r);
                 prop_assert_eq!(r.result.is_some(), r.status == Outcome::Complete, "{:?}", r);
