@@ -36,10 +36,15 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     // Installed before anything else: a signal that arrives early must not kill the process.
     use tokio::signal::unix::{signal, SignalKind};
     let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-    match fd_limit::set(config.file_descriptors)? {
-        (before, now) if before < now => tracing::info!("open files limit: {now} (raised from {before})"),
-        (before, now) if before > now => tracing::info!("open files limit: {now} (lowered from {before})"),
-        (_, now) => tracing::info!("open files limit: {now}"),
+    match fd_limit::set(config.file_descriptors) {
+        Ok((before, now)) if before < now => tracing::info!("open files limit: {now} (raised from {before})"),
+        Ok((before, now)) if before > now => tracing::info!("open files limit: {now} (lowered from {before})"),
+        Ok((_, now)) => tracing::info!("open files limit: {now}"),
+        // Only a limit the user asked for is worth refusing to start over.
+        Err(e) if config.file_descriptors.is_none() => {
+            tracing::warn!("{e}; open files limit: {}", fd_limit::current())
+        }
+        Err(e) => return Err(e),
     }
     let mut listeners = Vec::new();
     for addr in &config.listen {

@@ -52,7 +52,9 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
     loop {
         if wbuf.is_empty() {
             outbox.take_into(&mut wbuf);
-            if wbuf.is_empty() && closing {
+            // A closing connection leaves once it has sent everything, acknowledgements the
+            // store has yet to commit included (within CLOSE_FLUSH).
+            if wbuf.is_empty() && closing && !shared.broker.lock().unwrap().holds_replies(id) {
                 return Ok(());
             }
         }

@@ -287,3 +287,40 @@ async fn jobs_waiting_for_their_commit_count_against_limits() {
     server.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A server stopped while submissions wait for their commit still commits them and tells
+/// their clients: every job stored at shutdown was acknowledged, and nothing acknowledged is
+/// missing after the restart.
+#[tokio::test]
+async fn shutdown_acknowledges_what_it_commits() {
+    let dir = temp_dir("shutdown-acks");
+    let server = start(&dir).await;
+    let mut c = server.conn().await;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..2000 {
+        let req = Request::SubmitJob {
+            function: b("f"),
+            unique: b(&format!("u{i}")),
+            data: b("d"),
+            priority: Priority::Normal,
+            background: true,
+        };
+        req.encode(&mut bytes);
+    }
+    c.send_raw(&bytes).await;
+    // Stop as soon as the first acknowledgement shows the submissions are being applied.
+    assert!(matches!(c.recv().await, Response::JobCreated { .. }));
+    server.shutdown.cancel();
+    let mut acknowledged = 1;
+    while let Some(reply) = c.try_recv().await {
+        assert!(matches!(reply, Response::JobCreated { .. }), "{reply:?}");
+        acknowledged += 1;
+    }
+    server.stop().await;
+
+    let server = start(&dir).await;
+    let mut admin = server.conn().await;
+    assert_eq!(admin.admin("status").await, format!("f\t{acknowledged}\t0\t0\n.\n"));
+    server.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

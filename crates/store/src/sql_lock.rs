@@ -200,8 +200,9 @@ pub(crate) async fn lock_table(conn: &mut Conn, target: &Target, lock: &TableLoc
         if now >= deadline {
             return Err(StoreError::Locked { what: target.public.clone(), holder, waited: wait });
         }
+        // Released since we tried: try again at once.
+        let Some(holder) = holder else { continue };
         if !warned {
-            let holder = holder.as_deref().unwrap_or("a session the database does not show");
             tracing::warn!(
                 "queue database {}: the table's lock is held by {holder}, perhaps a server that just \
                  stopped whose session the database has not ended yet; waiting up to {wait:?} for it",

@@ -160,6 +160,11 @@ impl Broker {
         self.pending_remove(seq, loc);
     }
 
+    /// Whether replies to `conn` wait for a commit.
+    pub fn holds_replies(&self, conn: ConnId) -> bool {
+        self.conns.get(conn as usize).is_some_and(|c| c.held.borrow().is_some())
+    }
+
     /// Queues JOB_CREATED for `seq`, once `batch` commits, behind everything already held for
     /// `conn`.
     pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64, batch: u64) {
