@@ -17,6 +17,8 @@ cleanup() {
     done
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p target
 
 apt_updated=0
@@ -124,5 +126,9 @@ if [ -z "${GEARBOX_TEST_MONGO:-}" ]; then
     export GEARBOX_TEST_MONGO=mongodb://127.0.0.1:27017
 fi
 
-# Not `exec`: the cleanup trap runs when the tests end.
-cargo test --workspace --no-fail-fast "$@"
+# In a process group of their own, so that an interrupted run stops the tests (and the servers
+# they started) before the services above; waited for, so that the traps run when it ends.
+setsid cargo test --workspace --no-fail-fast "$@" &
+tests=$!
+stops+=("kill -TERM -- -$tests")
+wait "$tests"

@@ -83,6 +83,9 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     })
 }
 
+/// How many distinct reasons for failures a bulk submission lists, most frequent first.
+const BULK_REASONS: usize = 5;
+
 /// Submits many jobs, 64 at a time, with a progress line on standard error, and says why
 /// those that failed did.
 async fn bulk(client: &Client, jobs: Vec<Job>, background: bool) -> anyhow::Result<()> {
@@ -102,7 +105,9 @@ async fn bulk(client: &Client, jobs: Vec<Job>, background: bool) -> anyhow::Resu
                 client.run(job).await.map(drop)
             };
             if let Err(e) = outcome {
-                *failures.lock().unwrap().entry(e.to_string()).or_default() += 1;
+                // The first line: a worker's exception text can be long.
+                let why = e.to_string().lines().next().unwrap_or_default().to_string();
+                *failures.lock().unwrap().entry(why).or_default() += 1;
             }
             let n = done.fetch_add(1, Relaxed) + 1;
             if n.is_multiple_of(100) || n == total {
@@ -121,8 +126,13 @@ async fn bulk(client: &Client, jobs: Vec<Job>, background: bool) -> anyhow::Resu
         total - failed,
         total as f64 / secs
     );
-    for (why, n) in &failures {
+    let mut reasons: Vec<(&String, &usize)> = failures.iter().collect();
+    reasons.sort_by_key(|&(_, n)| std::cmp::Reverse(*n));
+    for (why, n) in reasons.iter().take(BULK_REASONS) {
         eprintln!("  {n} failed: {why}");
+    }
+    if reasons.len() > BULK_REASONS {
+        eprintln!("  ... and {} other reasons", reasons.len() - BULK_REASONS);
     }
     if failed > 0 {
         bail!("{failed} jobs failed");

@@ -173,6 +173,9 @@ async fn stderr_tail(mut from: tokio::process::ChildStderr) -> Vec<u8> {
     }
     if tail.len() > STDERR_TAIL {
         tail.drain(..tail.len() - STDERR_TAIL);
+        // Start at a character: skip the rest of one the cut went through.
+        let continuation = tail.iter().take_while(|&&b| b & 0xC0 == 0x80).count();
+        tail.drain(..continuation);
     }
     tail
 }
