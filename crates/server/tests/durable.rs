@@ -253,6 +253,23 @@ async fn a_full_disk_fails_submissions_visibly_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
+/// `n` background submissions for `function` (unique keys `u0`, `u1`, ...), to send at once.
+fn background_submissions(function: &str, n: usize) -> bytes::BytesMut {
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..n {
+        let unique = b(&format!("u{i}"));
+        let req = Request::SubmitJob {
+            function: b(function),
+            unique,
+            data: b("d"),
+            priority: Priority::Normal,
+            background: true,
+        };
+        req.encode(&mut bytes);
+    }
+    bytes
+}
+
 /// Jobs waiting for their commit count against `maxqueue` and keep `drop function` from
 /// orphaning them: a pipelined burst lands within one commit window.
 #[tokio::test]
@@ -262,18 +279,7 @@ async fn jobs_waiting_for_their_commit_count_against_limits() {
     let mut admin = server.conn().await;
     assert_eq!(admin.admin("maxqueue f 3").await, "OK\r\n");
     let mut c = server.conn().await;
-    let mut bytes = bytes::BytesMut::new();
-    for i in 0..10 {
-        let req = Request::SubmitJob {
-            function: b("f"),
-            unique: b(&format!("u{i}")),
-            data: b("d"),
-            priority: Priority::Normal,
-            background: true,
-        };
-        req.encode(&mut bytes);
-    }
-    c.send_raw(&bytes).await;
+    c.send_raw(&background_submissions("f", 10)).await;
     let mut created = 0;
     for _ in 0..10 {
         match c.recv().await {
@@ -296,18 +302,7 @@ async fn shutdown_acknowledges_what_it_commits() {
     let dir = temp_dir("shutdown-acks");
     let server = start(&dir).await;
     let mut c = server.conn().await;
-    let mut bytes = bytes::BytesMut::new();
-    for i in 0..2000 {
-        let req = Request::SubmitJob {
-            function: b("f"),
-            unique: b(&format!("u{i}")),
-            data: b("d"),
-            priority: Priority::Normal,
-            background: true,
-        };
-        req.encode(&mut bytes);
-    }
-    c.send_raw(&bytes).await;
+    c.send_raw(&background_submissions("f", 2000)).await;
     // Stop as soon as the first acknowledgement shows the submissions are being applied.
     assert!(matches!(c.recv().await, Response::JobCreated { .. }));
     server.shutdown.cancel();
