@@ -170,10 +170,7 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
 
 /// Lets the store move the jobs still queued out of space it wants to reclaim.
 fn compact(store: &mut dyn QueueStore, shared: &Shared) -> Result<(), StoreError> {
-    let candidates = store.compaction_candidates()?;
-    if candidates.is_empty() {
-        return Ok(());
-    }
+    let Some(candidates) = store.compaction_candidates()? else { return Ok(()) };
     let live = shared.broker.lock().unwrap().live_stored(&candidates);
     let moved = store.compact(&live)?;
     shared.broker.lock().unwrap().relocate(&moved);

@@ -25,7 +25,37 @@ impl Loc {
     pub const NONE: Loc = Loc(0);
 }
 
-/// A job as loaded from a store.
+/// A job as a store yields it at load, borrowing the store's buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedJob<'a> {
+    /// The job's sequence number; its handle is derived from it.
+    pub seq: u64,
+    /// 0 high, 1 normal, 2 low.
+    pub priority: u8,
+    /// Unix time (seconds) before which the job must not run; 0 for "now".
+    pub run_at: i64,
+    pub function: &'a [u8],
+    pub unique: &'a [u8],
+    pub data: &'a [u8],
+    /// Where the payload can be read back ([`Loc::NONE`] if it cannot).
+    pub loc: Loc,
+}
+
+impl LoadedJob<'_> {
+    pub fn to_owned(&self) -> StoredJob {
+        StoredJob {
+            seq: self.seq,
+            priority: self.priority,
+            run_at: self.run_at,
+            function: self.function.to_vec(),
+            unique: self.unique.to_vec(),
+            data: self.data.to_vec(),
+            loc: self.loc,
+        }
+    }
+}
+
+/// An owned [`LoadedJob`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredJob {
     /// The job's sequence number; its handle is derived from it.
@@ -38,6 +68,20 @@ pub struct StoredJob {
     pub unique: Vec<u8>,
     pub data: Vec<u8>,
     pub loc: Loc,
+}
+
+impl StoredJob {
+    pub fn as_loaded(&self) -> LoadedJob<'_> {
+        LoadedJob {
+            seq: self.seq,
+            priority: self.priority,
+            run_at: self.run_at,
+            function: &self.function,
+            unique: &self.unique,
+            data: &self.data,
+            loc: self.loc,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +132,7 @@ pub trait QueueStore: Send {
     fn describe(&self) -> String;
 
     /// Calls `each` for every job added and not removed, in the order added.
-    fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()>;
+    fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()>;
 
     /// Makes the batch durable: its adds and removes, in order. On success `locs` holds the
     /// location of each add, in batch order. On failure nothing of the batch may reappear
@@ -100,13 +144,16 @@ pub trait QueueStore: Send {
         None
     }
 
-    /// Jobs the backend would like to move (to reclaim space), by sequence number; the
-    /// server answers with those still queued through [`QueueStore::compact`].
-    fn compaction_candidates(&mut self) -> Result<Vec<u64>> {
-        Ok(Vec::new())
+    /// The next step of reclaiming space, if the backend wants one: the jobs it would move,
+    /// by sequence number and the location of the record it holds. The server answers with
+    /// those still queued at that location through [`QueueStore::compact`]. A step costs a
+    /// bounded amount of work, whatever the depth of the queue.
+    fn compaction_candidates(&mut self) -> Result<Option<Vec<(u64, Loc)>>> {
+        Ok(None)
     }
 
-    /// Rewrites the `live` jobs among the last candidates and returns their new locations.
+    /// Rewrites the `live` jobs among the last candidates (a subsequence of them, in their
+    /// order) and returns their new locations.
     fn compact(&mut self, _live: &[u64]) -> Result<Vec<(u64, Loc)>> {
         Ok(Vec::new())
     }

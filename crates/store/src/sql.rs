@@ -31,7 +31,7 @@ use url::Url;
 
 use crate::sql_lock::{lock_table, TableLock};
 use crate::sql_plan::{delete_sql, insert_sql, Plan, MAX_PARAMS, ROW_OVERHEAD};
-use crate::{Batch, Loc, QueueStore, Result, StoreError, StoredJob};
+use crate::{Batch, LoadedJob, Loc, QueueStore, Result, StoreError};
 
 pub(crate) const DEFAULT_TABLE: &str = "gearbox_queue";
 /// How long a server waits at start for the lock of a table another session holds: long
@@ -402,7 +402,7 @@ impl Db {
         Ok(())
     }
 
-    async fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()> {
+    async fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()> {
         let public = self.target.public.clone();
         let sql = format!(
             "SELECT seq, priority, run_at, function_name, unique_key, data FROM {} ORDER BY seq",
@@ -419,7 +419,7 @@ impl Db {
             while let Some(row) = rows.try_next().await.map_err(db_error)? {
                 let seq: i64 = row.try_get(0).map_err(db_error)?;
                 let priority: i16 = row.try_get(1).map_err(db_error)?;
-                each(StoredJob {
+                each(LoadedJob {
                     seq: u64::try_from(seq).map_err(|_| corrupt("sequence number", seq))?,
                     priority: u8::try_from(priority).ok().filter(|&p| p <= 2).ok_or_else(|| corrupt("priority", seq))?,
                     run_at: row.try_get(2).map_err(db_error)?,
@@ -478,7 +478,7 @@ impl QueueStore for SqlStore {
         self.db.target.public.clone()
     }
 
-    fn load(&mut self, each: &mut dyn FnMut(StoredJob)) -> Result<()> {
+    fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()> {
         self.rt.block_on(self.db.load(each))
     }
 

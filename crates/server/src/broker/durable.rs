@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use gearbox_proto::{encode_packet, Magic, PacketType as T};
-use gearbox_store::{Batch, Loc, PayloadReader, StoredJob};
+use gearbox_store::{Batch, LoadedJob, Loc, PayloadReader};
 
 use super::job::{Job, JobState, Stored};
 use super::timer::unix_now;
@@ -323,8 +323,8 @@ impl Broker {
     }
 
     /// Puts a job loaded from the store back in the queue, with its original handle.
-    pub fn restore(&mut self, stored: StoredJob) {
-        let fid = self.function_id(&stored.function);
+    pub fn restore(&mut self, stored: LoadedJob<'_>) {
+        let fid = self.function_id(stored.function);
         let priority = match stored.priority {
             0 => gearbox_proto::Priority::High,
             2 => gearbox_proto::Priority::Low,
@@ -334,31 +334,43 @@ impl Broker {
         if self.find_by_seq(stored.seq).is_some() {
             return;
         }
-        let unique: &[u8] = if stored.unique.len() <= MAX_UNIQUE {
-            &stored.unique
+        let unique = if stored.unique.len() <= MAX_UNIQUE {
+            stored.unique
         } else {
             // Only an import from another server could hold such a key: keep the job, unkeyed.
             tracing::warn!("restored job {} has a unique key longer than {MAX_UNIQUE} bytes; ignoring it", stored.seq);
             b""
         };
+        // Past the memory budget the payload is not even copied: it is read back when needed.
+        let d = self.durable.as_mut().expect("durable store enabled");
+        let len = stored.data.len();
+        let in_ram = d.reader.is_none() || stored.loc == Loc::NONE || d.ram_bytes + len <= PAYLOAD_RAM_BUDGET;
+        if in_ram {
+            d.ram_bytes += len;
+        }
         // The store does not keep submission times: the job log sees the load time.
-        let key = self.insert_job(stored.seq, fid, priority, true, unique, &stored.data);
+        let data = if in_ram { stored.data } else { b"" };
+        let key = self.insert_job(stored.seq, fid, priority, true, unique, data);
         let job = &mut self.jobs[key as usize];
         job.loc = stored.loc;
         job.stored = Stored::Yes;
         job.state = JobState::Pending;
+        job.payload_len = len as u32;
+        job.in_ram = in_ram;
         if !unique.is_empty() && self.find_by_unique(fid, unique) != Some(key) {
             // Two stored jobs with one unique key (possible after an import): keep both.
             tracing::warn!("restored job {} shares its unique key with another", stored.seq);
         }
         self.functions[fid as usize].counts.restored[priority as usize] += 1;
-        self.keep_or_evict(key);
         self.release(key, stored.run_at, unix_now());
     }
 
-    /// Which of `seqs` are stored jobs still wanted (for compaction).
-    pub fn live_stored(&self, seqs: &[u64]) -> Vec<u64> {
-        seqs.iter().copied().filter(|&s| self.find_by_seq(s).is_some()).collect()
+    /// Which of the store's compaction `candidates` (sequence number, location) are stored
+    /// jobs whose current record is at that location.
+    pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> Vec<u64> {
+        let current =
+            |&&(seq, loc): &&(u64, Loc)| self.find_by_seq(seq).is_some_and(|k| self.jobs[k as usize].loc == loc);
+        candidates.iter().filter(current).map(|&(seq, _)| seq).collect()
     }
 
     /// Records where the store moved jobs. A job that ended while it was being moved gets

@@ -32,6 +32,7 @@ mod admin;
 mod client;
 mod conn;
 mod durable;
+mod footprint;
 mod function;
 mod job;
 mod stats;

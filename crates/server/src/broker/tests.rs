@@ -396,7 +396,7 @@ mod model {
                 let mut restarted = Broker::new(BrokerConfig::default());
                 restarted.enable_durability(Arc::new(std::sync::Condvar::new()), None);
                 for job in store.jobs.values() {
-                    restarted.restore(job.clone());
+                    restarted.restore(job.as_loaded());
                 }
                 check(&restarted);
                 prop_assert_eq!(background_jobs(&restarted), background_jobs(&b));

@@ -91,6 +91,7 @@ impl Broker {
                     self.wake_one(fid);
                 }
             }
+            self.shrink_after_burst();
         }
         let mut next = self.last_sweep + WAKE_SWEEP;
         if let Some(flush_at) = self.job_log.as_mut().and_then(|log| log.flush_due(now)) {

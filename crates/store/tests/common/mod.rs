@@ -165,7 +165,7 @@ pub fn commit(store: &mut dyn QueueStore, batch: &Batch) -> Result<(), StoreErro
 
 pub fn load(store: &mut dyn QueueStore) -> Vec<StoredJob> {
     let mut jobs = Vec::new();
-    store.load(&mut |j| jobs.push(j)).expect("load");
+    store.load(&mut |j| jobs.push(j.to_owned())).expect("load");
     jobs
 }
 
