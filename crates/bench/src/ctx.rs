@@ -130,25 +130,32 @@ impl Ctx {
         Ok(conns)
     }
 
-    /// Spreads the jobs over `conns`, each keeping `--inflight` SUBMIT_JOB_BG in flight, and
-    /// waits for every JOB_CREATED.
-    pub async fn submit_all_bg(&mut self, conns: Vec<Conn>, jobs: &Arc<JobSet>) -> Result<()> {
-        let (n, count) = (conns.len() as u64, jobs.count());
+    /// Spreads jobs `range` over `conns`, each keeping `--inflight` SUBMIT_JOB_BG in flight,
+    /// waits for every JOB_CREATED, and hands the connections back.
+    pub async fn submit_all_bg(
+        &mut self,
+        conns: Vec<Conn>,
+        jobs: &Arc<JobSet>,
+        range: Range<u64>,
+    ) -> Result<Vec<Conn>> {
+        let (n, count) = (conns.len() as u64, range.end - range.start);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        for (i, conn) in (0..).zip(conns) {
+        for (i, mut conn) in (0..).zip(conns) {
             let submitter = Submitter::new(self.function.clone(), jobs);
-            let range = count * i / n..count * (i + 1) / n;
+            let part = range.start + count * i / n..range.start + count * (i + 1) / n;
             let (done, inflight) = (done_tx.clone(), self.inflight);
             self.spawn("client", async move {
-                submit_bg(conn, submitter, range, inflight).await?;
-                let _ = done.send(());
+                submit_bg(&mut conn, submitter, part, inflight).await?;
+                let _ = done.send(conn);
                 Ok(())
             });
         }
         self.wait("waiting for JOB_CREATED", async {
+            let mut conns = Vec::with_capacity(n as usize);
             for _ in 0..n {
-                done_rx.recv().await;
+                conns.extend(done_rx.recv().await);
             }
+            conns
         })
         .await
     }
@@ -175,11 +182,11 @@ impl Ctx {
 
 /// Submits jobs `range` with `inflight` of them awaiting their JOB_CREATED at any time; every
 /// reply is answered by the next submit, all replies of one read by a single write.
-async fn submit_bg(mut conn: Conn, mut submitter: Submitter, range: Range<u64>, inflight: usize) -> Result<()> {
+async fn submit_bg(conn: &mut Conn, mut submitter: Submitter, range: Range<u64>, inflight: usize) -> Result<()> {
     let mut next = range.start;
     let mut pending = 0;
     while next < range.end && pending < inflight {
-        submitter.push(&mut conn, PacketType::SubmitJobBg, next);
+        submitter.push(conn, PacketType::SubmitJobBg, next);
         next += 1;
         pending += 1;
     }
@@ -192,7 +199,7 @@ async fn submit_bg(mut conn: Conn, mut submitter: Submitter, range: Range<u64>, 
             };
             pending -= 1;
             if next < range.end {
-                submitter.push(&mut conn, PacketType::SubmitJobBg, next);
+                submitter.push(conn, PacketType::SubmitJobBg, next);
                 next += 1;
                 pending += 1;
             }

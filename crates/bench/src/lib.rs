@@ -7,19 +7,27 @@
 //!   and latency percentiles.
 //! - `mem`: queues `--jobs` background jobs with no worker and reports the server's RSS growth
 //!   per job, then drains them.
+//! - `depth`: queues `--jobs` background jobs with no worker in steps of `--step`, and reports
+//!   per step the depth, the rate of JOB_CREATED and the server's RSS; the jobs stay queued.
+//! - `drain`: runs the jobs a depth run queued (typically after restarting the server, to see
+//!   that its store kept them), then reads the server's RSS once it has been idle a while.
 //!
-//! Every mode checks that each submitted job ran exactly once, and reports the server's CPU
-//! time per job when the server runs on this host (its PID comes from the admin command
-//! `getpid`, or `--server-pid`).
+//! Every mode but depth checks that each submitted job ran exactly once (drain: each job the
+//! depth run with the same `--jobs` submitted), and reports the server's CPU time per job when
+//! the server runs on this host (its PID comes from the admin command `getpid`, or
+//! `--server-pid`).
 
+mod admin;
 mod conn;
 mod ctx;
+mod depth;
 mod jobs;
 mod modes;
 mod report;
 mod server;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 
@@ -36,6 +44,10 @@ pub enum Mode {
     Fg,
     /// Queued background jobs with no worker: server memory per job, then the drain rate.
     Mem,
+    /// A deep queue filled in steps, no worker: acknowledgement rate and memory by depth.
+    Depth,
+    /// Workers run the jobs an earlier depth run (same --jobs, --payload) left queued.
+    Drain,
 }
 
 impl Mode {
@@ -44,6 +56,8 @@ impl Mode {
             Mode::Bg => "bg",
             Mode::Fg => "fg",
             Mode::Mem => "mem",
+            Mode::Depth => "depth",
+            Mode::Drain => "drain",
         }
     }
 }
@@ -58,16 +72,23 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Mode::Bg)]
     pub mode: Mode,
-    /// Client connections [default: 4 for bg, 8 for fg, 2 for mem].
+    /// Client connections [default: 4 for bg, 8 for fg, 2 for mem and depth].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub clients: Option<u32>,
     /// Worker connections.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
-    /// Jobs to run [default: 200000 for bg, 100000 for fg, 500000 for mem].
+    /// Jobs to run [default: 200000 for bg, 100000 for fg, 500000 for mem, 1000000 for depth
+    /// and drain].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub jobs: Option<u64>,
-    /// Background submits each client keeps in flight (bg, mem).
+    /// Jobs per step of a depth run's fill [default: a tenth of --jobs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub step: Option<u64>,
+    /// Seconds after the last job ran at which drain reads the server's RSS.
+    #[arg(long, default_value_t = 10)]
+    pub rss_after: u64,
+    /// Background submits each client keeps in flight (bg, mem, depth).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub inflight: u32,
     /// Payload bytes per job; the first 20 carry the job number.
@@ -106,6 +127,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         Mode::Bg => (4, 200_000),
         Mode::Fg => (8, 100_000),
         Mode::Mem => (2, 500_000),
+        Mode::Depth | Mode::Drain => (2, 1_000_000),
     };
     let count = args.jobs.unwrap_or(count);
     let mut ctx = Ctx::new(&args, args.clients.unwrap_or(clients) as usize).await?;
@@ -113,26 +135,29 @@ async fn bench(args: BenchArgs) -> Result<()> {
         Mode::Bg => format!("b-{}-", ctx.run_id),
         Mode::Fg => format!("f-{}-", ctx.run_id),
         Mode::Mem => "gl-".to_owned(),
+        Mode::Depth | Mode::Drain => depth::PREFIX.to_owned(),
     };
     let jobs = Arc::new(JobSet::new(prefix, count, args.payload as usize));
 
+    let step = args.step.unwrap_or(count.div_ceil(10));
     let server = ctx.server.as_ref().map_or(String::new(), |s| format!(" ({}, pid {})", s.name, s.pid));
-    println!(
-        "bench {}: {count} jobs, {} clients, {} workers, against {}{server}",
-        args.mode.name(),
-        ctx.clients,
-        ctx.workers,
-        args.server
-    );
+    let who = match args.mode {
+        Mode::Depth => format!(" in steps of {step}, {} clients, no worker", ctx.clients),
+        Mode::Drain => format!(", {} workers", ctx.workers),
+        _ => format!(", {} clients, {} workers", ctx.clients, ctx.workers),
+    };
+    println!("bench {}: {count} jobs{who}, against {}{server}", args.mode.name(), args.server);
     let mut report = Report { mode: args.mode, server: args.server.clone(), jobs: count, ..Report::default() };
     let outcome = match args.mode {
         Mode::Bg => ctx.bg(&jobs, &mut report).await,
         Mode::Fg => ctx.fg(&jobs, &mut report).await,
         Mode::Mem => ctx.mem(&jobs, &mut report).await,
+        Mode::Depth => ctx.depth(&jobs, step, &mut report).await,
+        Mode::Drain => ctx.drain(&jobs, Duration::from_secs(args.rss_after), &mut report).await,
     };
     ctx.tasks.shutdown().await;
     report.completed = jobs.completed();
-    report.verdict = jobs.verdict();
+    report.verdict = (args.mode != Mode::Depth).then(|| jobs.verdict());
     report.error = outcome.err().map(|e| format!("{e:#}"));
     report.print_human();
     if args.json {

@@ -22,7 +22,7 @@ impl Ctx {
         let conns = self.connect_clients().await?;
         let cpu = self.cpu_us();
         let start = Instant::now();
-        self.submit_all_bg(conns, jobs).await?;
+        self.submit_all_bg(conns, jobs, 0..jobs.count()).await?;
         self.await_jobs(jobs, Some((start, cpu)), report).await
     }
 
@@ -62,7 +62,7 @@ impl Ctx {
         let conns = self.connect_clients().await?;
         let before = self.rss("mem")?;
         let start = Instant::now();
-        self.submit_all_bg(conns, jobs).await?;
+        self.submit_all_bg(conns, jobs, 0..jobs.count()).await?;
         report.submit_elapsed = Some(start.elapsed());
         tokio::time::sleep(RSS_SETTLE).await;
         report.rss_growth = Some(self.rss("mem")? as i64 - before as i64);
