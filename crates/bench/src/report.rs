@@ -22,15 +22,87 @@ pub(crate) struct Report {
     pub latencies_ns: Vec<u64>,
     /// Time to get every JOB_CREATED back (mem).
     pub submit_elapsed: Option<Duration>,
-    /// Server VmRSS growth from before the first submit to after the last JOB_CREATED (mem).
+    /// Server VmRSS growth from before the first submit to after the last JOB_CREATED (mem,
+    /// depth).
     pub rss_growth: Option<i64>,
-    pub verdict: Verdict,
+    /// The fill, step by step (depth).
+    pub steps: Vec<Step>,
+    /// Jobs queued for the function, and the server's VmRSS, before the workers start (drain).
+    pub queued_at_start: Option<u64>,
+    pub rss_at_start: Option<u64>,
+    /// The server's VmRSS this long after the last job ran (drain).
+    pub rss_idle: Option<(Duration, u64)>,
+    /// What the workers saw; `None` when no job runs (depth).
+    pub verdict: Option<Verdict>,
     pub error: Option<String>,
+}
+
+/// One step of a depth run's fill.
+pub(crate) struct Step {
+    /// Jobs queued for the function at the end of the step, as the server's `status` says.
+    pub depth: u64,
+    /// Jobs submitted in this step, and the time from its first submit to its last
+    /// JOB_CREATED.
+    pub jobs: u64,
+    pub elapsed: Duration,
+    /// The server's VmRSS at the end of the step, and its growth since before the fill.
+    pub rss: u64,
+    pub rss_growth: i64,
+    /// Server CPU (user + system) during the step, in microseconds.
+    pub cpu_us: Option<u64>,
+}
+
+impl Step {
+    fn ack_per_sec(&self) -> f64 {
+        self.jobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn growth_per_job(&self) -> Option<f64> {
+        (self.depth > 0).then(|| self.rss_growth as f64 / self.depth as f64)
+    }
+
+    fn cpu_us_per_ack(&self) -> Option<f64> {
+        (self.jobs > 0).then_some(self.cpu_us? as f64 / self.jobs as f64)
+    }
+
+    pub fn print_header() {
+        println!(
+            "  {:>4} {:>11} {:>12} {:>9} {:>10} {:>11}",
+            "step", "depth", "ack jobs/s", "RSS MB", "bytes/job", "CPU µs/ack"
+        );
+    }
+
+    /// One line of the table, printed as the step ends (a deep fill takes a while).
+    pub fn print_row(&self, n: usize) {
+        let opt = |v: Option<f64>, places: usize| v.map_or("-".to_owned(), |v| format!("{v:.places$}"));
+        println!(
+            "  {n:>4} {:>11} {:>12.0} {:>9.1} {:>10} {:>11}",
+            self.depth,
+            self.ack_per_sec(),
+            self.rss as f64 / 1e6,
+            opt(self.growth_per_job(), 0),
+            opt(self.cpu_us_per_ack(), 2)
+        );
+    }
+
+    fn json(&self) -> String {
+        let num = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.2}"));
+        format!(
+            "{{\"depth\":{},\"ack_per_sec\":{:.2},\"step_seconds\":{:.4},\"rss_bytes\":{},\
+             \"rss_growth_per_job\":{},\"cpu_us_per_ack\":{}}}",
+            self.depth,
+            self.ack_per_sec(),
+            self.elapsed.as_secs_f64(),
+            self.rss,
+            num(self.growth_per_job()),
+            num(self.cpu_us_per_ack()),
+        )
+    }
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
-        self.error.is_none() && self.verdict.ok()
+        self.error.is_none() && self.verdict.as_ref().is_none_or(Verdict::ok)
     }
 
     fn jobs_per_sec(&self) -> Option<f64> {
@@ -67,7 +139,7 @@ impl Report {
             let phase = match self.mode {
                 Mode::Bg => "first submit to last WORK_COMPLETE",
                 Mode::Fg => "first submit to last result",
-                Mode::Mem => "draining the queue",
+                _ => "draining the queue",
             };
             println!(
                 "  throughput  {rate:.0} jobs/s ({} jobs in {:.3} s, {phase})",
@@ -91,16 +163,24 @@ impl Report {
                 self.jobs
             );
         }
-        let v = &self.verdict;
-        if v.ok() {
-            println!("  check       OK: {} of {} jobs ran exactly once", self.completed, self.jobs);
-        } else {
-            println!(
+        if let (Some(queued), Some(rss)) = (self.queued_at_start, self.rss_at_start) {
+            println!("  at start    {queued} jobs queued, server RSS {:.1} MB", rss as f64 / 1e6);
+        }
+        if let Some((after, rss)) = self.rss_idle {
+            println!("  idle        server RSS {:.1} MB {} s after the last job", rss as f64 / 1e6, after.as_secs());
+        }
+        match &self.verdict {
+            Some(v) if v.ok() => {
+                println!("  check       OK: {} of {} jobs ran exactly once", self.completed, self.jobs)
+            }
+            Some(v) => println!(
                 "  check       FAILED: {} lost, {} run more than once, {} with a wrong payload",
                 v.lost, v.duplicated, v.corrupt
-            );
+            ),
+            None if self.ok() => println!("  check       OK: {} jobs acknowledged and queued", self.jobs),
+            None => {}
         }
-        if v.foreign > 0 {
+        if let Some(v) = self.verdict.filter(|v| v.foreign > 0) {
             println!("  note        {} jobs from elsewhere ran too", v.foreign);
         }
         if let Some(e) = &self.error {
@@ -111,14 +191,17 @@ impl Report {
     pub fn json(&self) -> String {
         let num = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.2}"));
         let pct = self.percentiles_us();
-        let v = &self.verdict;
+        let v = self.verdict.unwrap_or_default();
+        let steps: Vec<String> = self.steps.iter().map(Step::json).collect();
+        let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
         let mut s = String::from("{");
         let _ = write!(
             s,
             "\"mode\":\"{}\",\"server\":{},\"jobs\":{},\"completed\":{},\"seconds\":{},\
              \"jobs_per_sec\":{},\"server_cpu_us_per_job\":{},\"p50_us\":{},\"p99_us\":{},\
              \"max_us\":{},\"submit_jobs_per_sec\":{},\"rss_bytes_per_job\":{},\
-             \"lost\":{},\"duplicated\":{},\"corrupt\":{},\"foreign\":{},\"ok\":{},\"error\":{}",
+             \"steps\":[{}],\"queued_at_start\":{},\"rss_bytes_at_start\":{},\"idle_secs\":{},\
+             \"rss_bytes_idle\":{},\"lost\":{},\"duplicated\":{},\"corrupt\":{},\"foreign\":{},\"ok\":{},\"error\":{}",
             self.mode.name(),
             json_string(&self.server),
             self.jobs,
@@ -131,6 +214,11 @@ impl Report {
             num(pct.map(|p| p[2])),
             num(self.submit_per_sec()),
             num(self.rss_bytes_per_job()),
+            steps.join(","),
+            opt(self.queued_at_start),
+            opt(self.rss_at_start),
+            opt(self.rss_idle.map(|(after, _)| after.as_secs())),
+            opt(self.rss_idle.map(|(_, rss)| rss)),
             v.lost,
             v.duplicated,
             v.corrupt,
@@ -190,5 +278,36 @@ mod tests {
             assert!(json.contains(key), "{key} missing from {json}");
         }
         assert!(json.starts_with('{') && json.ends_with('}') && !json.contains('\n'));
+    }
+
+    #[test]
+    fn depth_json_has_each_step_and_no_verdict() {
+        let step = |depth, secs| Step {
+            depth,
+            jobs: 1000,
+            elapsed: Duration::from_secs(secs),
+            rss: 9_000_000,
+            rss_growth: 500_000,
+            cpu_us: Some(3000),
+        };
+        let report = Report {
+            mode: Mode::Depth,
+            jobs: 2000,
+            steps: vec![step(1000, 1), step(2000, 2)],
+            rss_growth: Some(500_000),
+            ..Report::default()
+        };
+        assert!(report.ok());
+        let json = report.json();
+        for key in [
+            "\"steps\":[{\"depth\":1000,\"ack_per_sec\":1000.00,\"step_seconds\":1.0000,\"rss_bytes\":9000000,\
+             \"rss_growth_per_job\":500.00,\"cpu_us_per_ack\":3.00},{\"depth\":2000,\"ack_per_sec\":500.00,",
+            "\"rss_growth_per_job\":250.00,\"cpu_us_per_ack\":3.00}],",
+            "\"rss_bytes_per_job\":250.00",
+            "\"lost\":0",
+            "\"ok\":true",
+        ] {
+            assert!(json.contains(key), "{key} missing from {json}");
+        }
     }
 }

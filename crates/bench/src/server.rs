@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use anyhow::{bail, Result};
+
+use crate::admin::Admin;
 
 /// Unit of utime/stime in /proc/PID/stat: USER_HZ, 100 on every Linux ABI.
 const TICKS_PER_SEC: u64 = 100;
@@ -68,17 +68,5 @@ impl ServerProc {
 }
 
 async fn ask_pid(addr: &str) -> Result<u32> {
-    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    stream.write_all(b"getpid\n").await?;
-    let mut reply = Vec::new();
-    while !reply.contains(&b'\n') {
-        if stream.read_buf(&mut reply).await? == 0 || reply.len() > 256 {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&reply);
-    text.trim()
-        .strip_prefix("OK ")
-        .and_then(|pid| pid.trim().parse().ok())
-        .with_context(|| format!("unexpected answer to getpid: {:?}", text.trim()))
+    Admin::connect(addr).await?.getpid().await
 }

@@ -1,0 +1,83 @@
+//! The text admin protocol, which gearmand and gearbox both speak: `getpid` for the server's
+//! PID, `status` for a function's queue.
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest admin line expected; a longer one means this is not an admin answer.
+const MAX_LINE: usize = 64 * 1024;
+
+pub(crate) struct Admin {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One function's line of `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FunctionStatus {
+    /// Jobs queued or running.
+    pub total: u64,
+    pub running: u64,
+}
+
+impl FunctionStatus {
+    pub fn queued(&self) -> u64 {
+        self.total.saturating_sub(self.running)
+    }
+}
+
+impl Admin {
+    pub async fn connect(addr: &str) -> Result<Admin> {
+        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        Ok(Admin { stream, buf: Vec::new() })
+    }
+
+    /// The server's answer to `getpid`: `OK <pid>`.
+    pub async fn getpid(&mut self) -> Result<u32> {
+        self.stream.write_all(b"getpid\n").await?;
+        let line = self.line().await?;
+        line.strip_prefix("OK ")
+            .and_then(|pid| pid.trim().parse().ok())
+            .with_context(|| format!("unexpected answer to getpid: {line:?}"))
+    }
+
+    /// `function`'s line of `status` (all zero when the server does not list it).
+    pub async fn status(&mut self, function: &str) -> Result<FunctionStatus> {
+        self.stream.write_all(b"status\n").await?;
+        let mut found = FunctionStatus::default();
+        loop {
+            let line = self.line().await?;
+            if line == "." {
+                return Ok(found);
+            }
+            // FUNCTION \t TOTAL \t RUNNING \t AVAILABLE_WORKERS, split from the right in case
+            // the name holds a tab.
+            let fields: Vec<&str> = line.rsplitn(4, '\t').collect();
+            if fields.len() != 4 {
+                bail!("unexpected line in the answer to status: {line:?}");
+            }
+            if fields[3] == function {
+                let number = |s: &str| s.parse().with_context(|| format!("bad number in status line {line:?}"));
+                found = FunctionStatus { total: number(fields[2])?, running: number(fields[1])? };
+            }
+        }
+    }
+
+    /// The next line, without its line end.
+    async fn line(&mut self) -> Result<String> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.buf[..end]).trim_end_matches('\r').to_owned();
+                self.buf.drain(..=end);
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_LINE {
+                bail!("the server's admin answer has no line end");
+            }
+            if self.stream.read_buf(&mut self.buf).await.context("reading an admin answer")? == 0 {
+                bail!("the server closed the admin connection");
+            }
+        }
+    }
+}
