@@ -79,6 +79,13 @@ async function run() {
   check(await page.locator('#banner').isHidden(), `error banner shown: ${await page.locator('#banner').textContent()}`);
   const version = (await page.locator('#h-version').textContent()).trim();
   check(version && version !== '–', 'the header shows no version');
+  if (process.env.EXPECT_LOG_LIMIT) {
+    // The embedded job log's size, next to its limit: "12.3 KiB of 1.0 GiB".
+    const size = (await page.locator('#h-logsize').textContent()).trim();
+    check(await page.locator('#h-logsize-wrap').isVisible(), 'the header shows no job-log size');
+    check(/^[0-9.]+ (B|KiB|MiB|GiB|TiB) of /.test(size) && size.endsWith(` of ${process.env.EXPECT_LOG_LIMIT}`),
+      `the header shows the job-log size "${size}", expected a size of ${process.env.EXPECT_LOG_LIMIT}`);
+  }
   noProblems('first render');
   say(`functions table rendered, server version ${version}`);
 

@@ -3,41 +3,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
-use std::time::Duration;
 
-use common::{wait_for, ChildGuard, Server};
+use common::{get_json, request, wait_for, ChildGuard, Server};
 use serde_json::{json, Value};
-
-/// One HTTP/1.1 request on a fresh connection; returns the status, the content type and the body.
-fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("a complete HTTP reply");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_owned))
-        .unwrap_or_default();
-    (status, content_type, body.to_owned())
-}
-
-fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, content_type, body) = request(addr, "GET", path, None);
-    assert!(content_type.starts_with("application/json"), "{path}: {content_type} {body}");
-    (status, serde_json::from_str(&body).unwrap())
-}
 
 fn post_json(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
     let (status, _, reply) = request(addr, "POST", path, Some(&body));
@@ -244,6 +214,7 @@ fn the_dashboard_shows_queues_changing_in_a_real_browser() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser/dashboard.mjs");
     let out = Command::new("timeout")
         .env("EXPECT_ERROR", &error)
+        .env("EXPECT_LOG_LIMIT", "1.0 GiB") // the default --job-log-max-size
         .args(["120", "node", script, &url])
         .output()
         .expect("node is installed (the README's test command sets up tests/browser)");

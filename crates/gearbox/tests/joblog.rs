@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 
 use bytes::BytesMut;
-use common::{temp_data_dir, wait_for, Server};
+use common::{get_json, request, temp_data_dir, wait_for, Server};
 use gearbox_proto::{Decoder, GrabKind, Message, Priority, Request, Response};
 use serde_json::Value;
 
@@ -232,6 +232,57 @@ fn records_outlive_a_restart_and_expire_with_retention() {
     wait_for("expiry", || log_json(&server, &[]).is_empty());
 }
 
+/// The value of the sample `line` (`NAME{LABELS}`) in Prometheus text; panics if missing.
+fn sample(metrics: &str, line: &str) -> u64 {
+    let value = metrics.lines().find_map(|l| l.strip_prefix(line)?.strip_prefix(' '));
+    value.unwrap_or_else(|| panic!("no {line} in\n{metrics}")).parse().unwrap()
+}
+
+#[test]
+fn a_size_limit_bounds_the_log_and_its_size_is_reported() {
+    const MAX: u64 = 1 << 20; // segments of 128 KiB, about one batch (1,024 records)
+    const JOBS: u64 = 30_000; // about 4 MB of records
+    let dir = temp_data_dir();
+    let extra = ["--http", "127.0.0.1:0", "--queue", "memory"];
+    // Set through the environment, so that this path is tried too.
+    let server = Server::spawn(dir.clone(), &extra, |c| {
+        c.env("GEARBOX_JOB_LOG_MAX_SIZE", "1MiB");
+    })
+    .ready();
+    let http = server.http.unwrap();
+    let metrics = || request(http, "GET", "/metrics", None).2;
+    let bench = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["bench", "--mode", "bg", "--jobs", &JOBS.to_string(), "--server", &server.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "{bench:?}");
+    wait_for("every record written", || sample(&metrics(), "gearbox_job_log_written_total{sink=\"embedded\"}") >= JOBS);
+    let on_disk = || -> u64 {
+        let files = std::fs::read_dir(dir.join("joblog")).unwrap();
+        files.map(|f| f.unwrap().metadata().unwrap().len()).sum()
+    };
+    let bytes = || sample(&metrics(), "gearbox_job_log_bytes{sink=\"embedded\"}");
+    wait_for("the metric to match the files", || bytes() == on_disk());
+
+    let text = metrics();
+    let bytes = sample(&text, "gearbox_job_log_bytes{sink=\"embedded\"}");
+    assert!(bytes > MAX / 2 && bytes <= MAX, "{bytes} bytes");
+    assert_eq!(sample(&text, "gearbox_job_log_max_bytes{sink=\"embedded\"}"), MAX);
+    let by_size = sample(&text, "gearbox_job_log_expired_bytes_total{sink=\"embedded\",reason=\"size\"}");
+    assert!(by_size > 2 * MAX, "{by_size} bytes deleted to stay under the limit");
+    assert_eq!(sample(&text, "gearbox_job_log_expired_bytes_total{sink=\"embedded\",reason=\"age\"}"), 0);
+    let (_, status) = get_json(http, "/api/status");
+    let log = &status["job_log"];
+    assert_eq!((log["bytes"].as_u64(), log["max_bytes"].as_u64()), (Some(bytes), Some(MAX)), "{status}");
+    assert_eq!(log["expired_bytes_size"].as_u64(), Some(by_size));
+
+    // The newest records are the ones kept.
+    let newest = log_json(&server, &["-n", "1"]);
+    assert_eq!((newest[0]["function"].as_str(), newest[0]["status"].as_str()), (Some("bench"), Some("complete")));
+    let kept = log_json(&server, &["-n", "10000"]).len() as u64;
+    assert!(kept > 1000 && kept < JOBS / 2, "{kept} records kept");
+}
+
 #[test]
 fn a_dead_mongodb_costs_records_not_jobs() {
     // Nothing listens on port 1: every write fails.
@@ -273,10 +324,13 @@ fn a_server_without_a_job_log_says_so() {
 
 #[test]
 fn a_bad_job_log_setting_stops_the_server_with_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gearbox"))
-        .args(["server", "--port", "0", "--job-log", "postgres://somewhere"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown job log"), "{out:?}");
+    for (flags, error) in [
+        (["--job-log", "postgres://somewhere"], "unknown job log"),
+        (["--job-log-max-size", "10XB"], "bad size \"10XB\": unknown unit; use bytes or e.g. 512MB"),
+    ] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_gearbox")).args(["server", "--port", "0"]).args(flags).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(error), "{out:?}");
+    }
 }

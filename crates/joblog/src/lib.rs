@@ -22,6 +22,11 @@ pub mod writer;
 pub use record::{now_millis, Batch, Body, Millis, Query, Record, RecordRef, Status, Timestamp};
 pub use writer::{JobLog, LogStats, WriterThread};
 
+/// `--job-log-max-size` when not given: 1 GiB, about 7 million records of the 145 bytes
+/// `gearbox bench` jobs take (a week at 12 jobs a second), so that a server left running on a
+/// small disk does not fill it.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("MongoDB job log: {0}")]
@@ -38,6 +43,25 @@ pub trait Sink: Send + 'static {
     /// holding only such records); returns how many, for the log. Sinks that expire records
     /// themselves (MongoDB's TTL index) do nothing.
     fn expire(&mut self, before: Millis) -> Result<u64, Error>;
+    /// What the log takes on disk, when the sink knows it without asking anyone (the embedded
+    /// sink counts its files); `None` otherwise (MongoDB). Called after every write and expiry,
+    /// so it must be cheap.
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
+}
+
+/// A sink's size, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// What its files take now.
+    pub bytes: u64,
+    /// The limit it keeps to (`--job-log-max-size`); `None` for no limit.
+    pub max_bytes: Option<u64>,
+    /// Deleted since start because it was older than the retention...
+    pub expired_by_age: u64,
+    /// ...or to stay under `max_bytes`.
+    pub expired_by_size: u64,
 }
 
 pub type SearchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Record>, Error>> + Send + 'a>>;
@@ -79,6 +103,43 @@ pub fn parse_retention(s: &str) -> Result<Option<Duration>, String> {
     humantime::parse_duration(s).map(Some).map_err(|e| format!("bad retention {s:?}: {e}"))
 }
 
+/// Parses a size limit: bytes (`1048576`), or a number with a decimal unit (`512MB`, `10GB`:
+/// powers of 1,000) or a binary one (`1GiB`, or `1G` as dd and systemd read it: powers of
+/// 1,024), fractions allowed (`1.5GB`), case ignored. `none` or `0` means no limit.
+/// Errors say what was wrong and what is accepted.
+pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
+    let bad = |why: &str| format!("bad size {s:?}: {why}; use bytes or e.g. 512MB, 10GB, 1GiB, or none");
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err(bad("unknown unit")),
+    };
+    let bytes = if number.contains('.') {
+        let n: f64 = number.parse().map_err(|_| bad("not a number"))?;
+        let bytes = n * unit_bytes as f64;
+        // `as` saturates; refuse rather than quietly cap.
+        (bytes < u64::MAX as f64).then_some(bytes as u64)
+    } else {
+        number.parse::<u64>().map_err(|_| bad("not a number"))?.checked_mul(unit_bytes)
+    };
+    match bytes.ok_or_else(|| bad("too large"))? {
+        0 => Ok(None),
+        n => Ok(Some(n)),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub spec: Spec,
@@ -86,6 +147,9 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Records older than this are deleted; `None` keeps them.
     pub retention: Option<Duration>,
+    /// The embedded sink deletes its oldest files to stay within this many bytes; `None` for
+    /// no limit. MongoDB ignores it.
+    pub max_bytes: Option<u64>,
     /// Keep payloads and results, cut to this many bytes.
     pub bodies: Option<usize>,
 }
@@ -105,7 +169,8 @@ pub async fn open(options: &Options) -> Result<Option<Opened>, Error> {
     let (sink, search): (Box<dyn Sink>, Arc<dyn Search>) = match &options.spec {
         Spec::None => return Ok(None),
         Spec::Embedded => {
-            let (sink, search) = embedded::open(&options.data_dir.join(embedded::DIR_NAME), options.retention)?;
+            let (sink, search) =
+                embedded::open(&options.data_dir.join(embedded::DIR_NAME), options.retention, options.max_bytes)?;
             (Box::new(sink), Arc::new(search))
         }
         Spec::Mongo(uri) => {
@@ -115,4 +180,31 @@ pub async fn open(options: &Options) -> Result<Option<Opened>, Error> {
     };
     let (log, stats, writer) = writer::start(sink, options.retention, options.bodies);
     Ok(Some(Opened { log, search, stats, writer }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units_and_none() {
+        for (text, bytes) in [
+            ("1048576", Some(1 << 20)),
+            ("512MB", Some(512_000_000)),
+            ("10 GB", Some(10_000_000_000)),
+            ("1GiB", Some(1 << 30)),
+            ("1g", Some(1 << 30)),
+            ("64KiB", Some(64 << 10)),
+            ("1.5GB", Some(1_500_000_000)),
+            ("2TiB", Some(2 << 40)),
+            ("none", None),
+            ("0", None),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "GB", "-1GB", "10XB", "1.2.3MB", "99999999999TB", "1e9"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")) && err.contains("512MB"), "{bad}: {err}");
+        }
+    }
 }

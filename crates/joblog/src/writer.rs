@@ -3,14 +3,14 @@
 //! batches over a bounded channel without waiting; when the channel is full, because the
 //! sink is slow or down, the batch is dropped and counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::record::{now_millis, Batch, RecordRef};
-use crate::Sink;
+use crate::{Sink, Usage};
 
 /// Records per batch before it is handed to the writer...
 const BATCH_RECORDS: usize = 1024;
@@ -31,11 +31,19 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 /// At most one "dropped records" warning this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Counters shown to admins.
+/// Counters shown to admins. The writer thread keeps them; readers (metrics, status) take a
+/// look without asking it.
 #[derive(Debug, Default)]
 pub struct LogStats {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
+    /// Whether the sink reports its [`Usage`]; the fields below copy the last report.
+    sized: AtomicBool,
+    bytes: AtomicU64,
+    /// 0 for no limit.
+    max_bytes: AtomicU64,
+    expired_by_age: AtomicU64,
+    expired_by_size: AtomicU64,
 }
 
 impl LogStats {
@@ -50,10 +58,29 @@ impl LogStats {
     }
 
     pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.written.load(Ordering::Acquire)
     }
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The sink's size as it last reported it (after its latest write or expiry); `None` for
+    /// sinks that do not report one (MongoDB).
+    pub fn usage(&self) -> Option<Usage> {
+        self.sized.load(Ordering::Acquire).then(|| Usage {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            max_bytes: Some(self.max_bytes.load(Ordering::Relaxed)).filter(|&max| max > 0),
+            expired_by_age: self.expired_by_age.load(Ordering::Relaxed),
+            expired_by_size: self.expired_by_size.load(Ordering::Relaxed),
+        })
+    }
+
+    fn set_usage(&self, usage: Usage) {
+        self.bytes.store(usage.bytes, Ordering::Relaxed);
+        self.max_bytes.store(usage.max_bytes.unwrap_or(0), Ordering::Relaxed);
+        self.expired_by_age.store(usage.expired_by_age, Ordering::Relaxed);
+        self.expired_by_size.store(usage.expired_by_size, Ordering::Relaxed);
+        self.sized.store(true, Ordering::Release);
     }
 }
 
@@ -88,6 +115,9 @@ pub fn start(
     let (to_writer, from_broker) = sync_channel(QUEUED_BATCHES);
     let (spare_tx, spare) = sync_channel(QUEUED_BATCHES + 2);
     let stats = Arc::new(LogStats::default());
+    if let Some(usage) = sink.usage() {
+        stats.set_usage(usage);
+    }
     let writer = Writer {
         sink,
         stats: stats.clone(),
@@ -200,6 +230,7 @@ impl Writer {
                         Ok(n) => tracing::debug!("job log: {n} expired records deleted"),
                         Err(e) => tracing::warn!("job log: deleting expired records failed: {e}"),
                     }
+                    self.publish_usage();
                 }
             }
             match batches.recv_timeout(expire_every) {
@@ -211,6 +242,12 @@ impl Writer {
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
             }
+        }
+    }
+
+    fn publish_usage(&self) {
+        if let Some(usage) = self.sink.usage() {
+            self.stats.set_usage(usage);
         }
     }
 
@@ -226,9 +263,11 @@ impl Writer {
             let written = self.sink.write(batch);
             // Counted from the attempt's end: a dead sink can take seconds to fail.
             self.last_attempt = Some(Instant::now());
+            // Before `written` counts the batch, so that a reader who sees it counted sees its size.
+            self.publish_usage();
             match written {
                 Ok(()) => {
-                    self.stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.stats.written.fetch_add(batch.len() as u64, Ordering::Release);
                     if let Some(since) = self.down_since.take() {
                         tracing::info!("job log sink is back after {:.1} s", since.elapsed().as_secs_f64());
                     }

@@ -331,9 +331,11 @@ async fn an_unreachable_server_drops_records_without_blocking() {
         spec: Spec::Mongo(DEAD_MONGO.to_owned()),
         data_dir: std::env::temp_dir(),
         retention: None,
+        max_bytes: None,
         bodies: None,
     };
     let mut opened = gearbox_joblog::open(&options).await.expect("open").expect("a job log");
+    assert_eq!(opened.stats.usage(), None, "MongoDB's size is not reported");
     let started = Instant::now();
     for n in 0..3 {
         for _ in 0..5 {

@@ -94,6 +94,11 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_JOB_LOG_RETENTION")]
     pub job_log_retention: Option<String>,
 
+    /// Most disk the embedded job log may take, e.g. 512MB, 10GB or 1GiB; its oldest records are
+    /// deleted to stay under it; none for no limit [default: 1GiB]
+    #[arg(long, env = "GEARBOX_JOB_LOG_MAX_SIZE")]
+    pub job_log_max_size: Option<String>,
+
     /// Keep payloads and results in the job log, cut to this many bytes [default: not kept]
     #[arg(long, env = "GEARBOX_JOB_LOG_BODIES")]
     pub job_log_bodies: Option<usize>,
@@ -157,6 +162,7 @@ impl Settings {
             data_dir: self.data_dir.or(other.data_dir),
             job_log: self.job_log.or(other.job_log),
             job_log_retention: self.job_log_retention.or(other.job_log_retention),
+            job_log_max_size: self.job_log_max_size.or(other.job_log_max_size),
             job_log_bodies: self.job_log_bodies.or(other.job_log_bodies),
             http: self.http.or(other.http),
         }
@@ -185,10 +191,15 @@ impl Settings {
             s.job_log.as_deref().unwrap_or("embedded").parse().map_err(ConfigError::JobLog)?;
         let retention = gearbox_joblog::parse_retention(s.job_log_retention.as_deref().unwrap_or("7d"))
             .map_err(ConfigError::JobLog)?;
+        let max_bytes = match s.job_log_max_size.as_deref() {
+            Some(size) => gearbox_joblog::parse_size(size).map_err(ConfigError::JobLog)?,
+            None => Some(gearbox_joblog::DEFAULT_MAX_BYTES),
+        };
         let job_log = (spec != gearbox_joblog::Spec::None).then(|| gearbox_joblog::Options {
             spec,
             data_dir: data_dir.clone(),
             retention,
+            max_bytes,
             bodies: s.job_log_bodies,
         });
         Ok(Config {
@@ -297,6 +308,26 @@ mod tests {
         assert_eq!(wait(Some("0")).unwrap(), std::time::Duration::ZERO);
         assert_eq!(wait(Some("1500ms")).unwrap(), std::time::Duration::from_millis(1500));
         assert!(matches!(wait(Some("soon")), Err(ConfigError::Queue(_))));
+    }
+
+    #[test]
+    fn job_log_max_size_defaults_to_a_gib_and_parses() {
+        let dir = std::env::temp_dir().join(format!("gearbox-config-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gearbox.toml");
+        let max = |flag: Option<&str>, file: &str| {
+            std::fs::write(&path, file).unwrap();
+            let s =
+                Settings { config: Some(path.clone()), job_log_max_size: flag.map(String::from), ..Default::default() };
+            s.resolve().map(|c| c.serve.job_log.unwrap().max_bytes)
+        };
+        assert_eq!(max(None, "").unwrap(), Some(1 << 30));
+        assert_eq!(max(None, "job-log-max-size = \"10GB\"\n").unwrap(), Some(10_000_000_000));
+        assert_eq!(max(Some("512MiB"), "job-log-max-size = \"10GB\"\n").unwrap(), Some(512 << 20));
+        assert_eq!(max(Some("none"), "").unwrap(), None);
+        let err = max(Some("lots"), "").unwrap_err();
+        assert!(matches!(err, ConfigError::JobLog(_)) && err.to_string().contains("\"lots\""), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

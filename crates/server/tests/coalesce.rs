@@ -29,6 +29,7 @@ impl Setup {
             spec: gearbox_joblog::Spec::Embedded,
             data_dir: dir.clone(),
             retention: None,
+            max_bytes: None,
             bodies: None,
         };
         let server = TestServer::with(ServeOptions { queue, job_log: Some(job_log), ..Default::default() }).await;

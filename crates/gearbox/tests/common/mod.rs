@@ -214,3 +214,31 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// One HTTP/1.1 request on a fresh connection; returns the status, the content type and the body.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a complete HTTP reply");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_owned))
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (status, content_type, body) = request(addr, "GET", path, None);
+    assert!(content_type.starts_with("application/json"), "{path}: {content_type} {body}");
+    (status, serde_json::from_str(&body).unwrap())
+}

@@ -65,6 +65,19 @@ struct JobLogStatus {
     sink: &'static str,
     written: u64,
     dropped: u64,
+    /// The size fields, for a sink that reports them (embedded); left out for MongoDB.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    size: Option<JobLogSize>,
+}
+
+/// In bytes.
+#[derive(Serialize)]
+struct JobLogSize {
+    bytes: u64,
+    /// `null` when there is no limit.
+    max_bytes: Option<u64>,
+    expired_bytes_age: u64,
+    expired_bytes_size: u64,
 }
 
 #[derive(Serialize)]
@@ -92,6 +105,12 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
             sink: log.sink,
             written: log.stats.written(),
             dropped: log.stats.dropped(),
+            size: log.stats.usage().map(|u| JobLogSize {
+                bytes: u.bytes,
+                max_bytes: u.max_bytes,
+                expired_bytes_age: u.expired_by_age,
+                expired_bytes_size: u.expired_by_size,
+            }),
         }),
         functions,
     })

@@ -83,10 +83,31 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
         let metric = "gearbox_job_log_dropped_total";
         header(&mut out, metric, "counter", "Job-log records dropped because the sink was down or too slow.");
         let _ = writeln!(out, "{metric}{{sink=\"{}\"}} {}", log.sink, log.stats.dropped());
+        // Only a sink that counts its own files reports a size (not MongoDB).
+        if let Some(usage) = log.stats.usage() {
+            job_log_usage(&mut out, log.sink, &usage);
+        }
     }
     header(&mut out, "gearbox_uptime_seconds", "gauge", "Seconds since the server started.");
     let _ = writeln!(out, "gearbox_uptime_seconds {}", shared.started.elapsed().as_secs());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
+}
+
+fn job_log_usage(out: &mut String, sink: &str, usage: &gearbox_joblog::Usage) {
+    let metric = "gearbox_job_log_bytes";
+    header(out, metric, "gauge", "Bytes the job log's files take.");
+    let _ = writeln!(out, "{metric}{{sink=\"{sink}\"}} {}", usage.bytes);
+    if let Some(max) = usage.max_bytes {
+        let metric = "gearbox_job_log_max_bytes";
+        header(out, metric, "gauge", "The job log's size limit (--job-log-max-size), in bytes.");
+        let _ = writeln!(out, "{metric}{{sink=\"{sink}\"}} {max}");
+    }
+    let metric = "gearbox_job_log_expired_bytes_total";
+    let help = "Job-log bytes deleted since start: older than the retention (age) or over the size limit (size).";
+    header(out, metric, "counter", help);
+    for (reason, bytes) in [("age", usage.expired_by_age), ("size", usage.expired_by_size)] {
+        let _ = writeln!(out, "{metric}{{sink=\"{sink}\",reason=\"{reason}\"}} {bytes}");
+    }
 }
 
 fn header(out: &mut String, metric: &str, kind: &str, help: &str) {
