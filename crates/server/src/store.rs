@@ -78,7 +78,7 @@ fn load(
     wake: Arc<Condvar>,
 ) -> Result<(Broker, Option<Box<dyn QueueStore>>), StoreError> {
     let Some(mut store) = open_store(spec, lock_wait)? else { return Ok((broker, None)) };
-    broker.enable_durability(wake, store.payload_reader());
+    broker.enable_durability(wake, store.payload_reader(), store.reads_payloads());
     let started = std::time::Instant::now();
     let mut count = 0usize;
     store.load(&mut |job| {
@@ -127,14 +127,15 @@ const REMOVE_DELAY: Duration = Duration::from_millis(100);
 fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBool) {
     let mut batch = Batch::default();
     let mut locs = Vec::new();
+    let mut fetch = Fetch::default();
     loop {
-        {
+        let took = {
             let mut broker = shared.broker.lock().unwrap();
             loop {
                 let stopping = stop.load(Ordering::Relaxed);
                 let state = broker.pending_state();
                 let wait = match (state.jobs_since, state.changes_since) {
-                    _ if stopping => None,
+                    _ if stopping || broker.wants_payloads() => None,
                     // Group commit: one sync for many submissions costs far less than one each.
                     (Some(since), _) if state.jobs < GROUP_FULL => Some(GROUP_WINDOW.saturating_sub(since.elapsed())),
                     (Some(_), _) => None,
@@ -153,17 +154,59 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
                 return;
             }
             batch.clear();
-            broker.take_pending(&mut batch);
+            let took = broker.has_pending();
+            if took {
+                broker.take_pending(&mut batch);
+            }
+            took
+        };
+        if took {
+            let started = std::time::Instant::now();
+            let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
+            let took = started.elapsed();
+            let mut broker = shared.broker.lock().unwrap();
+            broker.observe_commit(took);
+            broker.committed(&batch, outcome);
+            drop(broker);
+            if let Err(e) = compact(store.as_mut(), shared) {
+                tracing::error!("queue store compaction failed: {e}");
+            }
         }
-        let started = std::time::Instant::now();
-        let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
-        let took = started.elapsed();
-        let mut broker = shared.broker.lock().unwrap();
-        broker.observe_commit(took);
-        broker.committed(&batch, outcome);
-        drop(broker);
-        if let Err(e) = compact(store.as_mut(), shared) {
-            tracing::error!("queue store compaction failed: {e}");
+        fetch.run(store.as_mut(), shared);
+    }
+}
+
+/// Payload reads for a store that serves them to the store thread only (a database).
+#[derive(Default)]
+struct Fetch {
+    requests: Vec<(u64, gearbox_store::Loc)>,
+    /// What was read: sequence numbers and ranges of `arena`.
+    found: Vec<(u64, std::ops::Range<usize>)>,
+    arena: Vec<u8>,
+}
+
+impl Fetch {
+    fn run(&mut self, store: &mut dyn QueueStore, shared: &Shared) {
+        if !store.reads_payloads() {
+            return;
+        }
+        shared.broker.lock().unwrap().payload_requests(&mut self.requests);
+        if self.requests.is_empty() {
+            return;
+        }
+        self.found.clear();
+        self.arena.clear();
+        let (found, arena) = (&mut self.found, &mut self.arena);
+        let outcome = store.read_payloads(&self.requests, &mut |seq, data| {
+            let start = arena.len();
+            arena.extend_from_slice(data);
+            found.push((seq, start..arena.len()));
+        });
+        let error = outcome.err().map(|e| e.to_string());
+        shared.broker.lock().unwrap().payloads_read(&self.requests, &self.found, &self.arena, error.as_deref());
+        // A burst's worth of payloads is not kept for the next read.
+        if self.arena.capacity() > 16 << 20 {
+            self.arena = Vec::new();
         }
     }
 }

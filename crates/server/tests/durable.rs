@@ -1,5 +1,5 @@
 //! The embedded durable queue: what survives a restart, reply order while commits are
-//! pending, payloads read back from disk, and a full disk.
+//! pending, payloads read back from disk (and from the databases), and a full disk.
 
 mod common;
 
@@ -118,12 +118,14 @@ async fn a_second_server_on_the_data_directory_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[tokio::test]
-async fn payloads_beyond_the_memory_budget_are_read_back_from_disk() {
-    let dir = temp_dir("evict");
-    let server = start(&dir).await;
+/// 1500 jobs of 10 KB, past the 8 MiB of payloads kept in memory: half run, the server
+/// restarts (loading the rest, most of them without their payload), the other half run. Each
+/// runs once, in order, with its payload.
+async fn payloads_past_the_budget_run_intact(queue: QueueSpec) {
+    let options = || ServeOptions { queue: queue.clone(), ..Default::default() };
+    let server = TestServer::with(options()).await;
     let mut c = server.conn().await;
-    let count = 1500; // 1500 × 10 KB is past the 8 MiB kept in memory
+    let count = 1500;
     let payload = |i: usize| format!("{i:06}-{}", "x".repeat(10_000));
     let mut bytes = bytes::BytesMut::new();
     for i in 0..count {
@@ -140,15 +142,64 @@ async fn payloads_beyond_the_memory_budget_are_read_back_from_disk() {
     for _ in 0..count {
         assert!(matches!(c.recv().await, Response::JobCreated { .. }));
     }
-    let mut worker = Conn::worker(server.addr, &["big"]).await;
-    for i in 0..count {
-        let (h, _, unique, data) = worker.grab_some().await;
-        assert_eq!(unique, b(&format!("big-{i}")));
-        assert!(data == b(&payload(i)), "payload of job {i} differs");
-        worker.send(Request::WorkComplete { handle: h, data: b("") }).await;
+    let mut next = 0;
+    let mut server = server;
+    for run_until in [count / 2, count] {
+        let mut worker = Conn::worker(server.addr, &["big"]).await;
+        while next < run_until {
+            let (h, _, unique, data) = worker.grab_some().await;
+            assert_eq!(unique, b(&format!("big-{next}")));
+            assert!(data == b(&payload(next)), "payload of job {next} differs");
+            worker.send(Request::WorkComplete { handle: h, data: b("") }).await;
+            next += 1;
+        }
+        server.stop().await;
+        server = TestServer::with(options()).await;
     }
+    assert_eq!(Conn::worker(server.addr, &["big"]).await.grab().await, None, "a job ran twice");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn payloads_beyond_the_memory_budget_are_read_back_from_disk() {
+    let dir = temp_dir("evict");
+    payloads_past_the_budget_run_intact(QueueSpec::Embedded(dir.clone())).await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A table of its own for a test on a database store, dropped at the end.
+struct Table {
+    name: String,
+    drop_with: (&'static str, &'static [&'static str]),
+}
+
+impl Table {
+    fn new(kind: &str, drop_with: (&'static str, &'static [&'static str])) -> Table {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        Table { name: format!("durable_{kind}_{}_{nanos}", std::process::id()), drop_with }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let (program, args) = self.drop_with;
+        let _ =
+            std::process::Command::new(program).args(args).arg(format!("DROP TABLE IF EXISTS {}", self.name)).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_beyond_the_memory_budget_are_read_back_from_postgres() {
+    let table = Table::new("pg", ("psql", &["-q", "-h", "127.0.0.1", "-U", "postgres", "test", "-c"]));
+    let url = format!("postgres://postgres@127.0.0.1:5432/test?table={}", table.name);
+    payloads_past_the_budget_run_intact(QueueSpec::Sql(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_beyond_the_memory_budget_are_read_back_from_mariadb() {
+    let table = Table::new("my", ("mariadb", &["-h", "127.0.0.1", "-u", "root", "test", "-e"]));
+    let url = format!("mysql://root@127.0.0.1:3306/test?table={}", table.name);
+    payloads_past_the_budget_run_intact(QueueSpec::Sql(url)).await;
 }
 
 /// A small tmpfs, unmounted on drop. Needs root, as the test command runs.

@@ -139,9 +139,22 @@ pub trait QueueStore: Send {
     /// after a restart (a backend that cannot guarantee that must refuse further batches).
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()>;
 
-    /// A reader for payloads by [`Loc`], if the backend supports it.
+    /// A reader for payloads by [`Loc`], from any thread, if the backend supports it.
     fn payload_reader(&self) -> Option<Arc<dyn PayloadReader>> {
         None
+    }
+
+    /// Whether [`QueueStore::read_payloads`] works, for a backend without a
+    /// [`PayloadReader`] (a database, where a read is a round trip).
+    fn reads_payloads(&self) -> bool {
+        false
+    }
+
+    /// Calls `each(seq, payload)` for each of the `wanted` jobs (sequence number and
+    /// location) the store holds, in one or a few round trips. Jobs it does not hold are
+    /// left out.
+    fn read_payloads(&mut self, _wanted: &[(u64, Loc)], _each: &mut dyn FnMut(u64, &[u8])) -> Result<()> {
+        Ok(())
     }
 
     /// The next step of reclaiming space, if the backend wants one: the jobs it would move,

@@ -6,8 +6,9 @@
 //! parameter (default `gearbox_queue`). It creates the table if needed (the table's comment
 //! records the schema version, so later versions can migrate it) and takes an exclusive lock
 //! for the store's lifetime, on the connection the store writes through (see [`TableLock`]),
-//! waiting a while for a predecessor's to be released. Payloads stay in the database: jobs
-//! load with [`Loc::NONE`]. On PostgreSQL the session's `application_name` is `gearbox`
+//! waiting a while for a predecessor's to be released. A job's location is its sequence
+//! number: the server may drop payloads from memory and have them read back, in batches
+//! (`SELECT … WHERE seq IN (…)`), before it hands the jobs to workers. On PostgreSQL the session's `application_name` is `gearbox`
 //! unless the URL gives one.
 //!
 //! Each batch is one transaction: multi-row INSERTs, then `DELETE … WHERE seq IN (…)`, chunked
@@ -30,7 +31,7 @@ use tokio::runtime::Runtime;
 use url::Url;
 
 use crate::sql_lock::{lock_table, TableLock};
-use crate::sql_plan::{delete_sql, insert_sql, Plan, MAX_PARAMS, ROW_OVERHEAD};
+use crate::sql_plan::{delete_sql, insert_sql, select_data_sql, Plan, MAX_PARAMS, ROW_OVERHEAD};
 use crate::{Batch, LoadedJob, Loc, QueueStore, Result, StoreError};
 
 pub(crate) const DEFAULT_TABLE: &str = "gearbox_queue";
@@ -49,6 +50,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a commit keeps retrying once it lost the connection.
 const RETRY_FOR: Duration = Duration::from_secs(10);
+/// Jobs whose payloads one SELECT reads.
+const READ_ROWS: usize = 1000;
 /// Bounds one attempt, so that a database that stops answering fails commits instead of
 /// hanging them until TCP gives up.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -426,11 +429,40 @@ impl Db {
                     function: row.try_get(3).map_err(db_error)?,
                     unique: row.try_get(4).map_err(db_error)?,
                     data: row.try_get(5).map_err(db_error)?,
-                    loc: Loc::NONE,
+                    loc: Loc(seq as u64),
                 });
             }
             Ok(())
         })
+    }
+}
+
+impl Db {
+    /// Calls `each` with the payload of every job of `seqs` the table holds.
+    async fn read_payloads(
+        &mut self,
+        seqs: &[i64],
+        each: &mut dyn FnMut(u64, &[u8]),
+    ) -> std::result::Result<(), Failure> {
+        let conn = connection(&mut self.conn, &self.target, &self.lock).await?;
+        let kind = conn.kind();
+        for chunk in seqs.chunks(READ_ROWS) {
+            let sql = select_data_sql(kind, &self.target.table, chunk.len());
+            per_backend!(Conn, &mut *conn, c, DB => {
+                let mut q = sqlx::query::<DB>(&sql).persistent(chunk.len() == READ_ROWS);
+                for &seq in chunk {
+                    q = q.bind(seq);
+                }
+                let mut rows = q.fetch(&mut *c);
+                while let Some(row) = rows.try_next().await.map_err(|e| Failure::from_sqlx(e, false))? {
+                    let seq: i64 = row.try_get(0).map_err(|e| Failure::from_sqlx(e, false))?;
+                    let data: &[u8] = row.try_get(1).map_err(|e| Failure::from_sqlx(e, false))?;
+                    each(seq as u64, data);
+                }
+                Ok::<(), Failure>(())
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -482,6 +514,14 @@ impl QueueStore for SqlStore {
         self.rt.block_on(self.db.load(each))
     }
 
+    fn reads_payloads(&self) -> bool {
+        true
+    }
+
+    fn read_payloads(&mut self, wanted: &[(u64, Loc)], each: &mut dyn FnMut(u64, &[u8])) -> Result<()> {
+        self.read(wanted, each)
+    }
+
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()> {
         let public = &self.db.target.public;
         match &self.broken {
@@ -497,7 +537,7 @@ impl QueueStore for SqlStore {
             None => {}
         }
         locs.clear();
-        locs.resize(batch.adds().len(), Loc::NONE);
+        locs.extend(batch.adds().map(|a| Loc(a.seq)));
         if batch.is_empty() {
             return Ok(());
         }
@@ -560,6 +600,36 @@ impl QueueStore for SqlStore {
 }
 
 /// Sleeps `delay` before the next attempt, and doubles it (up to [`RETRY_MAX`]).
+impl SqlStore {
+    /// See [`QueueStore::read_payloads`]: retried with backoff, reconnecting, for up to
+    /// ten seconds.
+    fn read(&mut self, wanted: &[(u64, Loc)], each: &mut dyn FnMut(u64, &[u8])) -> Result<()> {
+        let seqs: Vec<i64> = wanted.iter().map(|&(seq, _)| seq as i64).collect();
+        let started = Instant::now();
+        let mut delay = RETRY_FIRST;
+        loop {
+            let read = self.db.read_payloads(&seqs, each);
+            let attempt = self.rt.block_on(async { tokio::time::timeout(ATTEMPT_TIMEOUT, read).await });
+            let public = &self.db.target.public;
+            let error = match attempt {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(Failure::Lost { error, .. })) => error,
+                Ok(Err(Failure::Locked(holder))) => {
+                    return Err(StoreError::Locked { what: public.clone(), holder, waited: started.elapsed() })
+                }
+                Ok(Err(Failure::Refused(error))) => return Err(StoreError::Database(format!("{public}: {error}"))),
+                Err(_) => format!("no answer in {ATTEMPT_TIMEOUT:?}"),
+            };
+            self.db.conn = None;
+            if Instant::now() + delay >= started + RETRY_FOR {
+                return Err(StoreError::Database(format!("{public}: reading payloads, gave up: {error}")));
+            }
+            tracing::warn!("queue database {public}: reading payloads: {error}; retrying in {delay:?}");
+            back_off(&mut delay);
+        }
+    }
+}
+
 fn back_off(delay: &mut Duration) {
     std::thread::sleep(*delay);
     *delay = (*delay * 2).min(RETRY_MAX);

@@ -104,6 +104,14 @@ pub(crate) fn delete_sql(kind: Kind, table: &str, n: usize) -> String {
     sql
 }
 
+/// Reads the payloads of `n` jobs by sequence number.
+pub(crate) fn select_data_sql(kind: Kind, table: &str, n: usize) -> String {
+    let mut sql = format!("SELECT seq, data FROM {table} WHERE seq IN (");
+    push_placeholders(&mut sql, kind, 1, n);
+    sql.push(')');
+    sql
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +126,7 @@ mod tests {
         );
         assert!(insert_sql(Kind::MySql, "q", 1, false).ends_with("VALUES (?, ?, ?, ?, ?, ?)"));
         assert_eq!(delete_sql(Kind::MySql, "q", 3), "DELETE FROM q WHERE seq IN (?, ?, ?)");
+        assert_eq!(select_data_sql(Kind::Postgres, "q", 2), "SELECT seq, data FROM q WHERE seq IN ($1, $2)");
         assert_eq!(delete_sql(Kind::Postgres, "q", 2), "DELETE FROM q WHERE seq IN ($1, $2)");
     }
 

@@ -93,6 +93,7 @@ impl Broker {
                         self.dropped_totals += f.counts.totals();
                         f.dropped = true;
                         // Nothing live is queued: what the queues still hold are dropped jobs.
+                        f.fetched = [0; 3];
                         for key in std::mem::take(&mut f.queues).into_iter().flatten() {
                             self.jobs.remove(key as usize);
                         }

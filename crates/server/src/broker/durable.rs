@@ -12,9 +12,8 @@
 //! ERROR if it failed) in place, and each queue is released up to its first unresolved one.
 //!
 //! Payloads of committed jobs are kept in memory up to a budget; past it they are dropped
-//! and read back from the store when a worker takes the job.
+//! and read back from the store (see `payload`).
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar};
 use std::time::Instant;
@@ -23,20 +22,23 @@ use bytes::BytesMut;
 use gearbox_proto::{encode_packet, Magic, PacketType as T};
 use gearbox_store::{Batch, LoadedJob, Loc, PayloadReader};
 
-use super::job::{Job, JobState, Stored};
+use super::job::{JobState, Stored};
 use super::timer::unix_now;
 use super::{Broker, ConnId, JobKey, MAX_UNIQUE};
-
-/// Payload bytes of stored jobs kept in memory; the rest are read back when needed.
-const PAYLOAD_RAM_BUDGET: usize = 8 * 1024 * 1024;
 
 pub(super) struct Durability {
     /// Changes not yet handed to the store thread.
     pending: Batch,
     /// Wakes the store thread (it waits on the broker's mutex).
-    wake: Arc<Condvar>,
-    reader: Option<Arc<dyn PayloadReader>>,
-    ram_bytes: usize,
+    pub(super) wake: Arc<Condvar>,
+    /// Reads payloads back from any thread (the embedded store)...
+    pub(super) reader: Option<Arc<dyn PayloadReader>>,
+    /// ...or the store thread reads them in batches (a database).
+    pub(super) fetches: bool,
+    /// Jobs handed to workers whose JOB_ASSIGN waits for the store thread to read the payload.
+    pub(super) wanted: Vec<u64>,
+    /// Payload bytes in memory, of stored jobs.
+    pub(super) ram_bytes: usize,
     /// The number of the batch `pending` becomes; the one before it is being written.
     batch: u64,
     /// When the oldest pending change, and the oldest pending job, arrived.
@@ -65,16 +67,26 @@ pub(super) enum Held {
     },
     /// JOB_CREATED for this job, encoded when released.
     Created(u64),
+    /// JOB_ASSIGN (or JOB_ASSIGN_UNIQ) of this job, once the store thread has read its
+    /// payload.
+    Assign {
+        seq: u64,
+        uniq: bool,
+    },
 }
 
 impl Broker {
     /// Switches background submissions to the durable path. `wake` is notified (while the
-    /// broker lock is held) whenever changes wait for the store thread.
-    pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>) {
+    /// broker lock is held) whenever changes or payload reads wait for the store thread.
+    /// Payloads past the memory budget are read back through `reader`, or, if the store
+    /// `fetches` them, by the store thread (see [`Broker::payload_requests`]).
+    pub fn enable_durability(&mut self, wake: Arc<Condvar>, reader: Option<Arc<dyn PayloadReader>>, fetches: bool) {
         self.durable = Some(Durability {
             pending: Batch::default(),
             wake,
             reader,
+            fetches,
+            wanted: Vec::new(),
             ram_bytes: 0,
             batch: 0,
             change_since: None,
@@ -271,22 +283,8 @@ impl Broker {
         }
     }
 
-    /// Keeps the payload in memory within the budget; past it, drops it for the store to
-    /// serve later.
-    fn keep_or_evict(&mut self, key: JobKey) {
-        let d = self.durable.as_mut().unwrap();
-        let job = &mut self.jobs[key as usize];
-        let len = job.payload_len as usize;
-        if d.reader.is_some() && d.ram_bytes + len > PAYLOAD_RAM_BUDGET && job.loc != Loc::NONE {
-            job.body = job.unique().into();
-            job.in_ram = false;
-        } else {
-            d.ram_bytes += len;
-        }
-    }
-
     /// Sends each held connection its replies up to the first unanswered acknowledgement.
-    fn release_held(&mut self) {
+    pub(super) fn release_held(&mut self) {
         let mut still_held = Vec::new();
         for conn in std::mem::take(&mut self.held_conns) {
             let Some(c) = self.conns.get(conn as usize) else { continue };
@@ -298,7 +296,7 @@ impl Broker {
                         let handle = self.handle(seq);
                         self.push_out(conn, |b| encode_packet(b, Magic::Response, T::JobCreated, &[&handle]));
                     }
-                    Some(Held::Ack { .. }) | None => break,
+                    Some(Held::Ack { .. } | Held::Assign { .. }) | None => break,
                 }
                 queue.pop_front();
             }
@@ -308,18 +306,6 @@ impl Broker {
             }
         }
         self.held_conns = still_held;
-    }
-
-    /// A job's payload, from memory or read back from the store.
-    pub(super) fn payload<'a>(&self, job: &'a Job) -> std::io::Result<Cow<'a, [u8]>> {
-        if job.in_ram {
-            return Ok(Cow::Borrowed(job.data()));
-        }
-        let reader = self.durable.as_ref().and_then(|d| d.reader.as_ref());
-        match reader {
-            Some(r) => r.read(job.loc, job.payload_len).map(Cow::Owned),
-            None => Err(std::io::Error::other("payload not in memory and the store cannot read it back")),
-        }
     }
 
     /// Puts a job loaded from the store back in the queue, with its original handle.
@@ -342,12 +328,8 @@ impl Broker {
             b""
         };
         // Past the memory budget the payload is not even copied: it is read back when needed.
-        let d = self.durable.as_mut().expect("durable store enabled");
         let len = stored.data.len();
-        let in_ram = d.reader.is_none() || stored.loc == Loc::NONE || d.ram_bytes + len <= PAYLOAD_RAM_BUDGET;
-        if in_ram {
-            d.ram_bytes += len;
-        }
+        let in_ram = self.take_into_ram(len, stored.loc);
         // The store does not keep submission times: the job log sees the load time.
         let data = if in_ram { stored.data } else { b"" };
         let key = self.insert_job(stored.seq, fid, priority, true, unique, data);

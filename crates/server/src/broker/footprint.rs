@@ -16,15 +16,18 @@ use slab::Slab;
 use super::job::JobState;
 use super::{Broker, JobKey};
 
-/// A slab with fewer slots than this is left as it is.
-const SHRINK_FROM: usize = 1 << 16;
+/// A slab with fewer slots than this is left as it is...
+const SHRINK_FROM: usize = if cfg!(test) { 4 } else { 1 << 16 };
+/// ...or used more than one slot in this many. (Both small in tests, so that the model
+/// test's sweeps rebuild often.)
+const SPARSE: usize = if cfg!(test) { 2 } else { 8 };
 
 impl Broker {
     /// Shrinks everything sized for a burst if the job slab is under an eighth full;
     /// returns whether it did.
     pub(super) fn shrink_after_burst(&mut self) -> bool {
         let capacity = self.jobs.capacity();
-        if capacity < SHRINK_FROM || self.jobs.len() * 8 > capacity {
+        if capacity < SHRINK_FROM || self.jobs.len() * SPARSE > capacity {
             return false;
         }
         let started = std::time::Instant::now();
@@ -49,6 +52,7 @@ impl Broker {
             for queue in &mut f.queues {
                 *queue = queue.iter().filter_map(|&k| new_key(k)).collect();
             }
+            f.fetched = [0; 3];
             f.sleepers.shrink_to_fit();
         }
         // Entries for slots no longer in use are stale (their checks would skip them).

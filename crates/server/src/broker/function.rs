@@ -18,6 +18,9 @@ pub(super) struct Function {
     /// which are skipped and freed when they reach the front.
     pub(super) queues: [VecDeque<JobKey>; 3],
     pub(super) queued: [u32; 3],
+    /// Per queue, how many entries from the front have their payload in memory or asked of
+    /// the store (see `payload`).
+    pub(super) fetched: [usize; 3],
     pub(super) scheduled: u32,
     /// New background jobs waiting for the durable store's commit.
     pub(super) pending: u32,
@@ -36,6 +39,7 @@ impl Function {
             name,
             queues: Default::default(),
             queued: [0; 3],
+            fetched: [0; 3],
             scheduled: 0,
             pending: 0,
             running: 0,
@@ -85,6 +89,7 @@ impl Broker {
         let f = &mut self.functions[fid as usize];
         if front {
             f.queues[p].push_front(key);
+            f.fetched[p] = 0;
         } else {
             f.queues[p].push_back(key);
         }

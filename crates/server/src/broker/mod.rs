@@ -35,6 +35,7 @@ mod durable;
 mod footprint;
 mod function;
 mod job;
+mod payload;
 mod stats;
 mod timer;
 mod views;

@@ -38,6 +38,7 @@ impl Broker {
                 while let Some(&k) = f.queues[p].front() {
                     if self.jobs[k as usize].state == JobState::Dropped {
                         f.queues[p].pop_front();
+                        f.fetched[p] = f.fetched[p].saturating_sub(1);
                         self.jobs.remove(k as usize);
                         continue;
                     }
@@ -58,6 +59,7 @@ impl Broker {
         let timeout = c.abilities.iter().find(|a| a.function == fid).and_then(|a| a.timeout);
         let f = &mut self.functions[fid as usize];
         let key = f.queues[p].pop_front().expect("candidate exists");
+        f.fetched[p] = f.fetched[p].saturating_sub(1);
         f.queued[p] -= 1;
         f.running += 1;
         let started_at = now_millis();
@@ -72,6 +74,9 @@ impl Broker {
             self.arm_timer(deadline);
         }
         let job = &self.jobs[key as usize];
+        if self.awaits_fetch(job) {
+            return self.hold_assign(conn, key, kind != GrabKind::Plain);
+        }
         let handle = self.handle(job.seq);
         let name = &self.functions[fid as usize].name;
         let data = match self.payload(job) {

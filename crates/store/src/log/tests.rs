@@ -19,7 +19,7 @@ fn load_all(store: &mut LogStore) -> Vec<StoredJob> {
 /// Mostly small; one in 97 larger than a compaction chunk.
 fn payload(seq: u64) -> Vec<u8> {
     let mut data = seq.to_le_bytes().to_vec();
-    let len = if seq % 97 == 0 { 2500 } else { 8 + seq % 40 };
+    let len = if seq.is_multiple_of(97) { 2500 } else { 8 + seq % 40 };
     data.resize(len as usize, 0xab);
     data
 }

@@ -141,7 +141,7 @@ pub fn job(seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], 
         function: function.to_vec(),
         unique: unique.to_vec(),
         data: data.to_vec(),
-        loc: Loc::NONE,
+        loc: Loc(seq),
     }
 }
 
@@ -159,7 +159,8 @@ pub fn batch_of(adds: &[&StoredJob], removes: &[u64]) -> Batch {
 pub fn commit(store: &mut dyn QueueStore, batch: &Batch) -> Result<(), StoreError> {
     let mut locs = vec![Loc(7)];
     store.commit(batch, &mut locs)?;
-    assert_eq!(locs, vec![Loc::NONE; batch.adds().len()]);
+    // A job's location in a database is its sequence number.
+    assert_eq!(locs, batch.adds().map(|a| Loc(a.seq)).collect::<Vec<_>>());
     Ok(())
 }
 
