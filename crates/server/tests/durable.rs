@@ -153,6 +153,9 @@ async fn payloads_past_the_budget_run_intact(queue: QueueSpec) {
             worker.send(Request::WorkComplete { handle: h, data: b("") }).await;
             next += 1;
         }
+        // Packets are applied in order: once the echo is back, so are the completions.
+        worker.send(Request::EchoReq { data: b("sync") }).await;
+        assert!(matches!(worker.recv().await, Response::EchoRes { .. }));
         server.stop().await;
         server = TestServer::with(options()).await;
     }

@@ -131,7 +131,7 @@ pub trait QueueStore: Send {
     /// A short description for logs ("embedded log in /var/lib/gearbox", "postgres://…").
     fn describe(&self) -> String;
 
-    /// Calls `each` for every job added and not removed, in the order added.
+    /// Calls `each` once for every job added and not removed, in the order added.
     fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()>;
 
     /// Makes the batch durable: its adds and removes, in order. On success `locs` holds the

@@ -316,10 +316,10 @@ impl Broker {
             2 => gearbox_proto::Priority::Low,
             _ => gearbox_proto::Priority::Normal,
         };
+        // Stores yield each job once (a log's duplicates are resolved at load, a table's
+        // sequence number is its key): no lookup before the insert.
         self.next_seq = self.next_seq.max(stored.seq + 1);
-        if self.find_by_seq(stored.seq).is_some() {
-            return;
-        }
+        debug_assert!(self.find_by_seq(stored.seq).is_none(), "job {} loaded twice", stored.seq);
         let unique = if stored.unique.len() <= MAX_UNIQUE {
             stored.unique
         } else {

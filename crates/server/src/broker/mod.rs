@@ -110,7 +110,8 @@ pub struct Broker {
     by_unique: HashTable<JobKey>,
     hasher: hashbrown::DefaultHashBuilder,
     functions: Vec<Function>,
-    function_ids: HashMap<Bytes, FunctionId>,
+    /// Names are the clients' to choose: hashed as the job indices are (seeded per process).
+    function_ids: hashbrown::HashMap<Bytes, FunctionId>,
     conns: Slab<Conn>,
     /// The connection whose packets are being applied; its task flushes without a wake-up.
     current: Option<ConnId>,
@@ -145,7 +146,7 @@ impl Broker {
             by_unique: HashTable::new(),
             hasher: Default::default(),
             functions: Vec::new(),
-            function_ids: HashMap::new(),
+            function_ids: hashbrown::HashMap::new(),
             conns: Slab::new(),
             current: None,
             scheduled: BinaryHeap::new(),

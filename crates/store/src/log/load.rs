@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 
 use memmap2::Mmap;
 
-use super::record::{next_record, Next, Record, MAGIC};
+use super::record::{checked_record, next_record, Next, Record, MAGIC};
 use super::{io, segment_path, LogStore};
 use crate::{LoadedJob, Result, StoreError};
 
@@ -98,7 +98,7 @@ pub(super) fn load(store: &mut LogStore, each: &mut dyn FnMut(LoadedJob<'_>)) ->
             }
         }
         let bytes = maps.get(&id).map_or(&[][..], |m| &m[offset as usize..]);
-        match next_record(bytes, offset, id) {
+        match checked_record(bytes, offset, id) {
             Next::Record { record: Record::Add { job, .. }, .. } => each(job),
             _ => return Err(StoreError::Corrupt(format!("job {} changed under the loader", group[0].0))),
         }
