@@ -8,7 +8,6 @@
 //! once per eightfold shrink, from the timer's once-a-second sweep.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
 
 use hashbrown::HashTable;
 use slab::Slab;
@@ -32,13 +31,15 @@ impl Broker {
         }
         let started = std::time::Instant::now();
         let old = std::mem::take(&mut self.jobs);
-        let mut moved: HashMap<JobKey, JobKey> = HashMap::with_capacity(old.len());
+        // Old key -> new key (NONE for a free slot): 4 bytes a slot, for a moment.
+        const NONE: JobKey = JobKey::MAX;
+        let mut moved = vec![NONE; capacity];
         let mut jobs = Slab::with_capacity(old.len());
         for (key, job) in old {
-            moved.insert(key as JobKey, jobs.insert(job) as JobKey);
+            moved[key] = jobs.insert(job) as JobKey;
         }
         self.jobs = jobs;
-        let new_key = |key: JobKey| moved.get(&key).copied();
+        let new_key = |key: JobKey| moved.get(key as usize).copied().filter(|&k| k != NONE);
 
         // Dropped jobs wait in a queue or the schedule to be freed; they are in no index.
         self.by_seq = HashTable::new();
