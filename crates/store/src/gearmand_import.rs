@@ -13,7 +13,7 @@ use futures_util::TryStreamExt;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Row};
 
-use crate::sql::{self, Conn, Kind, Target};
+use crate::sql_conn::{self, Conn, Kind, Target};
 use crate::{Result, StoreError};
 
 /// A background job as gearmand stored it.
@@ -33,7 +33,7 @@ const SQLITE_TABLE: &str = "gearman_queue";
 /// Calls `each` for every job in gearmand's queue at `source`: a libsqlite3 file's path, or a
 /// `mysql://` / `postgres://` URL with an optional `table=NAME`. Returns the number of jobs.
 pub fn import_gearmand(source: &str, each: &mut dyn FnMut(GearmandJob)) -> Result<usize> {
-    let rt = sql::runtime()?;
+    let rt = sql_conn::runtime()?;
     rt.block_on(async {
         match Kind::of_url(source) {
             Some(kind) => {

@@ -174,6 +174,7 @@ pub trait QueueStore: Send {
 
 mod gearmand_import;
 mod sql;
+mod sql_conn;
 mod sql_lock;
 mod sql_plan;
 

@@ -13,7 +13,8 @@ use sqlx::mysql::MySqlConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions;
 
-use crate::sql::{Conn, Kind, Target, DEFAULT_TABLE};
+use crate::sql::DEFAULT_TABLE;
+use crate::sql_conn::{Conn, Kind, Target};
 use crate::{Result, StoreError};
 
 /// How often a waiting open tries the lock again.

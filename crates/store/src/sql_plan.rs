@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::ops::Range;
 
-use crate::sql::Kind;
+use crate::sql_conn::Kind;
 use crate::{AddView, Batch, Result, StoreError};
 
 /// Both protocols count a statement's bind parameters in 16 bits.
