@@ -85,6 +85,7 @@ fn load(
         count += 1;
         broker.restore(job);
     })?;
+    broker.number_after(store.highest_seq());
     tracing::info!("queue store: {}; {count} queued jobs loaded in {:.1?}", store.describe(), started.elapsed());
     Ok((broker, Some(store)))
 }

@@ -134,6 +134,13 @@ pub trait QueueStore: Send {
     /// Calls `each` once for every job added and not removed, in the order added.
     fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()>;
 
+    /// The highest sequence number the store holds a record of, queued or not, as of
+    /// [`QueueStore::load`]: new jobs must number above it (0 if the store keeps no record of
+    /// ended jobs).
+    fn highest_seq(&self) -> u64 {
+        0
+    }
+
     /// Makes the batch durable: its adds and removes, in order. On success `locs` holds the
     /// location of each add, in batch order. On failure nothing of the batch may reappear
     /// after a restart (a backend that cannot guarantee that must refuse further batches).

@@ -347,6 +347,12 @@ impl Broker {
         self.release(key, stored.run_at, unix_now());
     }
 
+    /// New jobs take sequence numbers above `seq` (the highest the store has a record of:
+    /// after the clock stepped back, the boot time alone might reuse one).
+    pub fn number_after(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
     /// Which of the store's compaction `candidates` (sequence number, location) are stored
     /// jobs whose current record is at that location.
     pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> Vec<u64> {

@@ -23,8 +23,10 @@ use super::{Broker, ConnId, JobKey};
 /// Payload bytes of stored jobs kept in memory; the rest are read back when needed. (A few
 /// bytes in tests, so that the model test's jobs go out of memory and come back.)
 const PAYLOAD_RAM_BUDGET: usize = if cfg!(test) { 1 } else { 8 << 20 };
-/// Jobs whose payloads one request to the store thread names, at most.
+/// Jobs whose payloads one request to the store thread names, at most...
 const MAX_REQUEST: usize = 10_000;
+/// ...and queue entries one request looks at, at most.
+const MAX_SCAN: usize = 1 << 16;
 
 impl Broker {
     /// Whether a stored payload of `len` bytes at `loc` stays in memory; counts it if so.
@@ -102,7 +104,9 @@ impl Broker {
             for p in 0..3 {
                 let queue = &f.queues[p];
                 let mut i = f.fetched[p];
-                while i < queue.len() && out.len() < MAX_REQUEST {
+                // Bounded per call, in case a reset cursor has a long in-memory front to pass.
+                let end = queue.len().min(i + MAX_SCAN);
+                while i < end && out.len() < MAX_REQUEST {
                     let job = &self.jobs[queue[i] as usize];
                     if job.state != JobState::Dropped && !job.in_ram {
                         let len = job.payload_len as usize;

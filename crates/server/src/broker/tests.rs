@@ -392,7 +392,6 @@ mod model {
             durable: bool,
             fetches: bool,
         ) {
-            eprintln!("DBG case durable={durable} fetches={fetches} ops={}", ops.len());
             let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
             if durable {
                 // With `fetches`, payloads past the (test-sized) budget come from `Op::Fetch`.

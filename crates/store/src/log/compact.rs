@@ -2,17 +2,18 @@
 //!
 //! It starts only when the dead part of the log outweighs the live part and two segments,
 //! and picks the oldest segment whose deletion gives back at least half its size (its dead
-//! records, and the removal records elsewhere kept only because it exists). Each step reads one chunk of that segment, the server says
-//! which of its jobs are still queued at those very records, and the step appends copies
-//! of them, and of the removal records that must outlive the segment, to the current
-//! segment in one write. After the last chunk the segment is deleted. A crash part-way
-//! leaves both copies of some jobs; the loader keeps the later one.
+//! records, and the removal records elsewhere kept only because it exists). Each step reads
+//! one chunk of that segment, the server says which of its jobs are still queued at those
+//! very records, and the step appends copies of them, and of the removal records that must
+//! outlive the segment, to the current segment in one write. After the last chunk the
+//! segment is deleted after the next commit (by then the server has recorded where its jobs
+//! went). A crash part-way leaves both copies of some jobs; the loader keeps the later one.
 
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use super::record::{loc, next_record, Next, Record, HEADER, MAGIC};
-use super::{io, sync_dir, LogStore};
+use super::{io, LogStore};
 use crate::{Loc, Result, StoreError};
 
 /// Bytes of a segment read per step, at least: bounds the time a step adds to a commit.
@@ -69,7 +70,9 @@ fn choose(store: &LogStore) -> Option<u32> {
     if dead <= live || dead <= 2 * store.segment_bytes {
         return None;
     }
-    old.into_iter().find(|&i| store.reclaimable(i) * 2 >= store.segments[i].bytes).map(|i| store.segments[i].id)
+    old.into_iter()
+        .find(|&i| !store.segments[i].retired && store.reclaimable(i) * 2 >= store.segments[i].bytes)
+        .map(|i| store.segments[i].id)
 }
 
 /// Reads the records of `c.segment` from `c.offset`, up to `budget` bytes (or one record,
@@ -160,15 +163,13 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64]) -> Result<Vec<(u6
         }
         moved.extend(copied.into_iter().map(|(seq, at)| (seq, loc(id, base + at as u64))));
     }
-    let size = store.segment_mut(c.segment).map_or(0, |s| s.bytes);
-    if c.next >= size {
-        if let Ok(i) = store.segments.binary_search_by_key(&c.segment, |s| s.id) {
-            store.delete_segment(i)?;
-            sync_dir(&store.dir)?;
-        }
-        store.drop_dead_segments()?;
-    } else {
-        store.compaction = Some(c);
+    let segment = store.segment_mut(c.segment);
+    match segment {
+        // Deleted after the next commit: until the server has recorded the jobs' new
+        // locations, a worker may still read a payload from here.
+        Some(seg) if c.next >= seg.bytes => seg.retired = true,
+        Some(_) => store.compaction = Some(c),
+        None => {}
     }
     Ok(moved)
 }

@@ -40,13 +40,22 @@ fn map(file: &File) -> std::io::Result<Option<Mmap>> {
 pub(super) fn load(store: &mut LogStore, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()> {
     let old: Vec<u32> = store.segments[..store.segments.len() - 1].iter().map(|s| s.id).collect();
     let mut events: Vec<(u64, u64)> = Vec::new();
+    // The last segment written may end in a torn record: the last one holding more than a
+    // header (starts stopped before their load leave bare segments after it).
+    let mut sizes = Vec::with_capacity(old.len());
+    for &id in &old {
+        let path = segment_path(&store.dir, id);
+        sizes.push(std::fs::metadata(&path).map_err(io(format!("open {}", path.display())))?.len());
+    }
+    let last_written = sizes.iter().rposition(|&len| len > MAGIC.len() as u64);
     for (i, &id) in old.iter().enumerate() {
         let path = segment_path(&store.dir, id);
         let file =
             OpenOptions::new().read(true).write(true).open(&path).map_err(io(format!("open {}", path.display())))?;
         let mapped = map(&file).map_err(io(format!("map {}", path.display())))?;
         let bytes = mapped.as_deref().unwrap_or(&[]);
-        let (end, add_bytes) = scan(bytes, id, i + 1 == old.len(), &path, &mut events)?;
+        let tolerate_tail = last_written.is_none_or(|last| i >= last);
+        let (end, add_bytes) = scan(bytes, id, tolerate_tail, &path, &mut events)?;
         drop(mapped);
         // Cut a torn tail so that later reads are clean, and give back the space the
         // segment had reserved past its end. A segment whose header never made it to disk
@@ -62,6 +71,8 @@ pub(super) fn load(store: &mut LogStore, each: &mut dyn FnMut(LoadedJob<'_>)) ->
         seg.add_bytes = add_bytes;
     }
     events.sort();
+    // Sequence numbers are never reused while the log holds any record of them.
+    store.highest_seq = events.last().map_or(0, |&(seq, _)| seq);
 
     let mut maps = HashMap::new();
     for &id in &old {

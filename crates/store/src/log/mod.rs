@@ -14,7 +14,8 @@
 //!   is compacted: its queued jobs (and removals still needed) are copied forward a bounded
 //!   chunk per batch, then it is deleted. A deep queue of live jobs is never rewritten;
 //!   copying costs about a byte per byte given back, and the files stay within about twice
-//!   the live queue plus two segments.
+//!   the live queue plus a few segments (the floor of two, the one being written, the one
+//!   being compacted).
 //!
 //! The format is in [`record`]; loading, in sequence order, in `load.rs`.
 
@@ -48,8 +49,9 @@ struct Segment {
     adds: u64,
     /// Bytes of those add records.
     add_bytes: u64,
-    /// Jobs whose record here is their current one and that are not removed. Never less
-    /// than the truth (a compaction copy leaves it as it was), so a segment it calls empty is.
+    /// An upper bound on the queued jobs whose current record is here: counted when added,
+    /// and when removed by a removal naming this segment, but not when compaction copies a
+    /// job away. Never less than the truth, so a segment it calls empty is.
     live: u64,
     /// Removal records here that cancel an add in an older segment, counted by that
     /// segment (0: not recorded, written by an earlier version). They must be kept as long
@@ -59,12 +61,15 @@ struct Segment {
     /// record is here (the source of a compaction copy): a removal of such a job must be
     /// kept while they exist too.
     copied_from: Vec<u32>,
+    /// Compaction has copied everything this segment must keep: it is deleted after the
+    /// next commit (once the server has recorded where its jobs went).
+    retired: bool,
 }
 
 impl Segment {
     fn new(id: u32, bytes: u64) -> Segment {
         let tombstones = BTreeMap::new();
-        Segment { id, bytes, adds: 0, add_bytes: 0, live: 0, tombstones, copied_from: Vec::new() }
+        Segment { id, bytes, adds: 0, add_bytes: 0, live: 0, tombstones, copied_from: Vec::new(), retired: false }
     }
 }
 
@@ -82,6 +87,8 @@ pub struct LogStore {
     compaction: Option<Compaction>,
     /// Bytes committed since the last compaction step.
     written: usize,
+    /// The highest sequence number in the log when it was loaded, queued or not.
+    highest_seq: u64,
     segment_bytes: u64,
 }
 
@@ -155,6 +162,7 @@ impl LogStore {
             broken: None,
             compaction: None,
             written: 0,
+            highest_seq: 0,
             segment_bytes,
         };
         store.segments.push(Segment::new(next, MAGIC.len() as u64));
@@ -243,9 +251,11 @@ impl LogStore {
         self.segments[i].tombstones.iter().filter(move |(&t, _)| needed(t)).map(|(&t, &n)| (t, n))
     }
 
-    /// Whether segment `i` holds removals that must outlive it for now.
+    /// Whether segment `i` must outlive others for now: it holds removals of adds in older
+    /// segments that still exist, or copies of jobs whose originals are still in an older
+    /// segment (then removals naming it stand for those originals too).
     fn pinned(&self, i: usize) -> bool {
-        self.needed_tombstones(i).next().is_some()
+        !self.segments[i].copied_from.is_empty() || self.needed_tombstones(i).next().is_some()
     }
 
     /// Bytes of segment `i`'s add records of queued jobs (estimated from the share of its
@@ -268,33 +278,45 @@ impl LogStore {
         seg.bytes.saturating_sub(kept) + pinning * REMOVE_LEN as u64
     }
 
-    /// Deletes old segments that hold no queued job and no removal still needed.
-    fn drop_dead_segments(&mut self) -> Result<()> {
+    /// Deletes old segments that hold no queued job and no removal still needed, and those
+    /// compaction has emptied (by now the server knows where their jobs went). A segment
+    /// that cannot be deleted is kept, counted as before, and tried again after the next
+    /// commit: the batch already on disk is not failed for it.
+    fn drop_dead_segments(&mut self) {
         let mut i = 0;
         let mut dropped = false;
         while i + 1 < self.segments.len() {
-            if self.segments[i].live == 0 && !self.pinned(i) {
-                self.delete_segment(i)?;
-                dropped = true;
-            } else {
+            let seg = &self.segments[i];
+            if !(seg.retired || (seg.live == 0 && !self.pinned(i))) {
                 i += 1;
+                continue;
+            }
+            match self.delete_segment(i) {
+                Ok(()) => dropped = true,
+                Err(e) => {
+                    tracing::warn!("queue log: {e}; trying again after the next commit");
+                    i += 1;
+                }
             }
         }
         if dropped {
-            sync_dir(&self.dir)?;
+            if let Err(e) = sync_dir(&self.dir) {
+                tracing::warn!("queue log: {e}");
+            }
         }
-        Ok(())
     }
 
-    /// Deletes segment `i` (the caller syncs the directory).
+    /// Deletes segment `i` (the caller syncs the directory); on failure nothing changes.
     fn delete_segment(&mut self, i: usize) -> Result<()> {
-        let id = self.segments.remove(i).id;
+        let id = self.segments[i].id;
+        std::fs::remove_file(segment_path(&self.dir, id)).map_err(io(format!("remove segment {id}")))?;
+        self.segments.remove(i);
         for seg in &mut self.segments[i..] {
             seg.tombstones.remove(&id);
             seg.copied_from.retain(|&s| s != id);
         }
         self.reader.forget(id);
-        std::fs::remove_file(segment_path(&self.dir, id)).map_err(io("remove a segment"))
+        Ok(())
     }
 }
 
@@ -328,7 +350,12 @@ impl QueueStore for LogStore {
 
     fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()> {
         load::load(self, each)?;
-        self.drop_dead_segments()
+        self.drop_dead_segments();
+        Ok(())
+    }
+
+    fn highest_seq(&self) -> u64 {
+        self.highest_seq
     }
 
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()> {
@@ -354,7 +381,8 @@ impl QueueStore for LogStore {
         for &(_, l) in batch.removes() {
             self.count_remove(loc_parts(l).0);
         }
-        self.drop_dead_segments()
+        self.drop_dead_segments();
+        Ok(())
     }
 
     fn payload_reader(&self) -> Option<Arc<dyn PayloadReader>> {
