@@ -47,8 +47,8 @@ export RUST_BACKTRACE=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench-depth.XXXXXX")
 SERVER_PID=
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 # The queue flag and, for a database, how to drop its table.
 TABLE=
@@ -103,18 +103,6 @@ else
     GEARBOX=${CARGO_TARGET_DIR:-$PWD/target}/release/gearbox
 fi
 
-# A port nothing listens on.
-free_port() {
-    local port _
-    for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
 PORT=$(free_port)
 LOG=$WORK/server.log
 

@@ -48,8 +48,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 [[ -x $GEARMAND ]] || die "gearmand not found at $GEARMAND (set GEARMAND)"
 
@@ -66,19 +66,6 @@ ALT_GEARBOX=${ALT_GEARBOX:-}
 if [[ -n ${ALT_FLAGS:-} || -n $ALT_GEARBOX ]]; then
     KINDS+=(alt)
 fi
-
-# A port nothing listens on.
-free_port() {
-    local port _
-    for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
 
 # start_server KIND SCENARIO PORT: starts the server in the background, sets SERVER_PID.
 start_server() {

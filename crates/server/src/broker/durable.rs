@@ -180,12 +180,17 @@ impl Broker {
     /// Queues JOB_CREATED for `seq`, once `batch` commits, behind everything already held for
     /// `conn`.
     pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64, batch: u64) {
+        self.hold(conn, Held::Ack { seq, batch });
+    }
+
+    /// Queues a reply that waits for the store thread behind everything held for `conn`.
+    pub(super) fn hold(&mut self, conn: ConnId, reply: Held) {
         let Some(c) = self.conns.get(conn as usize) else { return };
         let mut held = c.held.borrow_mut();
         if held.is_none() {
             self.held_conns.push(conn);
         }
-        held.get_or_insert_with(VecDeque::new).push_back(Held::Ack { seq, batch });
+        held.get_or_insert_with(VecDeque::new).push_back(reply);
     }
 
     /// Applies the outcome of committing `batch`. On success its new jobs become runnable

@@ -8,7 +8,7 @@
 //! JOB_ASSIGN is then held (as a JOB_CREATED waiting for a commit is) until it arrives.
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::ops::Range;
 
 use bytes::BytesMut;
@@ -74,12 +74,7 @@ impl Broker {
         let d = self.durable.as_mut().expect("durable store enabled");
         d.wanted.push(seq);
         d.wake.notify_one();
-        let Some(c) = self.conns.get(conn as usize) else { return };
-        let mut held = c.held.borrow_mut();
-        if held.is_none() {
-            self.held_conns.push(conn);
-        }
-        held.get_or_insert_with(VecDeque::new).push_back(Held::Assign { seq, uniq });
+        self.hold(conn, Held::Assign { seq, uniq });
     }
 
     /// Whether a worker waits for a payload (the store thread should read at once).

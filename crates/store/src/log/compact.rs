@@ -71,7 +71,10 @@ fn choose(store: &LogStore) -> Option<u32> {
         return None;
     }
     old.into_iter()
-        .find(|&i| !store.segments[i].retired && store.reclaimable(i) * 2 >= store.segments[i].bytes)
+        .find(|&i| {
+            let seg = &store.segments[i];
+            !seg.retired && seg.copied_from.is_empty() && store.reclaimable(i) * 2 >= seg.bytes
+        })
         .map(|i| store.segments[i].id)
 }
 
@@ -143,12 +146,6 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64]) -> Result<Vec<(u6
     let mut moved = Vec::new();
     if !store.encode_buf.is_empty() {
         let (id, base) = store.append()?;
-        // Removals of the copies must be kept while the originals (and theirs) exist.
-        let mut sources = Vec::new();
-        if !copied.is_empty() {
-            sources = store.segment_mut(c.segment).map(|s| s.copied_from.clone()).unwrap_or_default();
-            sources.push(c.segment);
-        }
         let head = store.head_mut();
         head.adds += copied.len() as u64;
         head.add_bytes += add_bytes;
@@ -156,10 +153,10 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64]) -> Result<Vec<(u6
         for t in kept {
             *head.tombstones.entry(t).or_default() += 1;
         }
-        for s in sources {
-            if !head.copied_from.contains(&s) {
-                head.copied_from.push(s);
-            }
+        // Until the originals are gone, the copies' segment stays (see `Segment::copied_from`;
+        // a segment with copies of its own is never compacted, so there are no older ones).
+        if !copied.is_empty() && !head.copied_from.contains(&c.segment) {
+            head.copied_from.push(c.segment);
         }
         moved.extend(copied.into_iter().map(|(seq, at)| (seq, loc(id, base + at as u64))));
     }

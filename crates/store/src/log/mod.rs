@@ -58,8 +58,8 @@ struct Segment {
     /// as that segment exists, or the job would come back at the next load.
     tombstones: BTreeMap<u32, u64>,
     /// Older segments that may still hold an earlier add record of a job whose current
-    /// record is here (the source of a compaction copy): a removal of such a job must be
-    /// kept while they exist too.
+    /// record is here (the source of a compaction copy): while any exists, this segment is
+    /// neither deleted nor compacted, so removals naming it stay needed.
     copied_from: Vec<u32>,
     /// Compaction has copied everything this segment must keep: it is deleted after the
     /// next commit (once the server has recorded where its jobs went).
@@ -229,18 +229,15 @@ impl LogStore {
     /// current segment.
     fn count_remove(&mut self, target: u32) {
         let head = self.head().id;
-        let mut sources = Vec::new();
-        if let Some(seg) = self.segment_mut(target) {
-            seg.live = seg.live.saturating_sub(1);
-            sources.clone_from(&seg.copied_from);
-        }
-        let exists = self.exists(target);
-        let tombstones = &mut self.head_mut().tombstones;
+        let exists = match self.segment_mut(target) {
+            Some(seg) => {
+                seg.live = seg.live.saturating_sub(1);
+                true
+            }
+            None => false,
+        };
         if target != head && (exists || target == 0) {
-            *tombstones.entry(target).or_default() += 1;
-        }
-        for source in sources {
-            *tombstones.entry(source).or_default() += 1;
+            *self.head_mut().tombstones.entry(target).or_default() += 1;
         }
     }
 
@@ -253,7 +250,8 @@ impl LogStore {
 
     /// Whether segment `i` must outlive others for now: it holds removals of adds in older
     /// segments that still exist, or copies of jobs whose originals are still in an older
-    /// segment (then removals naming it stand for those originals too).
+    /// segment (then removals naming it stand for those originals too; compaction leaves
+    /// such a segment alone as well).
     fn pinned(&self, i: usize) -> bool {
         !self.segments[i].copied_from.is_empty() || self.needed_tombstones(i).next().is_some()
     }

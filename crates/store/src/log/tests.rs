@@ -28,6 +28,26 @@ fn add(batch: &mut Batch, seq: u64) {
     batch.push_add(seq, (seq % 3) as u8, seq as i64 * 10, b"fn", format!("u{seq}").as_bytes(), &payload(seq));
 }
 
+/// Commits the adds of jobs `seqs` in one batch; returns their locations.
+fn commit_adds(store: &mut LogStore, seqs: impl IntoIterator<Item = u64>) -> Vec<Loc> {
+    let mut batch = Batch::default();
+    for seq in seqs {
+        add(&mut batch, seq);
+    }
+    let mut locs = Vec::new();
+    store.commit(&batch, &mut locs).unwrap();
+    locs
+}
+
+/// A log holding job 1 and then half a record, as a crash mid-write leaves it.
+fn log_with_torn_tail(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    commit_adds(&mut LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap(), [1]);
+    let mut f = OpenOptions::new().append(true).open(segment_path(&dir, 1)).unwrap();
+    f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]).unwrap();
+    dir
+}
+
 fn files(dir: &Path) -> (usize, u64) {
     let logs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -83,18 +103,7 @@ fn a_second_store_on_the_directory_is_refused() {
 
 #[test]
 fn a_torn_tail_is_discarded() {
-    let dir = temp_dir("torn");
-    {
-        let mut store = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
-        let mut batch = Batch::default();
-        add(&mut batch, 1);
-        store.commit(&batch, &mut Vec::new()).unwrap();
-    }
-    // Half a record at the end, as a crash mid-write leaves it.
-    let seg = segment_path(&dir, 1);
-    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]).unwrap();
-    drop(f);
+    let dir = log_with_torn_tail("torn");
     let mut store = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
     assert_eq!(load_all(&mut store).iter().map(|j| j.seq).collect::<Vec<_>>(), [1]);
     drop(store);
@@ -111,13 +120,7 @@ fn a_torn_tail_is_discarded() {
 #[test]
 fn removals_written_by_earlier_versions_are_honoured() {
     let dir = temp_dir("v1");
-    {
-        let mut store = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
-        let mut batch = Batch::default();
-        add(&mut batch, 1);
-        add(&mut batch, 2);
-        store.commit(&batch, &mut Vec::new()).unwrap();
-    }
+    commit_adds(&mut LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap(), [1, 2]);
     // Kind 2, body `seq u64`: a removal without its add's segment.
     let mut rec = vec![0u8; 8];
     rec.push(2);
@@ -165,16 +168,10 @@ impl Driver {
     }
 
     fn add(&mut self, n: u64) {
-        let mut batch = Batch::default();
-        for _ in 0..n {
-            add(&mut batch, self.next);
-            self.next += 1;
-        }
-        let mut locs = Vec::new();
-        self.store().commit(&batch, &mut locs).unwrap();
-        for (a, l) in batch.adds().zip(locs) {
-            self.queued.insert(a.seq, l);
-        }
+        let seqs = self.next..self.next + n;
+        self.next += n;
+        let locs = commit_adds(self.store(), seqs.clone());
+        self.queued.extend(seqs.zip(locs));
     }
 
     fn remove(&mut self, seqs: &[u64]) {
@@ -307,7 +304,7 @@ fn random_histories_load_exactly_the_queued_jobs() {
 /// it: the segment must still be there, even after its last chunk.
 #[test]
 fn payloads_stay_readable_until_relocated() {
-    let dir = temp_dir("review-window");
+    let dir = temp_dir("window");
     let mut d = Driver::new(&dir, 4096);
     let mut failures = Vec::new();
     for _ in 0..400 {
@@ -336,20 +333,13 @@ fn payloads_stay_readable_until_relocated() {
 /// queued job is deleted.
 #[test]
 fn a_failed_cleanup_does_not_fail_the_commit() {
-    let dir = temp_dir("review-cleanup");
+    let dir = temp_dir("cleanup");
     let seg = 120;
     let mut store = LogStore::open(&dir, seg).unwrap();
     assert!(load_all(&mut store).is_empty());
+    let loc1 = commit_adds(&mut store, [1])[0];
+    let loc2 = commit_adds(&mut store, [2, 3])[0];
     let mut locs = Vec::new();
-    let mut batch = Batch::default();
-    add(&mut batch, 1);
-    store.commit(&batch, &mut locs).unwrap();
-    let loc1 = locs[0];
-    let mut batch = Batch::default();
-    add(&mut batch, 2);
-    add(&mut batch, 3);
-    store.commit(&batch, &mut locs).unwrap();
-    let loc2 = locs[0];
     assert_ne!(loc_parts(loc1).0, loc_parts(loc2).0, "jobs 2 and 3 in a later segment");
     // Segment 1 cannot be deleted for a moment (an I/O error, EIO/EROFS/EPERM...): simulated
     // by a directory in its place.
@@ -378,20 +368,12 @@ fn a_failed_cleanup_does_not_fail_the_commit() {
 /// during the load leaves the torn segment second to last, followed by bare headers.
 #[test]
 fn a_torn_tail_survives_an_interrupted_load() {
-    let dir = temp_dir("review-torn");
-    {
-        let mut store = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
-        let mut batch = Batch::default();
-        add(&mut batch, 1);
-        store.commit(&batch, &mut Vec::new()).unwrap();
-    }
-    let mut f = OpenOptions::new().append(true).open(segment_path(&dir, 1)).unwrap();
-    f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]).unwrap();
-    drop(f);
+    let dir = log_with_torn_tail("interrupted");
     drop(LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap()); // killed before `load` ran
     let mut store = LogStore::open(&dir, DEFAULT_SEGMENT_BYTES).unwrap();
     let mut n = 0;
     let loaded = store.load(&mut |_| n += 1);
     assert!(loaded.is_ok(), "{:?}", loaded.err());
+    assert_eq!(n, 1, "job 1 loads");
     std::fs::remove_dir_all(&dir).unwrap();
 }
