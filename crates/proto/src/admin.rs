@@ -40,6 +40,8 @@ pub enum AdminCommand {
     },
     /// gearbox's `stats`: `NAME VALUE` lines (counters, job-log health), then `.`.
     Stats,
+    /// gearbox's `cluster`: every node of a cluster, its functions and the totals, then `.`.
+    Cluster,
 }
 
 /// A line that is not a valid command; [`AdminError::reply`] gives gearmand's answer to it.
@@ -114,6 +116,7 @@ impl AdminCommand {
                 AdminCommand::Log { query: rest }
             }
             "stats" if words.len() == 1 => AdminCommand::Stats,
+            "cluster" if words.len() == 1 => AdminCommand::Cluster,
             _ => return Err(AdminError::UnknownCommand(name)),
         };
         Ok(cmd)
@@ -172,5 +175,6 @@ mod tests {
         assert_eq!(parse("log"), Ok(AdminCommand::Log { query: String::new() }));
         assert_eq!(parse("LOG  status=fail&limit=3 \r"), Ok(AdminCommand::Log { query: "status=fail&limit=3".into() }));
         assert_eq!(parse("stats"), Ok(AdminCommand::Stats));
+        assert_eq!(parse("CLUSTER"), Ok(AdminCommand::Cluster));
     }
 }

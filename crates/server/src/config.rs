@@ -71,6 +71,16 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_QUEUE_LOCK_WAIT")]
     pub queue_lock_wait: Option<String>,
 
+    /// Run as one node of a cluster: several servers with the same --queue database table act
+    /// as one job server (see README, "Running a cluster")
+    #[arg(long, env = "GEARBOX_CLUSTER", num_args = 0..=1, default_missing_value = "true")]
+    pub cluster: Option<bool>,
+
+    /// How long a cluster node that stops renewing keeps its jobs before other nodes take
+    /// them over, e.g. 10s [default: 10s]
+    #[arg(long, env = "GEARBOX_NODE_LEASE")]
+    pub node_lease: Option<String>,
+
     /// Directory of the embedded queue [default: ~/.local/share/gearbox]
     #[arg(long, env = "GEARBOX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -158,6 +168,8 @@ impl Settings {
             hostname: self.hostname.or(other.hostname),
             queue: self.queue.or(other.queue),
             queue_lock_wait: self.queue_lock_wait.or(other.queue_lock_wait),
+            cluster: self.cluster.or(other.cluster),
+            node_lease: self.node_lease.or(other.node_lease),
             file_descriptors: self.file_descriptors.or(other.file_descriptors),
             data_dir: self.data_dir.or(other.data_dir),
             job_log: self.job_log.or(other.job_log),
@@ -177,10 +189,29 @@ impl Settings {
         let s = self.or(file);
         let verbose = s.verbose.unwrap_or_else(|| "INFO".into());
         let log_level = parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
-        let host = s.hostname.unwrap_or_else(host_name);
+        let cluster = s.cluster.unwrap_or(false);
+        // A cluster's handles read the same on every node, whichever answered.
+        let host = s.hostname.unwrap_or_else(|| if cluster { "gearbox".into() } else { host_name() });
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
-        let queue =
+        let mut queue =
             QueueSpec::parse(s.queue.as_deref().unwrap_or("embedded"), &data_dir).map_err(ConfigError::Queue)?;
+        if cluster {
+            let lease = match s.node_lease.as_deref() {
+                Some(lease) => humantime::parse_duration(lease)
+                    .ok()
+                    .filter(|l| *l >= std::time::Duration::from_secs(2))
+                    .ok_or_else(|| ConfigError::Queue(format!("bad node lease {lease:?}: use 2s or more, e.g. 10s")))?,
+                None => crate::cluster::DEFAULT_LEASE,
+            };
+            queue = match queue {
+                QueueSpec::Sql(url) => QueueSpec::Cluster { url, lease },
+                _ => {
+                    return Err(ConfigError::Queue(
+                        "--cluster needs a database queue: --queue postgres://… or mysql://…".into(),
+                    ))
+                }
+            };
+        }
         let queue_lock_wait = match s.queue_lock_wait.as_deref() {
             Some(wait) => humantime::parse_duration(wait).map_err(|e| {
                 ConfigError::Queue(format!("bad queue lock wait {wait:?}: {e} (use e.g. 30s, 2m or 0)"))

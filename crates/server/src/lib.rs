@@ -13,6 +13,7 @@
 //! - [`fd_limit`]: the open-files limit, raised at start so connections are not capped at 1,024.
 
 pub mod broker;
+mod cluster;
 pub mod config;
 pub mod fd_limit;
 pub mod http;

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{AdminInfo, Broker, BrokerConfig, JobLogInfo};
+use crate::cluster::{ClusterShared, ClusterThread};
 use crate::shared::Shared;
 use crate::store::{QueueSpec, StoreThread};
 
@@ -19,6 +20,8 @@ pub enum ServeError {
     Store(#[from] gearbox_store::StoreError),
     #[error(transparent)]
     JobLog(#[from] gearbox_joblog::Error),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Settings of a running server that are not about sockets or processes.
@@ -91,6 +94,20 @@ pub async fn serve(
         log_info = Some(JobLogInfo { sink, stats: opened.stats });
     }
     let timer = broker.timer_notify();
+    let cluster = match &options.queue {
+        QueueSpec::Cluster { lease, .. } => {
+            let wake = Arc::new(tokio::sync::Notify::new());
+            broker.enable_cluster(wake.clone());
+            Some(Arc::new(ClusterShared {
+                lease: *lease,
+                address: node_address(&listeners),
+                view: Default::default(),
+                counters: Default::default(),
+                wake,
+            }))
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         broker: Mutex::new(broker),
         max_packet: options.max_packet,
@@ -104,8 +121,22 @@ pub async fn serve(
         store_wake,
         job_log: search,
         started: Instant::now(),
+        cluster,
     });
     let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
+    let cluster_thread = match &options.queue {
+        QueueSpec::Cluster { url, .. } => match ClusterThread::start(shared.clone(), url.clone()).await {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                if let Some(thread) = store_thread {
+                    let shared = shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || thread.stop(&shared)).await;
+                }
+                return Err(ServeError::Cluster(e));
+            }
+        },
+        _ => None,
+    };
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("listening on {addr}");
@@ -130,11 +161,26 @@ pub async fn serve(
         let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || thread.stop(&shared)).await;
     }
+    if let Some(thread) = cluster_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+    }
     if let Some(writer) = log_writer {
         shared.broker.lock().unwrap().close_job_log();
         let _ = tokio::task::spawn_blocking(move || writer.stop()).await;
     }
     Ok(())
+}
+
+/// What a cluster node publishes as its address: the host name (for a wildcard listener)
+/// and the port of its first Gearman listener.
+fn node_address(listeners: &[TcpListener]) -> String {
+    let Some(addr) = listeners.first().and_then(|l| l.local_addr().ok()) else { return String::new() };
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {

@@ -135,6 +135,10 @@ fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) 
             },
             Ok(Some(Message::AdminLine(line))) => match AdminCommand::parse(&line) {
                 Ok(AdminCommand::Log { query }) if shared.job_log.is_some() => return Processed::LogQuery(query),
+                Ok(AdminCommand::Cluster) if shared.cluster.is_some() => {
+                    let cluster = shared.cluster.as_deref().expect("checked");
+                    broker.send_text(id, &crate::cluster::admin_text(cluster));
+                }
                 Ok(cmd) => {
                     if let AdminEffect::Shutdown { graceful } = broker.admin(id, cmd, &shared.admin_info) {
                         tracing::info!(graceful, "shutdown requested over the admin protocol");

@@ -18,4 +18,6 @@ pub(crate) struct Shared {
     /// Reads the job log back (`log` admin command); `None` when the log is off.
     pub job_log: Option<Arc<dyn gearbox_joblog::Search>>,
     pub started: Instant,
+    /// Set on a cluster node (`--cluster`).
+    pub cluster: Option<Arc<crate::cluster::ClusterShared>>,
 }

@@ -25,6 +25,9 @@ pub enum QueueSpec {
     Embedded(PathBuf),
     /// A MariaDB/MySQL or PostgreSQL URL.
     Sql(String),
+    /// A MariaDB/MySQL or PostgreSQL URL whose table several servers share, with the
+    /// nodes' lease (`--cluster`).
+    Cluster { url: String, lease: Duration },
 }
 
 impl QueueSpec {
@@ -51,6 +54,7 @@ pub fn open_store(spec: &QueueSpec, lock_wait: Duration) -> Result<Option<Box<dy
         QueueSpec::Memory => return Ok(None),
         QueueSpec::Embedded(dir) => Box::new(LogStore::open(dir, gearbox_store::log::DEFAULT_SEGMENT_BYTES)?),
         QueueSpec::Sql(url) => gearbox_store::open_sql(url, lock_wait)?,
+        QueueSpec::Cluster { url, lease } => gearbox_store::cluster::open_cluster_store(url, *lease)?,
     }))
 }
 
@@ -167,7 +171,7 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
             let took = started.elapsed();
             let mut broker = shared.broker.lock().unwrap();
             broker.observe_commit(took);
-            broker.committed(&batch, outcome);
+            broker.committed(&batch, outcome, store.coalesced());
             drop(broker);
             if let Err(e) = compact(store.as_mut(), shared) {
                 tracing::error!("queue store compaction failed: {e}");

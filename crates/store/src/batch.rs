@@ -13,6 +13,19 @@ struct Add {
     function: Range<usize>,
     unique: Range<usize>,
     data: Range<usize>,
+    owned: bool,
+}
+
+/// A change to a stored job's row that only a cluster's store records (see
+/// [`crate::cluster`]); other stores ignore marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// A worker took the job: one more attempt, and it is running.
+    Started,
+    /// Its worker went away and it is queued again.
+    Requeued,
+    /// The worker's WORK_STATUS: numerator and denominator.
+    Progress(u32, u32),
 }
 
 /// Adds and removes to commit together. Removes name the job's sequence number and the
@@ -22,6 +35,10 @@ pub struct Batch {
     arena: Vec<u8>,
     adds: Vec<Add>,
     removes: Vec<(u64, Loc)>,
+    marks: Vec<(u64, Mark)>,
+    /// The cluster node incarnation the batch was built by (0 outside a cluster): a cluster's
+    /// store writes it only while that incarnation holds its lease.
+    pub owner: u64,
 }
 
 /// One added job, borrowed from a [`Batch`].
@@ -33,6 +50,9 @@ pub struct AddView<'a> {
     pub function: &'a [u8],
     pub unique: &'a [u8],
     pub data: &'a [u8],
+    /// In a cluster: whether the node that built the batch owns the job (false leaves it
+    /// for any node to claim).
+    pub owned: bool,
 }
 
 impl Batch {
@@ -43,7 +63,22 @@ impl Batch {
             start..self.arena.len()
         };
         let (function, unique, data) = (put(function), put(unique), put(data));
-        self.adds.push(Add { seq, priority, run_at, function, unique, data });
+        self.adds.push(Add { seq, priority, run_at, function, unique, data, owned: true });
+    }
+
+    /// Leaves the last added job unowned (see [`AddView::owned`]).
+    pub fn disown_last(&mut self) {
+        if let Some(add) = self.adds.last_mut() {
+            add.owned = false;
+        }
+    }
+
+    pub fn push_mark(&mut self, seq: u64, mark: Mark) {
+        self.marks.push((seq, mark));
+    }
+
+    pub fn marks(&self) -> &[(u64, Mark)] {
+        &self.marks
     }
 
     pub fn push_remove(&mut self, seq: u64, loc: Loc) {
@@ -58,6 +93,7 @@ impl Batch {
             function: &self.arena[a.function.clone()],
             unique: &self.arena[a.unique.clone()],
             data: &self.arena[a.data.clone()],
+            owned: a.owned,
         })
     }
 
@@ -66,13 +102,15 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.adds.is_empty() && self.removes.is_empty()
+        self.adds.is_empty() && self.removes.is_empty() && self.marks.is_empty()
     }
 
     pub fn clear(&mut self) {
         self.arena.clear();
         self.adds.clear();
         self.removes.clear();
+        self.marks.clear();
+        self.owner = 0;
     }
 }
 

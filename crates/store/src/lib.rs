@@ -9,9 +9,10 @@
 //! [`QueueStore::load`] then yields every job added and not removed, in the order added.
 
 mod batch;
+pub mod cluster;
 pub mod log;
 
-pub use batch::{AddView, Batch};
+pub use batch::{AddView, Batch, Mark};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,6 +146,13 @@ pub trait QueueStore: Send {
     /// location of each add, in batch order. On failure nothing of the batch may reappear
     /// after a restart (a backend that cannot guarantee that must refuse further batches).
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()>;
+
+    /// The adds of the last committed batch that the store did not keep because another job
+    /// holds their unique key (a cluster's, see [`cluster`]): the add's sequence number and
+    /// the other job's.
+    fn coalesced(&self) -> &[(u64, u64)] {
+        &[]
+    }
 
     /// A reader for payloads by [`Loc`], from any thread, if the backend supports it.
     fn payload_reader(&self) -> Option<Arc<dyn PayloadReader>> {

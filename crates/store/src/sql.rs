@@ -28,7 +28,7 @@ use futures_util::TryStreamExt;
 use sqlx::{Connection, Row};
 use tokio::runtime::Runtime;
 
-use crate::sql_conn::{is_connection_error, per_backend, runtime, Conn, Target};
+use crate::sql_conn::{is_connection_error, per_backend, runtime, Conn, Target, Tx};
 use crate::sql_lock::{lock_table, TableLock};
 use crate::sql_plan::{delete_sql, insert_sql, select_data_sql, Plan, MAX_PARAMS};
 use crate::{Batch, LoadedJob, Loc, QueueStore, Result, StoreError};
@@ -218,24 +218,6 @@ impl Db {
             })?;
         }
         Ok(())
-    }
-}
-
-/// A transaction on either backend.
-enum Tx<'c> {
-    MySql(sqlx::Transaction<'c, sqlx::MySql>),
-    Postgres(sqlx::Transaction<'c, sqlx::Postgres>),
-}
-
-impl<'c> From<sqlx::Transaction<'c, sqlx::MySql>> for Tx<'c> {
-    fn from(t: sqlx::Transaction<'c, sqlx::MySql>) -> Self {
-        Tx::MySql(t)
-    }
-}
-
-impl<'c> From<sqlx::Transaction<'c, sqlx::Postgres>> for Tx<'c> {
-    fn from(t: sqlx::Transaction<'c, sqlx::Postgres>) -> Self {
-        Tx::Postgres(t)
     }
 }
 

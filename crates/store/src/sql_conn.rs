@@ -13,7 +13,7 @@ use crate::{Result, StoreError};
 
 const SCHEMA_VERSION: u32 = 1;
 /// The table comment that marks a gearbox queue table, followed by the schema version.
-const SCHEMA_TAG: &str = "gearbox queue, schema ";
+pub(crate) const SCHEMA_TAG: &str = "gearbox queue, schema ";
 /// Payload bytes per INSERT on PostgreSQL; on MySQL, half its `max_allowed_packet`.
 const PG_STATEMENT_BYTES: usize = 16 << 20;
 
@@ -149,11 +149,10 @@ impl Conn {
         per_backend!(Conn, self, c, _DB => c.close().await)
     }
 
-    /// Creates the queue table, or checks that an existing one is a gearbox queue of this
-    /// schema version.
-    pub(crate) async fn ensure_schema(&mut self, target: &Target) -> Result<()> {
+    /// The comment of the table `target` names: `None` if there is no such table.
+    pub(crate) async fn table_comment(&mut self, target: &Target) -> Result<Option<Option<String>>> {
         let t = &target.table;
-        let comment: Option<Option<String>> = match self {
+        match self {
             Conn::MySql(c) => sqlx::query_scalar(
                 "SELECT TABLE_COMMENT FROM information_schema.TABLES \
                  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
@@ -161,7 +160,7 @@ impl Conn {
             .bind(t)
             .fetch_optional(c)
             .await
-            .map_err(|e| target.error(e))?,
+            .map_err(|e| target.error(e)),
             Conn::Postgres(c) => sqlx::query_scalar(
                 "SELECT obj_description(oid, 'pg_class') FROM (SELECT to_regclass($1) AS oid) r \
                  WHERE oid IS NOT NULL",
@@ -169,8 +168,15 @@ impl Conn {
             .bind(t)
             .fetch_optional(c)
             .await
-            .map_err(|e| target.error(e))?,
-        };
+            .map_err(|e| target.error(e)),
+        }
+    }
+
+    /// Creates the queue table, or checks that an existing one is a gearbox queue of this
+    /// schema version.
+    pub(crate) async fn ensure_schema(&mut self, target: &Target) -> Result<()> {
+        let t = &target.table;
+        let comment = self.table_comment(target).await?;
         if let Some(comment) = comment {
             let version =
                 comment.as_deref().and_then(|c| c.strip_prefix(SCHEMA_TAG)).and_then(|v| v.parse::<u32>().ok());
@@ -181,6 +187,12 @@ impl Conn {
                     "{}: schema version {v}, but this gearbox uses version {SCHEMA_VERSION}",
                     target.public
                 ))),
+                None if comment.as_deref().is_some_and(|c| c.starts_with(crate::cluster::CLUSTER_TAG)) => {
+                    Err(StoreError::Database(format!(
+                        "{}: the table is a cluster's queue; start this server with --cluster",
+                        target.public
+                    )))
+                }
                 None => {
                     Err(StoreError::Database(format!("{}: the table exists and is not a gearbox queue", target.public)))
                 }
@@ -234,6 +246,24 @@ impl Conn {
             Conn::MySql(_) => Kind::MySql,
             Conn::Postgres(_) => Kind::Postgres,
         }
+    }
+}
+
+/// A transaction on either backend.
+pub(crate) enum Tx<'c> {
+    MySql(sqlx::Transaction<'c, sqlx::MySql>),
+    Postgres(sqlx::Transaction<'c, sqlx::Postgres>),
+}
+
+impl<'c> From<sqlx::Transaction<'c, sqlx::MySql>> for Tx<'c> {
+    fn from(t: sqlx::Transaction<'c, sqlx::MySql>) -> Self {
+        Tx::MySql(t)
+    }
+}
+
+impl<'c> From<sqlx::Transaction<'c, sqlx::Postgres>> for Tx<'c> {
+    fn from(t: sqlx::Transaction<'c, sqlx::Postgres>) -> Self {
+        Tx::Postgres(t)
     }
 }
 

@@ -66,7 +66,7 @@ impl<'a> Plan<'a> {
 }
 
 /// `n` placeholders from the `first`-th (1-based) on: `?, ?` or `$3, $4`.
-fn push_placeholders(sql: &mut String, kind: Kind, first: usize, n: usize) {
+pub(crate) fn push_placeholders(sql: &mut String, kind: Kind, first: usize, n: usize) {
     for i in first..first + n {
         if i > first {
             sql.push_str(", ");

@@ -7,7 +7,12 @@ use super::{admin_line, json_string, print_table, runtime, Servers};
 #[derive(clap::Subcommand, Clone)]
 enum AdminCommand {
     /// Functions: queued, running, workers
-    Status,
+    Status {
+        /// Every node of the cluster the server belongs to (`--cluster`): per node and
+        /// function, with the lease's age, then the jobs no node owns yet and the totals
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Connections and the functions they can do
     Workers,
     /// Jobs on the server
@@ -40,7 +45,11 @@ pub struct AdminArgs {
 
 pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
     let (line, columns): (String, &[&str]) = match &args.command {
-        AdminCommand::Status => ("status".into(), &["function", "total", "running", "workers"]),
+        AdminCommand::Status { cluster: false } => ("status".into(), &["function", "total", "running", "workers"]),
+        AdminCommand::Status { cluster: true } => (
+            "cluster".into(),
+            &["node", "address", "lease_age", "function", "queued", "running", "workers"],
+        ),
         AdminCommand::Workers => ("workers".into(), &["fd", "address", "client_id", "functions"]),
         AdminCommand::Jobs => ("show jobs".into(), &["handle", "retries", "ignored", "background"]),
         AdminCommand::Version => ("version".into(), &["version"]),
@@ -57,6 +66,7 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Stats => ("stats".into(), &["name", "value"]),
     };
+    let whole_cluster = matches!(args.command, AdminCommand::Status { cluster: true });
     let runtime = runtime()?;
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     for server in &args.servers.servers {
@@ -79,8 +89,12 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
             };
             rows.push((server.clone(), fields));
         }
+        if whole_cluster {
+            // Every node shows the same view.
+            break;
+        }
     }
-    let many = args.servers.servers.len() > 1;
+    let many = args.servers.servers.len() > 1 && !whole_cluster;
     if args.json {
         for (server, fields) in &rows {
             let mut obj: Vec<String> = Vec::new();

@@ -1,6 +1,9 @@
 //! The `gearbox` binary run as a child process, and the tools the tests drive it with.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod gear;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};

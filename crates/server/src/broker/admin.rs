@@ -121,6 +121,8 @@ impl Broker {
                 }
                 out.push_str(".\n");
             }
+            // Answered by the connection's task on a cluster node.
+            A::Cluster => out.push_str("ERR NOT_A_CLUSTER This+server+runs+without+--cluster\r\n"),
             // Answered by the connection's task, which can wait for the sink, when a log exists.
             A::Log { .. } => out.push_str("ERR JOB_LOG_OFF The+job+log+is+off+(--job-log+none)\r\n"),
             A::Shutdown { graceful } => {

@@ -46,9 +46,15 @@ impl Broker {
         let fid = self.function_id(function);
         // A unique key of "-" asks for coalescing on the payload itself (libgearman's convention).
         let unique: &[u8] = if unique == b"-" && data.len() <= MAX_UNIQUE { data } else { unique };
+        let mut unique = unique;
         if !unique.is_empty() {
             if let Some(key) = self.find_by_unique(fid, unique) {
-                return self.coalesce(conn, key, background);
+                if background || !self.leaves_to_cluster(key) {
+                    return self.coalesce(conn, key, background);
+                }
+                // A foreground job stays on this node: it does not wait on a job written for
+                // another node to claim, but runs here as a job of its own.
+                unique = b"";
             }
         }
         let f = &self.functions[fid as usize];
@@ -104,7 +110,7 @@ impl Broker {
         if let Stored::Adding { odd } = job.stored {
             if job.state == JobState::Pending || background {
                 let batch = self.batch_carrying(odd);
-                return self.hold_ack(conn, seq, batch);
+                return self.hold_ack(conn, seq, batch, background);
             }
         }
         let handle = self.handle(seq);

@@ -14,7 +14,7 @@
 //! Payloads of committed jobs are kept in memory up to a budget; past it they are dropped
 //! and read back from the store (see `payload`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar};
 use std::time::Instant;
 
@@ -64,6 +64,9 @@ pub(super) enum Held {
     Ack {
         seq: u64,
         batch: u64,
+        /// A background submission's: in a cluster, answered with the handle of the job that
+        /// holds its unique key, if another node has one.
+        background: bool,
     },
     /// JOB_CREATED for this job, encoded when released.
     Created(u64),
@@ -72,6 +75,13 @@ pub(super) enum Held {
     Assign {
         seq: u64,
         uniq: bool,
+    },
+    /// STATUS_RES (or STATUS_RES_UNIQUE) for `name`, once the cluster's database answered
+    /// question `id`.
+    Status {
+        id: u64,
+        unique: bool,
+        name: Vec<u8>,
     },
 }
 
@@ -108,10 +118,13 @@ impl Broker {
         }
     }
 
-    /// Moves the pending changes into `batch` (which the caller has cleared).
+    /// Moves the pending changes into `batch` (which the caller has cleared), stamped with
+    /// the cluster incarnation that wrote them.
     pub fn take_pending(&mut self, batch: &mut Batch) {
+        let node = self.cluster_node();
         if let Some(d) = self.durable.as_mut() {
             std::mem::swap(&mut d.pending, batch);
+            batch.owner = node;
             d.batch += 1;
             d.change_since = None;
             d.add_since = None;
@@ -129,9 +142,27 @@ impl Broker {
         d.pending.push_remove(seq, loc);
     }
 
+    /// Records a change of a stored job's row (a cluster's store writes it), with the next
+    /// batch or after a short delay, as a removal.
+    pub(super) fn pending_mark(&mut self, seq: u64, mark: gearbox_store::Mark) {
+        let d = self.durable.as_mut().expect("durable store enabled");
+        if d.change_since.is_none() {
+            d.change_since = Some(Instant::now());
+            d.wake.notify_one();
+        }
+        d.pending.push_mark(seq, mark);
+    }
+
     /// Writes a background job's record with the next batch; the submitter's JOB_CREATED
     /// waits for it.
+    /// In a cluster, a new job is left for another node to claim unless this node can run
+    /// it now (see `cluster`).
     pub(super) fn store_add(&mut self, conn: ConnId, key: JobKey, run_at: i64) {
+        let job = &self.jobs[key as usize];
+        let owned = job.state != JobState::Pending || self.owns_new_job(job.function, run_at);
+        if !owned {
+            self.leave_to_cluster(job.seq);
+        }
         let d = self.durable.as_mut().expect("durable store enabled");
         let job = &mut self.jobs[key as usize];
         job.stored = Stored::Adding { odd: d.batch % 2 == 1 };
@@ -144,7 +175,10 @@ impl Broker {
             d.wake.notify_one();
         }
         d.pending.push_add(seq, priority, run_at, &name, job.unique(), job.data());
-        self.hold_ack(conn, seq, batch);
+        if !owned {
+            d.pending.disown_last();
+        }
+        self.hold_ack(conn, seq, batch, true);
     }
 
     /// The number of the batch carrying a record in `Stored::Adding { odd }`: the pending
@@ -178,9 +212,9 @@ impl Broker {
     }
 
     /// Queues JOB_CREATED for `seq`, once `batch` commits, behind everything already held for
-    /// `conn`.
-    pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64, batch: u64) {
-        self.hold(conn, Held::Ack { seq, batch });
+    /// `conn`; `background` if a background submission waits for it.
+    pub(super) fn hold_ack(&mut self, conn: ConnId, seq: u64, batch: u64, background: bool) {
+        self.hold(conn, Held::Ack { seq, batch, background });
     }
 
     /// Queues a reply that waits for the store thread behind everything held for `conn`.
@@ -196,14 +230,20 @@ impl Broker {
     /// Applies the outcome of committing `batch`. On success its new jobs become runnable
     /// and every job it carried is stored; on failure new jobs are dropped and jobs made
     /// background by a coalesced submission go back to being foreground jobs. Either way the
-    /// submissions waiting on it get their answer.
-    pub fn committed(&mut self, batch: &Batch, outcome: Result<&[Loc], String>) {
+    /// submissions waiting on it get their answer. In a cluster, `coalesced` names the adds
+    /// the store did not keep because another job holds their unique key (and that job), and
+    /// jobs written unowned are handed to the cluster.
+    pub fn committed(&mut self, batch: &Batch, outcome: Result<&[Loc], String>, coalesced: &[(u64, u64)]) {
         self.current = None;
         let now = unix_now();
+        let coalesced: HashMap<u64, u64> = coalesced.iter().copied().collect();
         for (i, add) in batch.adds().enumerate() {
             let key = self.find_by_seq(add.seq);
             debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
             match (&outcome, key) {
+                (Ok(_), Some(key)) if coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) => {
+                    self.hand_off(key, add.run_at, now)
+                }
                 (Ok(locs), Some(key)) => {
                     let job = &mut self.jobs[key as usize];
                     job.loc = locs[i];
@@ -219,7 +259,10 @@ impl Broker {
                 }
                 // The job ended while its record was being written: remove the record.
                 (Ok(locs), None) => self.pending_remove(add.seq, locs[i]),
-                (Err(_), Some(key)) => self.unadd(key),
+                (Err(_), Some(key)) => {
+                    self.claim_back(add.seq);
+                    self.unadd(key)
+                }
                 (Err(_), None) => {}
             }
         }
@@ -230,7 +273,7 @@ impl Broker {
                 self.pending_remove(seq, loc);
             }
         }
-        self.answer_acks(outcome.as_ref().err().map(String::as_str));
+        self.answer_acks(outcome.as_ref().err().map(String::as_str), &coalesced);
         self.release_held();
     }
 
@@ -253,7 +296,7 @@ impl Broker {
     }
 
     /// Turns the held acknowledgements waiting for the batch just written into their answers.
-    fn answer_acks(&mut self, error: Option<&str>) {
+    fn answer_acks(&mut self, error: Option<&str>, coalesced: &HashMap<u64, u64>) {
         if self.held_conns.is_empty() {
             return;
         }
@@ -263,11 +306,12 @@ impl Broker {
             let Some(c) = self.conns.get(conn as usize) else { continue };
             let mut held = c.held.borrow_mut();
             for reply in held.iter_mut().flatten() {
-                let Held::Ack { seq, batch } = *reply else { continue };
+                let Held::Ack { seq, batch, background } = *reply else { continue };
                 if batch != written {
                     continue;
                 }
                 *reply = match &error {
+                    None if background => Held::Created(coalesced.get(&seq).copied().unwrap_or(seq)),
                     None => Held::Created(seq),
                     Some(why) => {
                         let mut bytes = BytesMut::new();
@@ -280,7 +324,7 @@ impl Broker {
     }
 
     /// Makes a committed or restored job runnable (now or at its time).
-    fn release(&mut self, key: JobKey, run_at: i64, now: i64) {
+    pub(super) fn release(&mut self, key: JobKey, run_at: i64, now: i64) {
         if run_at > now {
             self.schedule(key, run_at, now);
         } else {
@@ -301,7 +345,7 @@ impl Broker {
                         let handle = self.handle(seq);
                         self.push_out(conn, |b| encode_packet(b, Magic::Response, T::JobCreated, &[&handle]));
                     }
-                    Some(Held::Ack { .. } | Held::Assign { .. }) | None => break,
+                    Some(Held::Ack { .. } | Held::Assign { .. } | Held::Status { .. }) | None => break,
                 }
                 queue.pop_front();
             }

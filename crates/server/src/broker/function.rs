@@ -30,6 +30,8 @@ pub(super) struct Function {
     /// Workers that sent PRE_SLEEP, with the sleep epoch at the time; stale entries are skipped.
     pub(super) sleepers: VecDeque<(ConnId, u32)>,
     pub(super) dropped: bool,
+    /// In a cluster: a worker asked for a job and found none since the last claim.
+    pub(super) starved: bool,
     pub(super) counts: FunctionCounts,
 }
 
@@ -47,6 +49,7 @@ impl Function {
             max_queue: [0; 3],
             sleepers: VecDeque::new(),
             dropped: false,
+            starved: false,
             counts: FunctionCounts::default(),
         }
     }

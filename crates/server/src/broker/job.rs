@@ -277,6 +277,11 @@ impl Broker {
     /// queue or schedule heap that still holds its key reaches it.
     pub(super) fn drop_queued(&mut self, key: JobKey, why: &str) {
         self.log_attempt(key, Outcome::Cancelled, None, None, None, Some(why.as_bytes()));
+        self.take_out_of_queue(key);
+    }
+
+    /// The rest of [`Broker::drop_queued`], once the attempt is logged.
+    pub(super) fn take_out_of_queue(&mut self, key: JobKey) {
         let job = &self.jobs[key as usize];
         let f = &mut self.functions[job.function as usize];
         match job.state {

@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 
 mod admin;
 mod client;
+mod cluster;
 mod conn;
 mod durable;
 mod footprint;
@@ -42,6 +43,7 @@ mod views;
 mod worker;
 
 pub use admin::{AdminInfo, JobLogInfo};
+pub use cluster::StatusQuery;
 use conn::Conn;
 use durable::Durability;
 
@@ -51,6 +53,7 @@ use gearbox_joblog::JobLog;
 use job::Job;
 
 pub use stats::{FunctionCounts, Histogram, Totals, BUCKET_BOUNDS_US};
+pub use timer::unix_now;
 pub use views::{CancelError, FunctionView, JobView, WorkerView};
 
 pub type ConnId = u32;
@@ -121,6 +124,8 @@ pub struct Broker {
     timer_at: Option<Instant>,
     last_sweep: Instant,
     durable: Option<Durability>,
+    /// Set on a cluster node.
+    cluster: Option<cluster::ClusterState>,
     /// Connections with held replies.
     held_conns: Vec<ConnId>,
     job_log: Option<JobLog>,
@@ -155,6 +160,7 @@ impl Broker {
             timer_at: None,
             last_sweep: Instant::now(),
             durable: None,
+            cluster: None,
             held_conns: Vec::new(),
             job_log: None,
             next_serial: 0,
@@ -191,8 +197,16 @@ impl Broker {
         h
     }
 
+    /// The sequence number in a handle of this server; in a cluster, of any node (`H:HOST:N`
+    /// whatever the host).
     fn parse_handle(&self, handle: &[u8]) -> Option<u64> {
-        let digits = handle.strip_prefix(self.handle_prefix.as_slice())?;
+        let digits = match handle.strip_prefix(self.handle_prefix.as_slice()) {
+            Some(digits) => digits,
+            None if self.in_cluster() && handle.starts_with(b"H:") => {
+                &handle[handle.iter().rposition(|&b| b == b':')? + 1..]
+            }
+            None => return None,
+        };
         std::str::from_utf8(digits).ok()?.parse().ok()
     }
 
@@ -226,11 +240,17 @@ impl Broker {
             Request::WorkException { handle, data } => self.work_exception(conn, &handle, &data),
             Request::GetStatus { handle } => {
                 let job = self.find_by_handle(&handle);
+                if job.is_none() && self.in_cluster() && self.parse_handle(&handle).is_some() {
+                    return self.ask_cluster(conn, T::StatusRes, &handle);
+                }
                 self.send_status(conn, T::StatusRes, &handle, job);
             }
             Request::GetStatusUnique { unique } => {
                 // The unique key alone does not name a function; report the first match.
                 let job = (0..self.functions.len() as FunctionId).find_map(|fid| self.find_by_unique(fid, &unique));
+                if job.is_none() && self.in_cluster() && !unique.is_empty() {
+                    return self.ask_cluster(conn, T::StatusResUnique, &unique);
+                }
                 self.send_status(conn, T::StatusResUnique, &unique, job);
             }
             Request::EchoReq { data } => self.send(conn, T::EchoRes, &[&data]),

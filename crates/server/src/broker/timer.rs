@@ -13,7 +13,8 @@ use super::{Broker, FunctionId, JobKey};
 /// worker woken first went away without taking the job.
 const WAKE_SWEEP: Duration = Duration::from_secs(1);
 
-pub(super) fn unix_now() -> i64 {
+/// The wall clock, in Unix seconds.
+pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use gearbox_joblog::{now_millis, Millis, Status as Outcome};
 use gearbox_proto::{GrabKind, PacketType as T};
+use gearbox_store::Mark;
 
 use super::function::push_sleeper;
 use super::job::{JobState, PackedConn};
@@ -28,6 +29,9 @@ pub(super) struct Running {
 
 impl Broker {
     pub(super) fn grab(&mut self, conn: ConnId, kind: GrabKind) {
+        if !self.may_dispatch() {
+            return self.send(conn, T::NoJob, &[]);
+        }
         let c = &mut self.conns[conn as usize];
         c.sleeping = false;
         // Highest priority first across all the worker's functions; oldest first within one.
@@ -54,6 +58,10 @@ impl Broker {
             }
         }
         let Some((p, _, fid)) = best else {
+            if self.cluster.is_some() {
+                let abilities: Vec<FunctionId> = c.abilities.iter().map(|a| a.function).collect();
+                self.workers_idle(abilities.into_iter());
+            }
             return self.send(conn, T::NoJob, &[]);
         };
         let timeout = c.abilities.iter().find(|a| a.function == fid).and_then(|a| a.timeout);
@@ -68,6 +76,8 @@ impl Broker {
         f.counts.queue_wait.observe_ms(started_at - job.submitted_at);
         job.state = JobState::Running(PackedConn::new(conn));
         job.attempts = job.attempts.saturating_add(1);
+        self.mark(key, Mark::Started);
+        let job = &self.jobs[key as usize];
         if let Some(t) = timeout {
             let deadline = Instant::now() + t;
             self.timeouts.push(Reverse((deadline, job.seq, job.attempts, key)));
@@ -101,7 +111,7 @@ impl Broker {
     pub(super) fn pre_sleep(&mut self, conn: ConnId) {
         let c = &self.conns[conn as usize];
         let has_work = c.abilities.iter().any(|a| self.functions[a.function as usize].queued_total() > 0);
-        if has_work {
+        if has_work && self.may_dispatch() {
             return self.send(conn, T::Noop, &[]);
         }
         let c = &mut self.conns[conn as usize];
@@ -111,6 +121,9 @@ impl Broker {
         for i in 0..self.conns[conn as usize].abilities.len() {
             let fid = self.conns[conn as usize].abilities[i].function;
             push_sleeper(&mut self.functions[fid as usize], conn, epoch, &self.conns);
+        }
+        if self.in_cluster() {
+            self.workers_idle(std::iter::empty());
         }
     }
 
@@ -185,6 +198,7 @@ impl Broker {
         let extra = self.jobs[key as usize].extra_mut();
         extra.numerator = numerator;
         extra.denominator = denominator;
+        self.mark(key, Mark::Progress(numerator, denominator));
         let mut n = itoa::Buffer::new();
         let mut d = itoa::Buffer::new();
         let args: [&[u8]; 3] = [handle, n.format(numerator).as_bytes(), d.format(denominator).as_bytes()];
@@ -266,6 +280,7 @@ impl Broker {
             self.unindex(key);
             self.jobs.remove(key as usize);
         } else {
+            self.mark(key, Mark::Requeued);
             self.enqueue(key, true);
         }
     }

@@ -27,6 +27,7 @@ pub(crate) fn routes() -> Router<super::AppState> {
     Router::new()
         .route("/status", get(status))
         .route("/workers", get(workers))
+        .route("/cluster", get(cluster))
         .route("/functions/{name}/jobs", get(function_jobs))
         .route("/log", get(log))
         .route("/jobs", axum::routing::post(submit))
@@ -114,6 +115,14 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
         }),
         functions,
     })
+}
+
+/// Every node of the cluster (404 on a server without --cluster).
+async fn cluster(State(shared): State<Arc<Shared>>) -> ApiResult<crate::cluster::ClusterView> {
+    match &shared.cluster {
+        Some(cluster) => Ok(Json(cluster.view.lock().unwrap().clone())),
+        None => Err(ApiError::not_found("this server runs without --cluster")),
+    }
 }
 
 async fn workers(State(shared): State<Arc<Shared>>) -> Json<Vec<WorkerView>> {

@@ -88,9 +88,38 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
             job_log_usage(&mut out, log.sink, &usage);
         }
     }
+    if let Some(cluster) = &shared.cluster {
+        cluster_metrics(&mut out, cluster);
+    }
     header(&mut out, "gearbox_uptime_seconds", "gauge", "Seconds since the server started.");
     let _ = writeln!(out, "gearbox_uptime_seconds {}", shared.started.elapsed().as_secs());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
+}
+
+fn cluster_metrics(out: &mut String, cluster: &crate::cluster::ClusterShared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &cluster.counters;
+    let counters = [
+        ("gearbox_cluster_claims_total", "Claims of unowned jobs that found some.", &c.claims),
+        ("gearbox_cluster_claimed_jobs_total", "Unowned jobs this node claimed.", &c.claimed_jobs),
+        ("gearbox_cluster_takeovers_total", "Nodes whose lease ended that this node took over.", &c.takeovers),
+        ("gearbox_cluster_taken_over_jobs_total", "Jobs of those nodes made claimable.", &c.taken_over_jobs),
+        ("gearbox_cluster_lease_losses_total", "Times this node lost its lease and joined again.", &c.lease_losses),
+        ("gearbox_cluster_status_lookups_total", "GET_STATUS answers read from the database.", &c.status_lookups),
+    ];
+    for (metric, help, value) in counters {
+        header(out, metric, "counter", help);
+        let _ = writeln!(out, "{metric} {}", value.load(Relaxed));
+    }
+    let view = cluster.view.lock().unwrap();
+    header(out, "gearbox_cluster_node", "gauge", "This node's incarnation id.");
+    let _ = writeln!(out, "gearbox_cluster_node {}", view.node);
+    header(out, "gearbox_cluster_nodes", "gauge", "Nodes with a row in the cluster's table (at the last refresh).");
+    let _ = writeln!(out, "gearbox_cluster_nodes {}", view.totals.nodes);
+    header(out, "gearbox_cluster_unowned_jobs", "gauge", "Jobs no node owns yet, by function (at the last refresh).");
+    for f in &view.unowned {
+        let _ = writeln!(out, "gearbox_cluster_unowned_jobs{{function=\"{}\"}} {}", escape(&f.function), f.queued);
+    }
 }
 
 fn job_log_usage(out: &mut String, sink: &str, usage: &gearbox_joblog::Usage) {

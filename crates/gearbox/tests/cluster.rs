@@ -1,0 +1,371 @@
+//! Three gearbox servers on one queue table (`--cluster`), on the shared MariaDB and
+//! PostgreSQL of the test machine: a node killed, paused past its lease, or cut off from the
+//! database; the database gone for a moment under load; coalescing and status across nodes.
+//! Leases are 3 s here so that takeovers come quickly.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::gear::{Conn, Taken, Worker};
+use common::proxy::Proxy;
+use common::{temp_data_dir, Server};
+use sqlx::Connection;
+
+const MYSQL: &str = "mysql://root@127.0.0.1:3306/test";
+const POSTGRES: &str = "postgres://root@127.0.0.1:5432/test";
+const LEASE: Duration = Duration::from_secs(3);
+
+/// A cluster's table of this test's own, dropped (with its nodes table) at the end.
+struct Table {
+    base: String,
+    name: String,
+}
+
+impl Table {
+    fn new(base: &str, test: &str) -> Table {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        Table { base: base.into(), name: format!("c_{test}_{}_{nanos:x}", std::process::id()) }
+    }
+
+    fn url(&self, base: &str) -> String {
+        format!("{base}?table={}", self.name)
+    }
+
+    /// Rows left in the queue table.
+    fn rows(&self) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {}", self.name);
+        block_on(async {
+            if self.base.starts_with("mysql") {
+                let mut c = sqlx::MySqlConnection::connect(&self.base).await.unwrap();
+                sqlx::query_scalar(&sql).fetch_one(&mut c).await.unwrap()
+            } else {
+                let mut c = sqlx::PgConnection::connect(&self.base).await.unwrap();
+                sqlx::query_scalar(&sql).fetch_one(&mut c).await.unwrap()
+            }
+        })
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let statements = [format!("DROP TABLE IF EXISTS {}", self.name), format!("DROP TABLE IF EXISTS {}_nodes", self.name)];
+        block_on(async {
+            if self.base.starts_with("mysql") {
+                let Ok(mut c) = sqlx::MySqlConnection::connect(&self.base).await else { return };
+                for s in &statements {
+                    let _ = sqlx::query(s).execute(&mut c).await;
+                }
+            } else {
+                let Ok(mut c) = sqlx::PgConnection::connect(&self.base).await else { return };
+                for s in &statements {
+                    let _ = sqlx::query(s).execute(&mut c).await;
+                }
+            }
+        });
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+fn node(url: &str) -> Server {
+    let lease = format!("{}s", LEASE.as_secs());
+    Server::spawn(temp_data_dir(), &["--cluster", "--queue", url, "--node-lease", &lease, "--job-log", "none"], |_| {})
+        .ready()
+}
+
+fn signal(server: &Server, sig: libc::c_int) {
+    // SAFETY: plain syscall on our own child process.
+    unsafe { libc::kill(server.child.id() as libc::pid_t, sig) };
+}
+
+/// Repeats `check` until it holds, or panics after `within`.
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn db_addr(base: &str) -> SocketAddr {
+    if base.starts_with("mysql") {
+        "127.0.0.1:3306".parse().unwrap()
+    } else {
+        "127.0.0.1:5432".parse().unwrap()
+    }
+}
+
+fn done_uniques(log: &Mutex<Vec<Taken>>, workers: &[&str]) -> HashSet<String> {
+    log.lock().unwrap().iter().filter(|t| t.done && workers.iter().any(|w| t.worker.starts_with(w))).map(|t| t.unique.clone()).collect()
+}
+
+/// Submits `count` background jobs to `addr`, one every `every`, until the node stops
+/// answering; returns the unique keys it acknowledged.
+fn submit_spread(addr: SocketAddr, prefix: String, count: usize, every: Duration) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let Ok(mut conn) = Conn::connect(addr) else { return acked };
+        for i in 0..count {
+            let unique = format!("{prefix}-{i}");
+            match conn.submit_background("work", &unique, "x") {
+                Ok(_) => acked.push(unique),
+                Err(e) if e.contains("QUEUE_ERROR") => {}
+                Err(_) => break,
+            }
+            std::thread::sleep(every);
+        }
+        acked
+    })
+}
+
+fn killed_node_jobs_run_on_the_survivors(base: &str) {
+    let table = Table::new(base, "kill");
+    let url = table.url(base);
+    let (a, mut b, c) = (node(&url), node(&url), node(&url));
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let work = Duration::from_millis(50);
+    let mut workers = Vec::new();
+    for (name, n) in [("a", &a), ("b", &b), ("c", &c)] {
+        for i in 0..2 {
+            workers.push(Worker::start(&format!("{name}{i}"), n.addr, "work", work, log.clone()));
+        }
+    }
+    let submitters: Vec<_> = [("a", &a), ("b", &b), ("c", &c)]
+        .iter()
+        .map(|(name, n)| submit_spread(n.addr, format!("k{name}"), 100, Duration::from_millis(10)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let b_took = log.lock().unwrap().iter().filter(|t| t.worker.starts_with('b') && !t.done).count();
+    b.child.kill().unwrap();
+    let killed = Instant::now();
+    let acked: Vec<String> = submitters.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    assert!(acked.iter().filter(|k| k.starts_with("kb")).count() > 10, "node b acknowledged jobs before it died");
+    let acked: HashSet<String> = acked.into_iter().collect();
+    wait_until("every acknowledged job to run on a survivor or on b before it died", LEASE + Duration::from_secs(20), || {
+        let done = done_uniques(&log, &["a", "b", "c"]);
+        acked.iter().all(|k| done.contains(k)) && table.rows() == 0
+    });
+    let last = log.lock().unwrap().iter().filter(|t| !t.worker.starts_with('b')).map(|t| t.at).max().unwrap();
+    let taken_over = a.logged("took over node").len() + c.logged("took over node").len();
+    assert_eq!(taken_over, 1, "one survivor took node b over");
+    assert!(last - killed < LEASE + Duration::from_secs(5), "the last job ran {:?} after the kill", last - killed);
+    eprintln!("b was running {b_took} jobs when killed; the last job ran {:?} after", last - killed);
+}
+
+fn paused_node_is_fenced_and_rejoins(base: &str) {
+    let table = Table::new(base, "pause");
+    let url = table.url(base);
+    let (a, b, c) = (node(&url), node(&url), node(&url));
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let b_worker = Worker::start_held("b", b.addr, "p", Duration::ZERO, log.clone(), false);
+    let handle = Conn::connect(b.addr).unwrap().submit_background("p", "only", "x").unwrap();
+    wait_until("b's worker to take the job", Duration::from_secs(10), || !log.lock().unwrap().is_empty());
+    let a_worker = Worker::start_held("a", a.addr, "p", Duration::ZERO, log.clone(), false);
+
+    signal(&b, libc::SIGSTOP);
+    let stopped = Instant::now();
+    wait_until("a to take the paused node's job", LEASE + Duration::from_secs(5), || {
+        log.lock().unwrap().iter().any(|t| t.worker == "a")
+    });
+    eprintln!("a took the job {:?} after b was paused", stopped.elapsed());
+    // Known and running, on a node that does not own it (a's start is written within 100 ms).
+    let mut status = Conn::connect(c.addr).unwrap();
+    wait_until("c to see the job running", Duration::from_secs(5), || status.status(&handle) == (true, true, 0, 0));
+
+    // b wakes up and its worker completes the job: that must not end a's attempt.
+    signal(&b, libc::SIGCONT);
+    b_worker.release.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("b's worker to send its result", Duration::from_secs(10), || {
+        log.lock().unwrap().iter().any(|t| t.worker == "b" && t.done)
+    });
+    wait_until("b to join again", Duration::from_secs(15), || !b.logged("joined again as node").is_empty());
+    assert_eq!(b.logged("lost its lease").len(), 1);
+    // A commit of b after its worker's result: any removal b still had pending went with it.
+    let mut after = Conn::connect(b.addr).unwrap();
+    wait_until("b to accept a job again", Duration::from_secs(10), || after.submit_background("other", "", "x").is_ok());
+    assert_eq!(status.status(&handle), (true, true, 0, 0), "b's late result changed nothing");
+
+    a_worker.release.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("the job to end", Duration::from_secs(10), || status.status(&handle) == (false, false, 0, 0));
+    // The view refreshes every lease/3: b's old incarnation gone, its new one there.
+    wait_until("three nodes in the view", Duration::from_secs(10), || {
+        admin_lines(&a, "cluster").iter().filter(|l| !l.starts_with("total") && !l.starts_with("unowned")).count() == 3
+    });
+}
+
+/// The answer to an admin command, without the final `.`.
+fn admin_lines(server: &Server, command: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    stream.write_all(format!("{command}\n").as_bytes()).unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stream).lines() {
+        let line = line.unwrap();
+        if line == "." || line.starts_with("ERR") {
+            break;
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+fn cut_off_node_stops_dispatching(base: &str) {
+    let table = Table::new(base, "cut");
+    let proxy = Proxy::start(db_addr(base));
+    let (a, b) = (node(&table.url(base)), node(&table.url(&proxy.url(base))));
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let b_worker = Worker::start_held("b", b.addr, "work", Duration::ZERO, log.clone(), false);
+    let mut submit = Conn::connect(b.addr).unwrap();
+    let uniques: Vec<String> = (0..4).map(|i| format!("cut-{i}")).collect();
+    for u in &uniques {
+        submit.submit_background("work", u, "x").unwrap();
+    }
+    wait_until("b's worker to take a job", Duration::from_secs(10), || !log.lock().unwrap().is_empty());
+    let _a_worker = Worker::start("a", a.addr, "work", Duration::ZERO, log.clone());
+
+    proxy.cut();
+    let cut = Instant::now();
+    b_worker.release.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("every job to run on a", LEASE + Duration::from_secs(10), || {
+        let done = done_uniques(&log, &["a"]);
+        uniques.iter().all(|u| done.contains(u))
+    });
+    eprintln!("a ran b's jobs {:?} after b was cut off", cut.elapsed());
+    // a carries on with new work meanwhile.
+    let mut on_a = Conn::connect(a.addr).unwrap();
+    on_a.submit_background("work", "fresh", "x").unwrap();
+    wait_until("a to run new work", Duration::from_secs(10), || done_uniques(&log, &["a"]).contains("fresh"));
+    let late: Vec<Duration> =
+        log.lock().unwrap().iter().filter(|t| t.worker == "b" && t.at > cut).map(|t| t.at - cut).collect();
+    assert!(late.iter().all(|&d| d < LEASE), "b dispatched after its lease: {late:?}");
+    assert!(!b.logged("lost its lease").is_empty());
+
+    proxy.heal();
+    wait_until("b to join again", Duration::from_secs(20), || !b.logged("joined again as node").is_empty());
+    wait_until("the table to empty", Duration::from_secs(10), || table.rows() == 0);
+}
+
+fn database_gone_for_a_moment(base: &str) {
+    let table = Table::new(base, "outage");
+    let proxy = Proxy::start(db_addr(base));
+    let url = table.url(&proxy.url(base));
+    let nodes = [node(&url), node(&url), node(&url)];
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let _workers: Vec<Worker> =
+        nodes.iter().enumerate().map(|(i, n)| Worker::start(&format!("w{i}"), n.addr, "work", Duration::ZERO, log.clone())).collect();
+    let submitters: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let addr = n.addr;
+            std::thread::spawn(move || {
+                // Keeps submitting through the outage: refused submissions are not acknowledged.
+                let mut acked = Vec::new();
+                let mut conn = Conn::connect(addr).unwrap();
+                for j in 0..200 {
+                    let unique = format!("o{i}-{j}");
+                    if conn.submit_background("work", &unique, "x").is_ok() {
+                        acked.push(unique);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.cut();
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.heal();
+    let acked: HashSet<String> = submitters.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    assert!(acked.len() > 100, "submissions went on around the outage: {}", acked.len());
+    wait_until("every acknowledged job to run and leave the table", Duration::from_secs(30), || {
+        let done = done_uniques(&log, &["w"]);
+        acked.iter().all(|k| done.contains(k)) && table.rows() == 0
+    });
+}
+
+fn one_job_server_seen_from_any_node(base: &str) {
+    let table = Table::new(base, "one");
+    let url = table.url(base);
+    let a = node(&url);
+    let b = node(&url);
+    let lease = format!("{}s", LEASE.as_secs());
+    let c = Server::spawn(
+        temp_data_dir(),
+        &["--cluster", "--queue", &url, "--node-lease", &lease, "--job-log", "none", "--http", "127.0.0.1:0"],
+        |_| {},
+    )
+    .ready();
+    let handle = Conn::connect(a.addr).unwrap().submit_background("f", "same", "x").unwrap();
+    for n in [&b, &c] {
+        let again = Conn::connect(n.addr).unwrap().submit_background("f", "same", "y").unwrap();
+        assert_eq!(again, handle, "a duplicate sent to another node names the same job");
+    }
+    let other = Conn::connect(b.addr).unwrap().submit_background("f", "different", "x").unwrap();
+    assert_ne!(other, handle);
+    let mut on_b = Conn::connect(b.addr).unwrap();
+    assert_eq!(on_b.status(&handle), (true, false, 0, 0));
+    assert_eq!(on_b.status_unique("same"), (true, false));
+    assert_eq!(on_b.status("H:gearbox:4611686018427387904"), (false, false, 0, 0));
+
+    // A worker on c claims the jobs; its progress shows on every node.
+    let mut worker = Conn::connect(c.addr).unwrap();
+    worker.send(&gearbox_proto::Request::CanDo { function: "f".into() }).unwrap();
+    let mut handles = Vec::new();
+    wait_until("c's worker to get both jobs", Duration::from_secs(10), || {
+        worker.send(&gearbox_proto::Request::GrabJob(gearbox_proto::GrabKind::Plain)).unwrap();
+        if let Ok(Some(gearbox_proto::Response::JobAssign { handle, .. })) = worker.recv(Duration::from_secs(5)) {
+            handles.push(String::from_utf8(handle.to_vec()).unwrap());
+        }
+        handles.len() == 2
+    });
+    assert!(handles.contains(&handle));
+    worker
+        .send(&gearbox_proto::Request::WorkStatus { handle: handle.clone().into_bytes().into(), numerator: 1, denominator: 4 })
+        .unwrap();
+    wait_until("a to see the progress", Duration::from_secs(10), || on_b.status(&handle) == (true, true, 1, 4));
+    let mut on_a = Conn::connect(a.addr).unwrap();
+    assert_eq!(on_a.status_unique("same"), (true, true));
+
+    // The view is refreshed every lease/3.
+    wait_until("the view to show three nodes", Duration::from_secs(5), || {
+        let (code, view) = common::get_json(c.http.unwrap(), "/api/cluster");
+        code == 200 && view["nodes"].as_array().unwrap().len() == 3
+    });
+    let cli = common::run_tool(env!("CARGO_BIN_EXE_gearbox"), &["admin", "-s", &c.addr.to_string(), "status", "--cluster"]);
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{cli:?}");
+    assert_eq!(text.lines().filter(|l| l.contains("127.0.0.1:")).count(), 3, "{text}");
+
+    for h in &handles {
+        worker.send(&gearbox_proto::Request::WorkComplete { handle: h.clone().into_bytes().into(), data: Default::default() }).unwrap();
+    }
+    wait_until("the job to end everywhere", Duration::from_secs(10), || on_a.status(&handle) == (false, false, 0, 0));
+    assert_eq!(table.rows(), 0);
+}
+
+macro_rules! on_both_databases {
+    ($($test:ident),* $(,)?) => {
+        mod mysql {
+            $(#[test] fn $test() { super::$test(super::MYSQL) })*
+        }
+        mod postgres {
+            $(#[test] fn $test() { super::$test(super::POSTGRES) })*
+        }
+    };
+}
+
+on_both_databases!(
+    killed_node_jobs_run_on_the_survivors,
+    paused_node_is_fenced_and_rejoins,
+    cut_off_node_stops_dispatching,
+    database_gone_for_a_moment,
+    one_job_server_seen_from_any_node,
+);

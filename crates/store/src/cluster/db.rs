@@ -1,0 +1,447 @@
+//! A cluster node's statements: joining (a new incarnation), renewing its lease, taking over
+//! expired nodes, claiming unowned jobs, the status of any job, and the list of nodes. Each
+//! [`ClusterDb`] is one connection, made again when lost; the server keeps one for the lease
+//! and one for claims, so that a slow claim never delays a renewal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::{Connection, Executor, Row};
+
+use super::channel;
+use super::schema::ensure_cluster_schema;
+use crate::sql_conn::{is_connection_error, per_backend, Conn, Kind, Target, Tx};
+use crate::sql_plan::push_placeholders;
+use crate::{Result, StoreError};
+
+/// `TABLE_nodes` must fit the databases' 63-character names.
+const MAX_TABLE: usize = 56;
+
+/// A job a claim made this node's.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub seq: u64,
+    pub priority: u8,
+    pub run_at: i64,
+    pub function: Vec<u8>,
+    pub unique: Vec<u8>,
+    pub data: Vec<u8>,
+    /// Attempts started so far, on any node.
+    pub attempts: u32,
+}
+
+/// A node whose lease ran out, and how many of its jobs became claimable.
+#[derive(Clone, Debug)]
+pub struct Takeover {
+    pub node: u64,
+    pub address: String,
+    pub jobs: u64,
+}
+
+/// A node as its row shows it.
+#[derive(Clone, Debug)]
+pub struct NodeRow {
+    pub id: u64,
+    pub address: String,
+    /// Since its last renewal, and until its lease ends (negative once it has), in the
+    /// database's clock.
+    pub renewed_ago: Duration,
+    pub lease_left_micros: i64,
+    /// What the node publishes with each renewal (JSON, the server's choice).
+    pub info: String,
+}
+
+/// A job as its row shows it, for GET_STATUS on a node that does not own it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowStatus {
+    pub running: bool,
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+/// How GET_STATUS names a job.
+#[derive(Clone, Copy, Debug)]
+pub enum StatusKey<'a> {
+    Seq(u64),
+    Unique(&'a [u8]),
+}
+
+/// One connection to a cluster's tables.
+pub struct ClusterDb {
+    target: Arc<Target>,
+    conn: Option<Conn>,
+    /// Locks and transactions a paused node leaves open end after this (half the lease).
+    stall: Duration,
+}
+
+impl ClusterDb {
+    /// Connects to the cluster on the table `url` names, creating its tables if needed.
+    /// `lease` is the nodes' lease. Errors: a bad URL or table name, an unreachable database,
+    /// or a table that is not a cluster queue (a single server's, for one).
+    pub async fn open(url: &str, lease: Duration) -> Result<ClusterDb> {
+        let target = Target::parse(url, crate::sql::DEFAULT_TABLE)?;
+        if target.table.len() > MAX_TABLE {
+            return Err(StoreError::Database(format!(
+                "{}: a cluster's table name has at most {MAX_TABLE} characters",
+                target.public
+            )));
+        }
+        let mut db = ClusterDb { target: Arc::new(target), conn: None, stall: (lease / 2).max(Duration::from_secs(1)) };
+        let target = db.target.clone();
+        ensure_cluster_schema(db.conn().await?, &target).await?;
+        Ok(db)
+    }
+
+    /// Another connection to the same cluster, made when first used.
+    pub fn another(&self) -> ClusterDb {
+        ClusterDb { target: self.target.clone(), conn: None, stall: self.stall }
+    }
+
+    /// The URL without password, and the table.
+    pub fn describe(&self) -> &str {
+        &self.target.public
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.target.kind
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.target.table
+    }
+
+    /// The connection, made (again) if needed.
+    pub(crate) async fn conn(&mut self) -> Result<&mut Conn> {
+        if self.conn.is_none() {
+            let mut conn = self.target.connect().await.map_err(|e| self.target.error(e))?;
+            let stall = self.stall;
+            let setup = match conn.kind() {
+                Kind::MySql => format!(
+                    "SET SESSION tx_isolation = 'READ-COMMITTED', \
+                     SESSION idle_transaction_timeout = {secs}, SESSION innodb_lock_wait_timeout = {secs}",
+                    secs = stall.as_secs().max(1)
+                ),
+                Kind::Postgres => format!(
+                    "SET idle_in_transaction_session_timeout = {ms}; SET lock_timeout = {ms}",
+                    ms = stall.as_millis()
+                ),
+            };
+            let setup = per_backend!(Conn, &mut conn, c, _DB => c.execute(setup.as_str()).await.map(drop));
+            setup.map_err(|e| self.target.error(e))?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Drops the connection: the next statement makes a new one.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// The error, as a [`StoreError`]; a lost connection is made again next time.
+    pub(crate) fn failed(&mut self, e: sqlx::Error) -> StoreError {
+        if is_connection_error(&e) {
+            self.conn = None;
+        }
+        self.target.error(e)
+    }
+
+    /// `sql` written with `?` placeholders and `{now}` for the database's clock, in this
+    /// backend's syntax.
+    pub(crate) fn sql(&self, sql: &str) -> String {
+        let now = match self.kind() {
+            Kind::MySql => "UTC_TIMESTAMP(6)",
+            Kind::Postgres => "now()",
+        };
+        let sql = sql.replace("{t}", self.table()).replace("{now}", now);
+        match self.kind() {
+            Kind::MySql => sql,
+            Kind::Postgres => {
+                let mut out = String::with_capacity(sql.len() + 16);
+                let mut n = 0;
+                for ch in sql.chars() {
+                    if ch == '?' {
+                        n += 1;
+                        out.push_str(&format!("${n}"));
+                    } else {
+                        out.push(ch);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// `{now}` plus a bound number of microseconds.
+    fn later(&self) -> &'static str {
+        match self.kind() {
+            Kind::MySql => "UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND",
+            Kind::Postgres => "now() + ? * interval '1 microsecond'",
+        }
+    }
+
+    /// Registers a new incarnation of this server, with a lease; returns its id.
+    pub async fn join(&mut self, address: &str, lease: Duration) -> Result<u64> {
+        let sql = self.sql(&format!(
+            "INSERT INTO {{t}}_nodes (address, started_at, renewed_at, lease_until, info) \
+             VALUES (?, {{now}}, {{now}}, {}, '')",
+            self.later()
+        ));
+        let micros = lease.as_micros() as i64;
+        let address: String = address.chars().take(255).collect();
+        let conn = self.conn().await?;
+        let id = match conn {
+            Conn::MySql(c) => {
+                sqlx::query(&sql).bind(&address).bind(micros).execute(c).await.map(|r| r.last_insert_id() as i64)
+            }
+            Conn::Postgres(c) => {
+                sqlx::query_scalar(&format!("{sql} RETURNING id")).bind(&address).bind(micros).fetch_one(c).await
+            }
+        };
+        id.map(|id| id as u64).map_err(|e| self.failed(e))
+    }
+
+    /// Extends the lease of `node` by `lease` from now and publishes `info`. False if the
+    /// lease had already ended (or the node was taken over): the incarnation is over.
+    pub async fn renew(&mut self, node: u64, lease: Duration, info: &str) -> Result<bool> {
+        let sql = self.sql(&format!(
+            "UPDATE {{t}}_nodes SET renewed_at = {{now}}, lease_until = {}, info = ? \
+             WHERE id = ? AND lease_until > {{now}}",
+            self.later()
+        ));
+        let micros = lease.as_micros() as i64;
+        let conn = self.conn().await?;
+        let rows = per_backend!(Conn, conn, c, DB => {
+            sqlx::query::<DB>(&sql).bind(micros).bind(info).bind(node as i64).execute(c).await.map(|r| r.rows_affected())
+        });
+        rows.map(|n| n == 1).map_err(|e| self.failed(e))
+    }
+
+    /// Takes over every node whose lease has ended: its row goes and its jobs become
+    /// claimable. Another node may win the race for one; it is then not listed.
+    pub async fn take_over(&mut self) -> Result<Vec<Takeover>> {
+        let expired = self.sql("SELECT id, address FROM {t}_nodes WHERE lease_until < {now}");
+        let delete = self.sql("DELETE FROM {t}_nodes WHERE id = ? AND lease_until < {now}");
+        let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
+        let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
+        let conn = self.conn().await?;
+        let outcome: sqlx::Result<Vec<Takeover>> = async {
+            let dead: Vec<(i64, String)> =
+                per_backend!(Conn, &mut *conn, c, DB => sqlx::query_as::<DB, (i64, String)>(&expired).fetch_all(c).await)?;
+            let mut taken = Vec::new();
+            for (node, address) in dead {
+                let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+                let gone = per_backend!(Tx, &mut tx, t, DB => {
+                    sqlx::query::<DB>(&delete).bind(node).execute(&mut **t).await.map(|r| r.rows_affected())
+                })?;
+                if gone == 0 {
+                    continue;
+                }
+                let jobs = per_backend!(Tx, &mut tx, t, DB => {
+                    sqlx::query::<DB>(&free).bind(node).execute(&mut **t).await.map(|r| r.rows_affected())
+                })?;
+                if let Tx::Postgres(t) = &mut tx {
+                    sqlx::query(&notify).execute(&mut **t).await?;
+                }
+                per_backend!(Tx, tx, t, _DB => t.commit().await)?;
+                taken.push(Takeover { node: node as u64, address, jobs });
+            }
+            Ok(taken)
+        }
+        .await;
+        outcome.map_err(|e| self.failed(e))
+    }
+
+    /// Ends `node`'s incarnation at shutdown: its jobs become claimable at once and its row
+    /// goes. Returns how many jobs it gave up.
+    pub async fn leave(&mut self, node: u64) -> Result<u64> {
+        let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
+        let delete = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
+        let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
+        let conn = self.conn().await?;
+        let outcome: sqlx::Result<u64> = async {
+            let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+            let jobs = per_backend!(Tx, &mut tx, t, DB => {
+                sqlx::query::<DB>(&free).bind(node as i64).execute(&mut **t).await.map(|r| r.rows_affected())
+            })?;
+            per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(&delete).bind(node as i64).execute(&mut **t).await.map(drop))?;
+            if let Tx::Postgres(t) = &mut tx {
+                sqlx::query(&notify).execute(&mut **t).await?;
+            }
+            per_backend!(Tx, tx, t, _DB => t.commit().await)?;
+            Ok(jobs)
+        }
+        .await;
+        outcome.map_err(|e| self.failed(e))
+    }
+
+    /// Every node's row, oldest incarnation first.
+    pub async fn nodes(&mut self) -> Result<Vec<NodeRow>> {
+        let sql = self.sql(match self.kind() {
+            Kind::MySql => {
+                "SELECT id, address, TIMESTAMPDIFF(MICROSECOND, renewed_at, {now}), \
+                 TIMESTAMPDIFF(MICROSECOND, {now}, lease_until), info FROM {t}_nodes ORDER BY id"
+            }
+            Kind::Postgres => {
+                "SELECT id, address, (EXTRACT(EPOCH FROM ({now} - renewed_at)) * 1000000)::BIGINT, \
+                 (EXTRACT(EPOCH FROM (lease_until - {now})) * 1000000)::BIGINT, info FROM {t}_nodes ORDER BY id"
+            }
+        });
+        let conn = self.conn().await?;
+        let rows = per_backend!(Conn, conn, c, DB => {
+            sqlx::query_as::<DB, (i64, String, i64, i64, String)>(&sql).fetch_all(c).await
+        });
+        let rows = rows.map_err(|e| self.failed(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, address, ago, left, info)| NodeRow {
+                id: id as u64,
+                address,
+                renewed_ago: Duration::from_micros(ago.max(0) as u64),
+                lease_left_micros: left,
+                info,
+            })
+            .collect())
+    }
+
+    /// Unowned jobs per function: queued for any node to claim.
+    pub async fn unowned(&mut self) -> Result<Vec<(Vec<u8>, u64)>> {
+        let sql = self.sql("SELECT function_name, COUNT(*) FROM {t} WHERE owner IS NULL GROUP BY function_name");
+        let conn = self.conn().await?;
+        let rows = per_backend!(Conn, conn, c, DB => sqlx::query_as::<DB, (Vec<u8>, i64)>(&sql).fetch_all(c).await);
+        let rows = rows.map_err(|e| self.failed(e))?;
+        Ok(rows.into_iter().map(|(f, n)| (f, n as u64)).collect())
+    }
+
+    /// Makes up to `limit` unowned jobs of `function` that are due at `now` (Unix seconds)
+    /// `node`'s, highest priority and oldest first, skipping rows another node is claiming,
+    /// and appends them to `out`. `Ok(None)` if `node`'s lease has ended.
+    pub async fn claim(
+        &mut self,
+        node: u64,
+        function: &[u8],
+        now: i64,
+        limit: usize,
+        out: &mut Vec<Claimed>,
+    ) -> Result<Option<usize>> {
+        let fence = self.fence_sql();
+        let select = self.sql(&format!(
+            "SELECT seq, priority, run_at, function_name, unique_key, data, attempts FROM {{t}} \
+             WHERE owner IS NULL AND function_name = ? AND run_at <= ? ORDER BY priority, seq \
+             LIMIT {limit} FOR UPDATE SKIP LOCKED"
+        ));
+        let (kind, table) = (self.kind(), self.table().to_string());
+        let start = out.len();
+        let conn = self.conn().await?;
+        let outcome: sqlx::Result<Option<usize>> = async {
+            let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+            if !fenced(&mut tx, &fence, node).await? {
+                return Ok(None);
+            }
+            per_backend!(Tx, &mut tx, t, DB => {
+                let mut rows = sqlx::query::<DB>(&select).bind(function).bind(now).fetch(&mut **t);
+                while let Some(row) = rows.try_next().await? {
+                    let seq: i64 = row.try_get(0)?;
+                    let priority: i16 = row.try_get(1)?;
+                    let unique: Option<Vec<u8>> = row.try_get(4)?;
+                    let attempts: i32 = row.try_get(6)?;
+                    out.push(Claimed {
+                        seq: seq as u64,
+                        priority: priority.clamp(0, 2) as u8,
+                        run_at: row.try_get(2)?,
+                        function: row.try_get(3)?,
+                        unique: unique.unwrap_or_default(),
+                        data: row.try_get(5)?,
+                        attempts: attempts.max(0) as u32,
+                    });
+                }
+                Ok::<(), sqlx::Error>(())
+            })?;
+            let claimed = &out[start..];
+            if !claimed.is_empty() {
+                let mut sql = format!("UPDATE {table} SET owner = ");
+                push_placeholders(&mut sql, kind, 1, 1);
+                sql.push_str(" WHERE seq IN (");
+                push_placeholders(&mut sql, kind, 2, claimed.len());
+                sql.push(')');
+                per_backend!(Tx, &mut tx, t, DB => {
+                    let mut q = sqlx::query::<DB>(&sql).bind(node as i64);
+                    for job in claimed {
+                        q = q.bind(job.seq as i64);
+                    }
+                    q.execute(&mut **t).await.map(drop)
+                })?;
+            }
+            per_backend!(Tx, tx, t, _DB => t.commit().await)?;
+            Ok(Some(claimed.len()))
+        }
+        .await;
+        if !matches!(outcome, Ok(Some(_))) {
+            out.truncate(start);
+        }
+        outcome.map_err(|e| self.failed(e))
+    }
+
+    /// The job's row, if the cluster holds it.
+    pub async fn status(&mut self, key: StatusKey<'_>) -> Result<Option<RowStatus>> {
+        let sql = self.sql(match key {
+            StatusKey::Seq(_) => "SELECT running, numerator, denominator FROM {t} WHERE seq = ?",
+            StatusKey::Unique(_) => "SELECT running, numerator, denominator FROM {t} WHERE unique_key = ? LIMIT 1",
+        });
+        let conn = self.conn().await?;
+        let row = per_backend!(Conn, conn, c, DB => {
+            let q = sqlx::query_as::<DB, (i16, i64, i64)>(&sql);
+            match key {
+                StatusKey::Seq(seq) => q.bind(seq as i64).fetch_optional(c).await,
+                StatusKey::Unique(u) => q.bind(u).fetch_optional(c).await,
+            }
+        });
+        let row = row.map_err(|e| self.failed(e))?;
+        Ok(row.map(|(running, n, d)| RowStatus {
+            running: running != 0,
+            numerator: n.clamp(0, u32::MAX as i64) as u32,
+            denominator: d.clamp(0, u32::MAX as i64) as u32,
+        }))
+    }
+
+    /// Notifications of claimable jobs (PostgreSQL only; on MariaDB nodes poll).
+    pub async fn listen(&self) -> Result<Option<Listener>> {
+        if self.kind() != Kind::Postgres {
+            return Ok(None);
+        }
+        let mut listener =
+            sqlx::postgres::PgListener::connect(self.target.url.as_str()).await.map_err(|e| self.target.error(e))?;
+        listener.listen(&channel(self.table())).await.map_err(|e| self.target.error(e))?;
+        Ok(Some(Listener { inner: listener }))
+    }
+
+    /// The statement that checks, and locks against a takeover, the lease of a node.
+    pub(crate) fn fence_sql(&self) -> String {
+        self.sql(match self.kind() {
+            Kind::MySql => "SELECT id FROM {t}_nodes WHERE id = ? AND lease_until > {now} LOCK IN SHARE MODE",
+            Kind::Postgres => "SELECT id FROM {t}_nodes WHERE id = ? AND lease_until > {now} FOR KEY SHARE",
+        })
+    }
+}
+
+/// Whether `node` holds its lease, locking its row against a takeover until `tx` ends.
+pub(crate) async fn fenced(tx: &mut Tx<'_>, fence: &str, node: u64) -> sqlx::Result<bool> {
+    let row = per_backend!(Tx, tx, t, DB => {
+        sqlx::query_scalar::<DB, i64>(fence).bind(node as i64).fetch_optional(&mut **t).await
+    })?;
+    Ok(row.is_some())
+}
+
+/// PostgreSQL notifications of claimable jobs.
+pub struct Listener {
+    inner: sqlx::postgres::PgListener,
+}
+
+impl Listener {
+    /// Waits for the next notification. After a lost connection it reconnects (and says so
+    /// with `Ok`: notifications may have been missed, so the caller looks anyway).
+    pub async fn next(&mut self) -> Result<()> {
+        self.inner.try_recv().await.map(drop).map_err(|e| StoreError::Database(format!("listening: {e}")))
+    }
+}

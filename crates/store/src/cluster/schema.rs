@@ -1,0 +1,127 @@
+//! A cluster's two tables: the queue (a row per background job, with the node that owns it)
+//! and its nodes (an incarnation per server start, with its lease). Created by the first
+//! node; later nodes check the table's comment, as the single-server store does.
+
+use sqlx::Executor;
+
+use crate::sql_conn::{per_backend, Conn, Kind, Target};
+use crate::{Result, StoreError};
+
+/// The table comment that marks a cluster queue, followed by the schema version.
+pub(crate) const CLUSTER_TAG: &str = "gearbox cluster queue, schema ";
+const CLUSTER_VERSION: u32 = 1;
+
+fn queue_ddl(kind: Kind, t: &str) -> Vec<String> {
+    match kind {
+        Kind::MySql => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                   seq BIGINT NOT NULL PRIMARY KEY, \
+                   priority SMALLINT NOT NULL, \
+                   run_at BIGINT NOT NULL, \
+                   function_name VARBINARY(512) NOT NULL, \
+                   unique_key VARBINARY(255) NULL, \
+                   data LONGBLOB NOT NULL, \
+                   owner BIGINT NULL, \
+                   attempts INT NOT NULL DEFAULT 0, \
+                   running SMALLINT NOT NULL DEFAULT 0, \
+                   numerator BIGINT NOT NULL DEFAULT 0, \
+                   denominator BIGINT NOT NULL DEFAULT 0, \
+                   created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+                   KEY {t}_claim (owner, function_name, priority, seq), \
+                   UNIQUE KEY {t}_unique (unique_key, function_name)\
+                 ) ENGINE=InnoDB COMMENT='{CLUSTER_TAG}{CLUSTER_VERSION}'"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_nodes (\
+                   id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+                   address VARCHAR(255) NOT NULL, \
+                   started_at DATETIME(6) NOT NULL, \
+                   renewed_at DATETIME(6) NOT NULL, \
+                   lease_until DATETIME(6) NOT NULL, \
+                   info LONGTEXT NOT NULL\
+                 ) ENGINE=InnoDB"
+            ),
+        ],
+        Kind::Postgres => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                   seq BIGINT NOT NULL PRIMARY KEY, \
+                   priority SMALLINT NOT NULL, \
+                   run_at BIGINT NOT NULL, \
+                   function_name BYTEA NOT NULL, \
+                   unique_key BYTEA NULL, \
+                   data BYTEA NOT NULL, \
+                   owner BIGINT NULL, \
+                   attempts INT NOT NULL DEFAULT 0, \
+                   running SMALLINT NOT NULL DEFAULT 0, \
+                   numerator BIGINT NOT NULL DEFAULT 0, \
+                   denominator BIGINT NOT NULL DEFAULT 0, \
+                   created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (owner, function_name, priority, seq)"),
+            format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_unique ON {t} (unique_key, function_name)"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_nodes (\
+                   id BIGSERIAL PRIMARY KEY, \
+                   address TEXT NOT NULL, \
+                   started_at TIMESTAMPTZ NOT NULL, \
+                   renewed_at TIMESTAMPTZ NOT NULL, \
+                   lease_until TIMESTAMPTZ NOT NULL, \
+                   info TEXT NOT NULL)"
+            ),
+            format!("COMMENT ON TABLE {t} IS '{CLUSTER_TAG}{CLUSTER_VERSION}'"),
+        ],
+    }
+}
+
+/// Creates the cluster's tables, or checks that existing ones are a cluster queue of this
+/// schema version. Nodes starting together take turns (a lock held for the DDL only).
+pub(crate) async fn ensure_cluster_schema(conn: &mut Conn, target: &Target) -> Result<()> {
+    let err = |e| target.error(e);
+    let lock = format!("gearbox schema {}", target.table);
+    match conn {
+        Conn::MySql(c) => {
+            sqlx::query("DO GET_LOCK(?, 30)").bind(&lock).execute(&mut *c).await.map_err(err)?;
+        }
+        Conn::Postgres(c) => {
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))").bind(&lock).execute(&mut *c).await.map_err(err)?;
+        }
+    }
+    let outcome = create_or_check(conn, target).await;
+    let unlocked = match conn {
+        Conn::MySql(c) => sqlx::query("DO RELEASE_LOCK(?)").bind(&lock).execute(c).await.map(drop),
+        Conn::Postgres(c) => {
+            sqlx::query("SELECT pg_advisory_unlock(hashtext($1))").bind(&lock).execute(c).await.map(drop)
+        }
+    };
+    outcome?;
+    unlocked.map_err(err)
+}
+
+async fn create_or_check(conn: &mut Conn, target: &Target) -> Result<()> {
+    if let Some(comment) = conn.table_comment(target).await? {
+        let comment = comment.unwrap_or_default();
+        if let Some(version) = comment.strip_prefix(CLUSTER_TAG) {
+            return match version.parse::<u32>() {
+                Ok(CLUSTER_VERSION) => Ok(()),
+                _ => Err(StoreError::Database(format!(
+                    "{}: cluster schema {version}, but this gearbox uses version {CLUSTER_VERSION}",
+                    target.public
+                ))),
+            };
+        }
+        let what = if comment.starts_with(crate::sql_conn::SCHEMA_TAG) {
+            "a single-server gearbox queue: give the cluster a table of its own (?table=NAME), \
+             or start this server without --cluster"
+        } else {
+            "not a gearbox queue"
+        };
+        return Err(StoreError::Database(format!("{}: the table exists and is {what}", target.public)));
+    }
+    for ddl in queue_ddl(conn.kind(), &target.table) {
+        per_backend!(Conn, &mut *conn, c, _DB => c.execute(ddl.as_str()).await.map(drop))
+            .map_err(|e| target.error(e))?;
+    }
+    Ok(())
+}
