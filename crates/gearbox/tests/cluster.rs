@@ -52,7 +52,8 @@ impl Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
-        let statements = [format!("DROP TABLE IF EXISTS {}", self.name), format!("DROP TABLE IF EXISTS {}_nodes", self.name)];
+        let statements =
+            [format!("DROP TABLE IF EXISTS {}", self.name), format!("DROP TABLE IF EXISTS {}_nodes", self.name)];
         block_on(async {
             if self.base.starts_with("mysql") {
                 let Ok(mut c) = sqlx::MySqlConnection::connect(&self.base).await else { return };
@@ -102,12 +103,22 @@ fn db_addr(base: &str) -> SocketAddr {
 }
 
 fn done_uniques(log: &Mutex<Vec<Taken>>, workers: &[&str]) -> HashSet<String> {
-    log.lock().unwrap().iter().filter(|t| t.done && workers.iter().any(|w| t.worker.starts_with(w))).map(|t| t.unique.clone()).collect()
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.done && workers.iter().any(|w| t.worker.starts_with(w)))
+        .map(|t| t.unique.clone())
+        .collect()
 }
 
 /// Submits `count` background jobs to `addr`, one every `every`, until the node stops
 /// answering; returns the unique keys it acknowledged.
-fn submit_spread(addr: SocketAddr, prefix: String, count: usize, every: Duration) -> std::thread::JoinHandle<Vec<String>> {
+fn submit_spread(
+    addr: SocketAddr,
+    prefix: String,
+    count: usize,
+    every: Duration,
+) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         let mut acked = Vec::new();
         let Ok(mut conn) = Conn::connect(addr) else { return acked };
@@ -147,10 +158,14 @@ fn killed_node_jobs_run_on_the_survivors(base: &str) {
     let acked: Vec<String> = submitters.into_iter().flat_map(|s| s.join().unwrap()).collect();
     assert!(acked.iter().filter(|k| k.starts_with("kb")).count() > 10, "node b acknowledged jobs before it died");
     let acked: HashSet<String> = acked.into_iter().collect();
-    wait_until("every acknowledged job to run on a survivor or on b before it died", LEASE + Duration::from_secs(20), || {
-        let done = done_uniques(&log, &["a", "b", "c"]);
-        acked.iter().all(|k| done.contains(k)) && table.rows() == 0
-    });
+    wait_until(
+        "every acknowledged job to run on a survivor or on b before it died",
+        LEASE + Duration::from_secs(20),
+        || {
+            let done = done_uniques(&log, &["a", "b", "c"]);
+            acked.iter().all(|k| done.contains(k)) && table.rows() == 0
+        },
+    );
     let last = log.lock().unwrap().iter().filter(|t| !t.worker.starts_with('b')).map(|t| t.at).max().unwrap();
     let taken_over = a.logged("took over node").len() + c.logged("took over node").len();
     assert_eq!(taken_over, 1, "one survivor took node b over");
@@ -188,7 +203,9 @@ fn paused_node_is_fenced_and_rejoins(base: &str) {
     assert_eq!(b.logged("lost its lease").len(), 1);
     // A commit of b after its worker's result: any removal b still had pending went with it.
     let mut after = Conn::connect(b.addr).unwrap();
-    wait_until("b to accept a job again", Duration::from_secs(10), || after.submit_background("other", "", "x").is_ok());
+    wait_until("b to accept a job again", Duration::from_secs(10), || {
+        after.submit_background("other", "", "x").is_ok()
+    });
     assert_eq!(status.status(&handle), (true, true, 0, 0), "b's late result changed nothing");
 
     a_worker.release.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -257,8 +274,11 @@ fn database_gone_for_a_moment(base: &str) {
     let url = table.url(&proxy.url(base));
     let nodes = [node(&url), node(&url), node(&url)];
     let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
-    let _workers: Vec<Worker> =
-        nodes.iter().enumerate().map(|(i, n)| Worker::start(&format!("w{i}"), n.addr, "work", Duration::ZERO, log.clone())).collect();
+    let _workers: Vec<Worker> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Worker::start(&format!("w{i}"), n.addr, "work", Duration::ZERO, log.clone()))
+        .collect();
     let submitters: Vec<_> = nodes
         .iter()
         .enumerate()
@@ -328,7 +348,11 @@ fn one_job_server_seen_from_any_node(base: &str) {
     });
     assert!(handles.contains(&handle));
     worker
-        .send(&gearbox_proto::Request::WorkStatus { handle: handle.clone().into_bytes().into(), numerator: 1, denominator: 4 })
+        .send(&gearbox_proto::Request::WorkStatus {
+            handle: handle.clone().into_bytes().into(),
+            numerator: 1,
+            denominator: 4,
+        })
         .unwrap();
     wait_until("a to see the progress", Duration::from_secs(10), || on_b.status(&handle) == (true, true, 1, 4));
     let mut on_a = Conn::connect(a.addr).unwrap();
@@ -339,16 +363,58 @@ fn one_job_server_seen_from_any_node(base: &str) {
         let (code, view) = common::get_json(c.http.unwrap(), "/api/cluster");
         code == 200 && view["nodes"].as_array().unwrap().len() == 3
     });
-    let cli = common::run_tool(env!("CARGO_BIN_EXE_gearbox"), &["admin", "-s", &c.addr.to_string(), "status", "--cluster"]);
+    let cli =
+        common::run_tool(env!("CARGO_BIN_EXE_gearbox"), &["admin", "-s", &c.addr.to_string(), "status", "--cluster"]);
     let text = String::from_utf8_lossy(&cli.stdout);
     assert!(cli.status.success(), "{cli:?}");
     assert_eq!(text.lines().filter(|l| l.contains("127.0.0.1:")).count(), 3, "{text}");
 
     for h in &handles {
-        worker.send(&gearbox_proto::Request::WorkComplete { handle: h.clone().into_bytes().into(), data: Default::default() }).unwrap();
+        worker
+            .send(&gearbox_proto::Request::WorkComplete {
+                handle: h.clone().into_bytes().into(),
+                data: Default::default(),
+            })
+            .unwrap();
     }
     wait_until("the job to end everywhere", Duration::from_secs(10), || on_a.status(&handle) == (false, false, 0, 0));
     assert_eq!(table.rows(), 0);
+}
+
+fn jobs_go_where_the_workers_are(base: &str) {
+    let table = Table::new(base, "follow");
+    let url = table.url(base);
+    let (a, b, c) = (node(&url), node(&url), node(&url));
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let a_worker = Worker::start_held("a", a.addr, "g", Duration::ZERO, log.clone(), false);
+    let mut on_a = Conn::connect(a.addr).unwrap();
+    for i in 0..3 {
+        on_a.submit_background("g", &format!("g-{i}"), "x").unwrap();
+    }
+    wait_until("a's worker to take a job", Duration::from_secs(10), || !log.lock().unwrap().is_empty());
+    // a's only worker for g goes: its jobs go back to the cluster, and b's worker runs them.
+    drop(a_worker);
+    let _b_worker = Worker::start("b", b.addr, "g", Duration::ZERO, log.clone());
+    wait_until("b to run a's jobs", Duration::from_secs(10), || done_uniques(&log, &["b"]).len() == 3);
+
+    // An epoch job sent to c (no worker) runs once, on b, when it is due.
+    let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 2;
+    let mut on_c = Conn::connect(c.addr).unwrap();
+    on_c.send(&gearbox_proto::Request::SubmitJobEpoch {
+        function: "g".into(),
+        unique: "at".into(),
+        epoch,
+        data: "x".into(),
+    })
+    .unwrap();
+    assert!(matches!(on_c.recv(Duration::from_secs(10)).unwrap(), Some(gearbox_proto::Response::JobCreated { .. })));
+    wait_until("the epoch job to run", Duration::from_secs(10), || done_uniques(&log, &["b"]).contains("at"));
+    let ran: Vec<Taken> = log.lock().unwrap().iter().filter(|t| t.unique == "at").cloned().collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let ran_at = now - ran[0].at.elapsed().as_secs_f64();
+    assert!(ran_at >= epoch as f64 - 0.01, "ran {:.2} s early", epoch as f64 - ran_at);
+    wait_until("the table to empty", Duration::from_secs(10), || table.rows() == 0);
 }
 
 macro_rules! on_both_databases {
@@ -368,4 +434,5 @@ on_both_databases!(
     cut_off_node_stops_dispatching,
     database_gone_for_a_moment,
     one_job_server_seen_from_any_node,
+    jobs_go_where_the_workers_are,
 );

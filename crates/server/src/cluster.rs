@@ -410,7 +410,9 @@ async fn claim(
             cluster.counters.claimed_jobs.fetch_add(n as u64, Ordering::Relaxed);
             tracing::debug!("cluster: claimed {n} jobs of {}", String::from_utf8_lossy(function));
             if !shared.broker.lock().unwrap().restore_claimed(node, claimed) {
-                tracing::warn!("cluster: claimed {n} jobs as node {node}, which is no more; they wait for its takeover");
+                tracing::warn!(
+                    "cluster: claimed {n} jobs as node {node}, which is no more; they wait for its takeover"
+                );
             }
             n == limit
         }

@@ -26,6 +26,8 @@ pub enum Mark {
     Requeued,
     /// The worker's WORK_STATUS: numerator and denominator.
     Progress(u32, u32),
+    /// Queued again, and handed back for any node to claim (its node has no worker left).
+    Released,
 }
 
 /// Adds and removes to commit together. Removes name the job's sequence number and the

@@ -101,16 +101,18 @@ fn nodes_claim_take_over_and_fence(base: &str) {
         let expire = format!("UPDATE {}_nodes SET lease_until = created WHERE id = {node_a}", table.name);
         let expire = expire.replace(
             "created",
-            if base.starts_with("mysql") { "UTC_TIMESTAMP(6) - INTERVAL 1 SECOND" } else { "now() - interval '1 second'" },
+            if base.starts_with("mysql") {
+                "UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
+            } else {
+                "now() - interval '1 second'"
+            },
         );
         exec(base, &[&expire]).await.unwrap();
         assert!(!a.renew(node_a, LEASE, "{}").await.unwrap(), "an ended lease is not renewed");
         let mut batch = Batch::default();
         batch.owner = node_a;
         batch.push_remove(s + 1, Loc(s + 1));
-        let outcome = tokio::task::spawn_blocking(move || commit(store.as_mut(), &batch))
-        .await
-        .unwrap();
+        let outcome = tokio::task::spawn_blocking(move || commit(store.as_mut(), &batch)).await.unwrap();
         assert!(outcome.unwrap_err().contains("lease has ended"));
         let taken = b.take_over().await.unwrap();
         assert_eq!(taken.len(), 1);

@@ -46,10 +46,9 @@ pub struct AdminArgs {
 pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
     let (line, columns): (String, &[&str]) = match &args.command {
         AdminCommand::Status { cluster: false } => ("status".into(), &["function", "total", "running", "workers"]),
-        AdminCommand::Status { cluster: true } => (
-            "cluster".into(),
-            &["node", "address", "lease_age", "function", "queued", "running", "workers"],
-        ),
+        AdminCommand::Status { cluster: true } => {
+            ("cluster".into(), &["node", "address", "lease_age", "function", "queued", "running", "workers"])
+        }
         AdminCommand::Workers => ("workers".into(), &["fd", "address", "client_id", "functions"]),
         AdminCommand::Jobs => ("show jobs".into(), &["handle", "retries", "ignored", "background"]),
         AdminCommand::Version => ("version".into(), &["version"]),

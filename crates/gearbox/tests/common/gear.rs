@@ -34,7 +34,9 @@ impl Conn {
         let deadline = Instant::now() + wait;
         let mut chunk = [0u8; 16 * 1024];
         loop {
-            if let Some(Message::Packet(frame)) = Decoder::default().decode(&mut self.buf).map_err(std::io::Error::other)? {
+            if let Some(Message::Packet(frame)) =
+                Decoder::default().decode(&mut self.buf).map_err(std::io::Error::other)?
+            {
                 return Ok(Some(Response::parse(&frame).map_err(std::io::Error::other)?));
             }
             let left = deadline.saturating_duration_since(Instant::now());

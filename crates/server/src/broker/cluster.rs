@@ -59,8 +59,7 @@ impl Broker {
     /// Makes this broker a cluster node; `wake` is notified when workers go idle with nothing
     /// queued, or a status question waits for the database.
     pub fn enable_cluster(&mut self, wake: Arc<Notify>) {
-        self.cluster =
-            Some(ClusterState {
+        self.cluster = Some(ClusterState {
             node: 0,
             valid_until: Instant::now(),
             wake,
@@ -162,6 +161,30 @@ impl Broker {
         if self.in_cluster() && job.stored == Stored::Yes {
             let seq = job.seq;
             self.pending_mark(seq, mark);
+        }
+    }
+
+    /// A worker of `fid` went away. When it was this node's last, the jobs queued here for
+    /// `fid` (that no client waits on) go back to the cluster for a node with workers.
+    pub(super) fn worker_left(&mut self, fid: u32) {
+        let f = &self.functions[fid as usize];
+        if !self.in_cluster() || f.workers > 0 || f.queued_total() == 0 {
+            return;
+        }
+        let keys: Vec<JobKey> = f.queues.iter().flatten().copied().collect();
+        let mut released = 0;
+        for key in keys {
+            let job = &self.jobs[key as usize];
+            if job.state == JobState::Queued && job.stored == Stored::Yes && job.clients().is_empty() {
+                let seq = job.seq;
+                self.forget_stored(key);
+                self.pending_mark(seq, Mark::Released);
+                released += 1;
+            }
+        }
+        if released > 0 {
+            let name = String::from_utf8_lossy(&self.functions[fid as usize].name);
+            tracing::debug!("released {released} jobs of {name} to the cluster");
         }
     }
 

@@ -72,12 +72,15 @@ impl Broker {
         c.sleeping = false;
         let abilities = std::mem::take(&mut c.abilities);
         let running = std::mem::take(&mut c.running);
-        for ability in abilities {
+        for ability in &abilities {
             self.functions[ability.function as usize].workers -= 1;
         }
         // The connection stays known until its jobs are logged with its name.
         for r in running {
             self.lose_worker(r.key, Outcome::LostWorker, Some(conn), r.started_at);
+        }
+        for ability in &abilities {
+            self.worker_left(ability.function);
         }
         let mut c = self.conns.remove(conn as usize);
         self.serials.remove(&c.serial);

@@ -268,9 +268,15 @@ impl Broker {
         }
         if let Err(why) = &outcome {
             tracing::error!("queue store commit failed: {why}");
-            // Nobody waits on removals: retry them with the next batch.
+            // Nobody waits on removals: retry them with the next batch; and the jobs handed
+            // back to a cluster, which this node no longer holds.
             for &(seq, loc) in batch.removes() {
                 self.pending_remove(seq, loc);
+            }
+            for &(seq, mark) in batch.marks() {
+                if mark == gearbox_store::Mark::Released {
+                    self.pending_mark(seq, mark);
+                }
             }
         }
         self.answer_acks(outcome.as_ref().err().map(String::as_str), &coalesced);

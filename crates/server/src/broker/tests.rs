@@ -300,7 +300,7 @@ mod model {
                     self.jobs.remove(seq);
                 }
             }
-            b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) });
+            b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) }, &[]);
         }
     }
 

@@ -154,9 +154,10 @@ impl Broker {
     }
 
     pub(super) fn reset_abilities(&mut self, conn: ConnId) {
-        let c = &mut self.conns[conn as usize];
-        for ability in c.abilities.drain(..) {
+        let abilities = std::mem::take(&mut self.conns[conn as usize].abilities);
+        for ability in abilities {
             self.functions[ability.function as usize].workers -= 1;
+            self.worker_left(ability.function);
         }
     }
 
@@ -168,6 +169,7 @@ impl Broker {
         if let Some(i) = c.abilities.iter().position(|a| a.function == fid) {
             c.abilities.swap_remove(i);
             self.functions[fid as usize].workers -= 1;
+            self.worker_left(fid);
         }
     }
 

@@ -53,6 +53,7 @@ struct RowChange {
     starts: u32,
     running: Option<bool>,
     progress: Option<(u32, u32)>,
+    released: bool,
 }
 
 fn row_changes(batch: &Batch) -> Vec<(RowChange, Vec<i64>)> {
@@ -66,6 +67,10 @@ fn row_changes(batch: &Batch) -> Vec<(RowChange, Vec<i64>)> {
             }
             Mark::Requeued => change.running = Some(false),
             Mark::Progress(n, d) => change.progress = Some((n, d)),
+            Mark::Released => {
+                change.running = Some(false);
+                change.released = true;
+            }
         }
     }
     // Jobs that started alike share one UPDATE; progress is per job.
@@ -109,7 +114,7 @@ async fn write(
             q.execute(&mut **t).await.map(drop)
         })?;
     }
-    let mut unowned = false;
+    let mut unowned = batch.marks().iter().any(|&(_, m)| m == Mark::Released);
     for chunk in plan.add_chunks.iter().map(|r| &plan.adds[r.clone()]) {
         for rows in chunk.chunks(MAX_PARAMS / INSERT_PARAMS) {
             let sql = insert_sql(kind, &table, rows.len());
@@ -198,6 +203,10 @@ async fn update_rows(
     if let Some((n, d)) = change.progress {
         sets.push(format!("numerator = {n}, denominator = {d}"));
     }
+    // Last: the WHERE clause names the owner as it was.
+    if change.released {
+        sets.push("owner = NULL".into());
+    }
     if sets.is_empty() {
         return Ok(());
     }
@@ -285,19 +294,22 @@ impl QueueStore for ClusterStore {
             let conn = db.conn().await?;
             for chunk in seqs.chunks(READ_ROWS) {
                 let sql = select_data_sql(kind, &table, chunk.len());
-                let read: sqlx::Result<()> = async { per_backend!(Conn, &mut *conn, c, DB => {
-                    let mut q = sqlx::query::<DB>(&sql);
-                    for &seq in chunk {
-                        q = q.bind(seq);
-                    }
-                    let mut rows = q.fetch(&mut *c);
-                    while let Some(row) = rows.try_next().await? {
-                        let seq: i64 = row.try_get(0)?;
-                        let data: &[u8] = row.try_get(1)?;
-                        each(seq as u64, data);
-                    }
-                    Ok::<(), sqlx::Error>(())
-                }) }.await;
+                let read: sqlx::Result<()> = async {
+                    per_backend!(Conn, &mut *conn, c, DB => {
+                        let mut q = sqlx::query::<DB>(&sql);
+                        for &seq in chunk {
+                            q = q.bind(seq);
+                        }
+                        let mut rows = q.fetch(&mut *c);
+                        while let Some(row) = rows.try_next().await? {
+                            let seq: i64 = row.try_get(0)?;
+                            let data: &[u8] = row.try_get(1)?;
+                            each(seq as u64, data);
+                        }
+                        Ok::<(), sqlx::Error>(())
+                    })
+                }
+                .await;
                 read.map_err(|e| StoreError::Database(format!("{target}: {e}")))?;
             }
             Ok(())
