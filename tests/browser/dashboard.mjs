@@ -9,7 +9,8 @@
 // and waits until the functions table shows them queued, then opens the job-log view.
 // Env: FUNCTION, CHROMIUM (default /usr/bin/chromium), SCREENSHOT (a PNG path to save the
 // page to at the end), EXPECT_ERROR (text of a failed job's error that the job-log view must
-// show in full, without scrolling sideways). Exits 0 on success, 1 with a message otherwise.
+// show in full, without scrolling sideways), EXPECT_NODES (on a cluster node: the cluster panel
+// must list this many nodes, this one marked). Exits 0 on success, 1 with a message otherwise.
 import { chromium } from 'playwright-core';
 
 const url = process.argv[2];
@@ -88,6 +89,17 @@ async function run() {
   }
   noProblems('first render');
   say(`functions table rendered, server version ${version}`);
+
+  if (process.env.EXPECT_NODES) {
+    const nodes = Number(process.env.EXPECT_NODES);
+    await guard(page.locator('#cluster-card').waitFor({ state: 'visible' }));
+    await guard(page.waitForFunction((n) => {
+      const ids = new Set([...document.querySelectorAll('#cluster-table tbody tr td:first-child')]
+        .map((td) => td.textContent).filter((t) => /^[0-9]/.test(t)));
+      return ids.size === n && [...ids].some((t) => t.includes('(this node)'));
+    }, nodes, { polling: 100, timeout: QUEUE_DEADLINE_MS }));
+    say(`cluster panel lists ${nodes} nodes`);
+  }
 
   const queuedCell = page.locator(`#functions-table tr[data-function="${FUNCTION}"] .queued`);
   const queuedNow = async () => ((await queuedCell.count()) ? Number((await queuedCell.textContent()).replace(/[^0-9]/g, '')) : 0);

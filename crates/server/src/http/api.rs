@@ -88,13 +88,15 @@ struct StatusReply {
     connections: usize,
     totals: Totals,
     job_log: Option<JobLogStatus>,
+    /// This node's incarnation, on a server started with --cluster (see /api/cluster).
+    cluster_node: Option<u64>,
     functions: Vec<FunctionView>,
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
-    let (functions, connections, totals) = {
+    let (functions, connections, totals, node) = {
         let broker = shared.broker.lock().unwrap();
-        (broker.functions_view(), broker.connection_count(), broker.totals())
+        (broker.functions_view(), broker.connection_count(), broker.totals(), broker.cluster_node())
     };
     let info = &shared.admin_info;
     Json(StatusReply {
@@ -113,6 +115,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReply> {
                 expired_bytes_size: u.expired_by_size,
             }),
         }),
+        cluster_node: shared.cluster.as_ref().map(|_| node),
         functions,
     })
 }
