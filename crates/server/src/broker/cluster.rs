@@ -105,8 +105,13 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else { return 0 };
         c.node = 0;
         self.current = None;
-        let held: Vec<JobKey> =
-            self.jobs.iter().filter(|(_, j)| j.stored == Stored::Yes).map(|(k, _)| k as JobKey).collect();
+        // Dropped jobs (cancelled, waiting for their queue to reach them) are gone already.
+        let held: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.stored == Stored::Yes && j.state != JobState::Dropped)
+            .map(|(k, _)| k as JobKey)
+            .collect();
         for &key in &held {
             self.forget_stored(key);
         }
@@ -129,6 +134,9 @@ impl Broker {
         }
         self.unindex(key);
         let f = &mut self.functions[fid];
+        if matches!(state, JobState::Queued | JobState::Scheduled | JobState::Running(_)) {
+            f.counts.handed_over[p] += 1;
+        }
         match state {
             // The queue or schedule heap still holds the key; it is freed when reached.
             JobState::Queued | JobState::Scheduled => {
@@ -283,9 +291,10 @@ impl Broker {
     }
 
     /// A committed job this node does not keep: written unowned, or its unique key named
-    /// another node's job. It is forgotten, unless foreground clients wait on it: then it
-    /// stays a foreground job of this node (the cluster's copy may run too: at least once).
-    pub(super) fn hand_off(&mut self, key: JobKey, run_at: i64, now: i64) {
+    /// another node's job (`coalesced`: then it is no new job). It is forgotten, unless
+    /// foreground clients wait on it: then it stays a foreground job of this node (the
+    /// cluster's copy may run too: at least once).
+    pub(super) fn hand_off(&mut self, key: JobKey, run_at: i64, now: i64, coalesced: bool) {
         let seq = self.jobs[key as usize].seq;
         self.claim_back(seq);
         let job = &mut self.jobs[key as usize];
@@ -294,11 +303,16 @@ impl Broker {
             (job.function as usize, job.priority as usize, job.state == JobState::Pending, !job.clients().is_empty());
         if pending {
             self.functions[fid].pending -= 1;
-            self.functions[fid].counts.submitted[p] += 1;
+            let counts = &mut self.functions[fid].counts;
             if waited {
+                counts.submitted[p] += 1;
                 self.jobs[key as usize].background = false;
                 self.release(key, run_at, now);
             } else {
+                if !coalesced {
+                    counts.submitted[p] += 1;
+                    counts.handed_over[p] += 1;
+                }
                 self.unindex(key);
                 self.jobs.remove(key as usize);
             }

@@ -242,7 +242,7 @@ impl Broker {
             debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
             match (&outcome, key) {
                 (Ok(_), Some(key)) if coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) => {
-                    self.hand_off(key, add.run_at, now)
+                    self.hand_off(key, add.run_at, now, coalesced.contains_key(&add.seq))
                 }
                 (Ok(locs), Some(key)) => {
                     let job = &mut self.jobs[key as usize];

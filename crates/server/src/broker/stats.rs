@@ -48,20 +48,23 @@ impl Histogram {
 }
 
 /// Counters since the server started, indexed by priority (high, normal, low). Jobs in
-/// the queue or running, plus those completed, failed and cancelled, add up to those
-/// submitted and restored.
+/// the queue or running, plus those completed, failed, cancelled and handed over, add up to
+/// those submitted and restored.
 #[derive(Clone, Debug, Default)]
 pub struct FunctionCounts {
     /// New jobs, counted when acknowledged (a submission coalesced into an existing job by
     /// its unique key is not one).
     pub submitted: [u64; 3],
-    /// Jobs loaded from the durable queue at start.
+    /// Jobs loaded from the durable queue at start, or claimed from a cluster.
     pub restored: [u64; 3],
     pub completed: [u64; 3],
     /// WORK_FAIL, WORK_EXCEPTION, or given up after `-j` attempts.
     pub failed: [u64; 3],
     /// Taken out of the queue by an admin, or left by every client that waited for them.
     pub cancelled: [u64; 3],
+    /// A cluster node's jobs left for other nodes: written unowned, handed back when the last
+    /// worker left, or forgotten when the node lost its lease.
+    pub handed_over: [u64; 3],
     pub queue_wait: Histogram,
     pub run_time: Histogram,
 }
@@ -76,6 +79,7 @@ impl FunctionCounts {
             completed: sum(&self.completed),
             failed: sum(&self.failed),
             cancelled: sum(&self.cancelled),
+            handed_over: sum(&self.handed_over),
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct Totals {
     pub completed: u64,
     pub failed: u64,
     pub cancelled: u64,
+    pub handed_over: u64,
 }
 
 impl std::ops::AddAssign for Totals {
@@ -98,6 +103,7 @@ impl std::ops::AddAssign for Totals {
         self.completed += other.completed;
         self.failed += other.failed;
         self.cancelled += other.cancelled;
+        self.handed_over += other.handed_over;
     }
 }
 

@@ -137,6 +137,10 @@ mod model {
         Commit(bool),
         /// The store thread reads the payloads the broker asks for, or fails to.
         Fetch(bool),
+        /// A cluster node loses its lease (another takes its jobs over) and joins again.
+        LoseLease,
+        /// A cluster node claims unowned jobs of a function.
+        Claim(u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -165,6 +169,8 @@ mod model {
             Just(Op::Take),
             any::<bool>().prop_map(Op::Commit),
             any::<bool>().prop_map(Op::Fetch),
+            Just(Op::LoseLease),
+            (0..3u8).prop_map(Op::Claim),
         ]
     }
 
@@ -201,7 +207,7 @@ mod model {
                 });
                 assert_eq!(
                     c.submitted[p] + c.restored[p],
-                    waiting.count() as u64 + c.completed[p] + c.failed[p] + c.cancelled[p],
+                    waiting.count() as u64 + c.completed[p] + c.failed[p] + c.cancelled[p] + c.handed_over[p],
                     "counts of priority {p} add up"
                 );
             }
@@ -243,7 +249,9 @@ mod model {
         }
     }
 
-    /// A store as the store thread drives it: at most one batch being written at a time.
+    /// A store as the store thread drives it: at most one batch being written at a time. In
+    /// a cluster (`node` > 0), rows have owners as the cluster's tables do: writes are fenced
+    /// by the live incarnation, a unique key is one row, and a lost lease frees the rows.
     #[derive(Default)]
     struct Store {
         /// What it holds after the commits it was given, by sequence number.
@@ -251,6 +259,9 @@ mod model {
         /// Every job it ever held.
         ever: std::collections::HashSet<u64>,
         writing: Option<gearbox_store::Batch>,
+        /// The live cluster incarnation (0: not a cluster), and each row's owner.
+        node: u64,
+        owners: HashMap<u64, Option<u64>>,
     }
 
     impl Store {
@@ -282,6 +293,9 @@ mod model {
             self.take(b);
             let batch = self.writing.take().unwrap();
             let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+            if self.node > 0 {
+                return self.commit_cluster(b, batch, locs, ok);
+            }
             if ok {
                 for add in batch.adds() {
                     let job = gearbox_store::StoredJob {
@@ -301,6 +315,89 @@ mod model {
                 }
             }
             b.committed(&batch, if ok { Ok(&locs) } else { Err("disk full".into()) }, &[]);
+        }
+
+        fn commit_cluster(&mut self, b: &mut Broker, batch: gearbox_store::Batch, locs: Vec<Loc>, ok: bool) {
+            if !ok || batch.owner != self.node {
+                return b.committed(&batch, Err("lease ended".into()), &[]);
+            }
+            for (seq, _) in batch.removes() {
+                if self.owners.get(seq) == Some(&Some(batch.owner)) {
+                    self.jobs.remove(seq);
+                    self.owners.remove(seq);
+                }
+            }
+            let mut coalesced = Vec::new();
+            for add in batch.adds() {
+                let holder = self.jobs.values().find(|j| {
+                    !add.unique.is_empty() && j.unique == add.unique && j.function == add.function && j.seq != add.seq
+                });
+                if let Some(holder) = holder {
+                    coalesced.push((add.seq, holder.seq));
+                    continue;
+                }
+                let job = gearbox_store::StoredJob {
+                    seq: add.seq,
+                    priority: add.priority,
+                    run_at: add.run_at,
+                    function: add.function.to_vec(),
+                    unique: add.unique.to_vec(),
+                    data: add.data.to_vec(),
+                    loc: Loc::NONE,
+                };
+                self.jobs.insert(add.seq, job);
+                self.ever.insert(add.seq);
+                self.owners.insert(add.seq, add.owned.then_some(batch.owner));
+            }
+            for &(seq, mark) in batch.marks() {
+                if mark == gearbox_store::Mark::Released && self.owners.get(&seq) == Some(&Some(batch.owner)) {
+                    self.owners.insert(seq, None);
+                }
+            }
+            b.committed(&batch, Ok(&locs), &coalesced);
+        }
+
+        /// The node loses its lease: another takes its rows over; it joins again.
+        fn lose_lease(&mut self, b: &mut Broker) {
+            b.leave_cluster();
+            for owner in self.owners.values_mut() {
+                if *owner == Some(self.node) {
+                    *owner = None;
+                }
+            }
+            self.node += 1;
+            b.join_cluster(self.node, Instant::now() + Duration::from_secs(3600));
+        }
+
+        /// The node claims up to two unowned jobs of `function`.
+        fn claim(&mut self, b: &mut Broker, function: &[u8]) {
+            let mut claimed = Vec::new();
+            for (seq, job) in &self.jobs {
+                if claimed.len() < 2
+                    && self.owners[seq].is_none()
+                    && job.function == function
+                    && job.run_at <= unix_now_for_tests()
+                {
+                    claimed.push(gearbox_store::cluster::Claimed {
+                        seq: *seq,
+                        priority: job.priority,
+                        run_at: job.run_at,
+                        function: job.function.clone(),
+                        unique: job.unique.clone(),
+                        data: job.data.clone(),
+                        attempts: 1,
+                    });
+                }
+            }
+            for c in &claimed {
+                self.owners.insert(c.seq, Some(self.node));
+            }
+            b.restore_claimed(self.node, &claimed);
+        }
+
+        /// The rows the live incarnation owns.
+        fn owned(&self) -> Vec<u64> {
+            self.jobs.keys().copied().filter(|seq| self.owners[seq] == Some(self.node)).collect()
         }
     }
 
@@ -391,17 +488,25 @@ mod model {
             ops in proptest::collection::vec(op(), 1..80),
             durable: bool,
             fetches: bool,
+            cluster: bool,
         ) {
             let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
+            // A cluster node: a database store, which reads payloads back in batches.
+            let (durable, fetches) = (durable || cluster, fetches || cluster);
             if durable {
                 // With `fetches`, payloads past the (test-sized) budget come from `Op::Fetch`.
                 b.enable_durability(Arc::new(std::sync::Condvar::new()), None, fetches);
+            }
+            let mut store = Store::default();
+            if cluster {
+                b.enable_cluster(Arc::new(tokio::sync::Notify::new()));
+                store.node = 1;
+                b.join_cluster(1, Instant::now() + Duration::from_secs(3600));
             }
             let records = Arc::new(std::sync::Mutex::new(Vec::new()));
             let (log, _, writer) = gearbox_joblog::writer::start(Box::new(Collect(records.clone())), None, Some(8));
             b.set_job_log(log);
             let mut peers: Vec<Peer> = (0..4).map(|i| Peer::connect(&mut b, i)).collect();
-            let mut store = Store::default();
             let info = AdminInfo { version: String::new(), verbose: String::new(), allow_shutdown: false, job_log: None };
             let name = |f: u8| Bytes::from(format!("f{f}"));
             for op in ops {
@@ -463,6 +568,15 @@ mod model {
                     Op::Take => store.take(&mut b),
                     Op::Commit(ok) => store.commit(&mut b, ok || !durable),
                     Op::Fetch(ok) => store.fetch(&mut b, ok),
+                    Op::LoseLease if cluster => store.lose_lease(&mut b),
+                    Op::Claim(f) if cluster => store.claim(&mut b, &name(f)),
+                    Op::LoseLease | Op::Claim(_) => {}
+                }
+                // The database answers status questions about jobs this node does not hold.
+                let mut questions = Vec::new();
+                b.status_queries(&mut questions);
+                for q in questions {
+                    b.status_answered(q.id, None);
                 }
                 check(&b);
                 for peer in &mut peers {
@@ -488,7 +602,12 @@ mod model {
                 check(&b);
             }
             prop_assert!(b.jobs.iter().all(|(_, j)| j.background || j.state == JobState::Dropped));
-            if durable {
+            if cluster {
+                // The rows this node owns are exactly its background jobs.
+                store.commit(&mut b, true);
+                store.commit(&mut b, true);
+                prop_assert_eq!(store.owned(), background_jobs(&b));
+            } else if durable {
                 // The store holds exactly the background jobs (once the removals that waited
                 // for their job's own commit are written), and a restart brings them all back.
                 store.commit(&mut b, true);
@@ -522,7 +641,9 @@ mod model {
                         && (matches!(r.status, Outcome::Complete | Outcome::Fail | Outcome::Exception)
                             || r.error.as_deref().is_some_and(|e| e == "cancelled by an admin" || e.starts_with("given up")))
                 });
-                prop_assert!(live.contains(&seq) || ended, "acknowledged job {} was dropped: {:?}", handle, records);
+                // In a cluster, it may be another node's now, or no node's yet.
+                let elsewhere = cluster && store.jobs.contains_key(&seq);
+                prop_assert!(live.contains(&seq) || ended || elsewhere, "acknowledged job {} was dropped: {:?}", handle, records);
             }
             for r in records.iter() {
                 prop_assert_eq!(r.started_at.is_none(), r.status == Outcome::Cancelled, "{:?}", r);

@@ -18,12 +18,15 @@ pub struct FunctionView {
     pub running: u32,
     pub workers: u32,
     /// Counts since the server started; `submitted + restored` equals `queued + running +
-    /// completed + failed + cancelled` (jobs waiting for the store's commit aside).
+    /// completed + failed + cancelled + handed_over` (jobs waiting for the store's commit
+    /// aside).
     pub submitted: u64,
     pub restored: u64,
     pub completed: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Left for other nodes of a cluster.
+    pub handed_over: u64,
     #[serde(skip)]
     pub counts: FunctionCounts,
 }
@@ -80,6 +83,7 @@ impl Broker {
                     completed: totals.completed,
                     failed: totals.failed,
                     cancelled: totals.cancelled,
+                    handed_over: totals.handed_over,
                     counts: f.counts.clone(),
                 }
             })

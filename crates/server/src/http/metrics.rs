@@ -37,9 +37,13 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
             let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {}", value(f));
         }
     }
-    let counters: [(&str, &str, Counter); 5] = [
+    let counters: [(&str, &str, Counter); 6] = [
         ("gearbox_jobs_submitted_total", "New jobs (coalesced duplicates are not counted).", |c| &c.submitted),
-        ("gearbox_jobs_restored_total", "Jobs loaded from the durable queue at start.", |c| &c.restored),
+        (
+            "gearbox_jobs_restored_total",
+            "Jobs loaded from the durable queue at start, or claimed from a cluster.",
+            |c| &c.restored,
+        ),
         ("gearbox_jobs_completed_total", "Jobs that ended with WORK_COMPLETE.", |c| &c.completed),
         (
             "gearbox_jobs_failed_total",
@@ -51,6 +55,7 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
             "Jobs cancelled by an admin, or left by every client that waited for them.",
             |c| &c.cancelled,
         ),
+        ("gearbox_jobs_handed_over_total", "A cluster node's jobs left for other nodes to run.", |c| &c.handed_over),
     ];
     for (metric, help, value) in counters {
         header(&mut out, metric, "counter", help);
