@@ -83,6 +83,11 @@ impl Batch {
         &self.marks
     }
 
+    /// Forgets the marks (a cluster node that lost its lease no longer owns their rows).
+    pub fn clear_marks(&mut self) {
+        self.marks.clear();
+    }
+
     pub fn push_remove(&mut self, seq: u64, loc: Loc) {
         self.removes.push((seq, loc));
     }

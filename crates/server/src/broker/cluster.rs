@@ -118,6 +118,9 @@ impl Broker {
         for f in &mut self.functions {
             f.fetched = [0; 3];
         }
+        // Marks name rows of the old incarnation; the batch will be stamped with the next one,
+        // which may claim those rows again.
+        self.durable.as_mut().expect("durable store enabled").pending_marks_clear();
         held.len()
     }
 
@@ -234,10 +237,17 @@ impl Broker {
         if self.cluster_node() != node {
             return false;
         }
+        // A claimed job keeps the number another incarnation gave it: new jobs here go on
+        // numbering in this incarnation's own block.
+        let next_seq = self.next_seq;
         for job in jobs {
-            if self.find_by_seq(job.seq).is_some() {
+            if let Some(key) = self.find_by_seq(job.seq) {
                 // Written unowned by this node, claimed back before the commit was taken in.
-                self.claim_back(job.seq);
+                if self.leaves_to_cluster(key) {
+                    self.claim_back(job.seq);
+                } else {
+                    tracing::error!("claimed job {} is already here; ignoring the claim", job.seq);
+                }
                 continue;
             }
             self.restore(LoadedJob {
@@ -255,6 +265,7 @@ impl Broker {
                 self.give_up_claimed(key, job.attempts, job_retries);
             }
         }
+        self.next_seq = next_seq;
         true
     }
 

@@ -46,6 +46,12 @@ pub(super) struct Durability {
     add_since: Option<Instant>,
 }
 
+impl Durability {
+    pub(super) fn pending_marks_clear(&mut self) {
+        self.pending.clear_marks();
+    }
+}
+
 /// What waits for the store thread: how many new jobs since when, and since when anything.
 #[derive(Clone, Copy, Debug)]
 pub struct PendingState {
@@ -237,11 +243,14 @@ impl Broker {
         self.current = None;
         let now = unix_now();
         let coalesced: HashMap<u64, u64> = coalesced.iter().copied().collect();
+        // Written by an incarnation this node no longer is: its jobs belong to that one, which
+        // the cluster takes over.
+        let stale = self.in_cluster() && batch.owner != self.cluster_node();
         for (i, add) in batch.adds().enumerate() {
             let key = self.find_by_seq(add.seq);
             debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
             match (&outcome, key) {
-                (Ok(_), Some(key)) if coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) => {
+                (Ok(_), Some(key)) if stale || coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) => {
                     self.hand_off(key, add.run_at, now, coalesced.contains_key(&add.seq))
                 }
                 (Ok(locs), Some(key)) => {
@@ -273,9 +282,11 @@ impl Broker {
             for &(seq, loc) in batch.removes() {
                 self.pending_remove(seq, loc);
             }
-            for &(seq, mark) in batch.marks() {
-                if mark == gearbox_store::Mark::Released {
-                    self.pending_mark(seq, mark);
+            if !stale {
+                for &(seq, mark) in batch.marks() {
+                    if mark == gearbox_store::Mark::Released {
+                        self.pending_mark(seq, mark);
+                    }
                 }
             }
         }

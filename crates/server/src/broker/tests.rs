@@ -137,8 +137,11 @@ mod model {
         Commit(bool),
         /// The store thread reads the payloads the broker asks for, or fails to.
         Fetch(bool),
-        /// A cluster node loses its lease (another takes its jobs over) and joins again.
+        /// A cluster node gives up its lease and joins again (the database's copy of the old
+        /// lease lasts a little longer)...
         LoseLease,
+        /// ...until another node takes the old incarnation over.
+        TakeOver,
         /// A cluster node claims unowned jobs of a function.
         Claim(u8),
     }
@@ -170,6 +173,7 @@ mod model {
             any::<bool>().prop_map(Op::Commit),
             any::<bool>().prop_map(Op::Fetch),
             Just(Op::LoseLease),
+            Just(Op::TakeOver),
             (0..3u8).prop_map(Op::Claim),
         ]
     }
@@ -262,6 +266,8 @@ mod model {
         /// The live cluster incarnation (0: not a cluster), and each row's owner.
         node: u64,
         owners: HashMap<u64, Option<u64>>,
+        /// Earlier incarnations whose lease the database still holds.
+        leaving: Vec<u64>,
     }
 
     impl Store {
@@ -318,7 +324,7 @@ mod model {
         }
 
         fn commit_cluster(&mut self, b: &mut Broker, batch: gearbox_store::Batch, locs: Vec<Loc>, ok: bool) {
-            if !ok || batch.owner != self.node {
+            if !ok || (batch.owner != self.node && !self.leaving.contains(&batch.owner)) {
                 return b.committed(&batch, Err("lease ended".into()), &[]);
             }
             for (seq, _) in batch.removes() {
@@ -357,16 +363,22 @@ mod model {
             b.committed(&batch, Ok(&locs), &coalesced);
         }
 
-        /// The node loses its lease: another takes its rows over; it joins again.
+        /// The node gives up its lease and joins again.
         fn lose_lease(&mut self, b: &mut Broker) {
             b.leave_cluster();
+            self.leaving.push(self.node);
+            self.node += 1;
+            b.join_cluster(self.node, Instant::now() + Duration::from_secs(3600));
+        }
+
+        /// Another node takes the earlier incarnations over: their rows become claimable.
+        fn take_over(&mut self) {
             for owner in self.owners.values_mut() {
-                if *owner == Some(self.node) {
+                if owner.is_some_and(|o| self.leaving.contains(&o)) {
                     *owner = None;
                 }
             }
-            self.node += 1;
-            b.join_cluster(self.node, Instant::now() + Duration::from_secs(3600));
+            self.leaving.clear();
         }
 
         /// The node claims up to two unowned jobs of `function`.
@@ -570,7 +582,8 @@ mod model {
                     Op::Fetch(ok) => store.fetch(&mut b, ok),
                     Op::LoseLease if cluster => store.lose_lease(&mut b),
                     Op::Claim(f) if cluster => store.claim(&mut b, &name(f)),
-                    Op::LoseLease | Op::Claim(_) => {}
+                    Op::TakeOver if cluster => store.take_over(),
+                    Op::LoseLease | Op::TakeOver | Op::Claim(_) => {}
                 }
                 // The database answers status questions about jobs this node does not hold.
                 let mut questions = Vec::new();
@@ -606,6 +619,7 @@ mod model {
                 // The rows this node owns are exactly its background jobs.
                 store.commit(&mut b, true);
                 store.commit(&mut b, true);
+                store.take_over();
                 prop_assert_eq!(store.owned(), background_jobs(&b));
             } else if durable {
                 // The store holds exactly the background jobs (once the removals that waited
