@@ -112,26 +112,26 @@ fn done_uniques(log: &Mutex<Vec<Taken>>, workers: &[&str]) -> HashSet<String> {
 }
 
 /// Submits `count` background jobs to `addr`, one every `every`, until the node stops
-/// answering; returns the unique keys it acknowledged.
+/// answering; returns the unique keys it acknowledged, and the errors it answered with.
 fn submit_spread(
     addr: SocketAddr,
     prefix: String,
     count: usize,
     every: Duration,
-) -> std::thread::JoinHandle<Vec<String>> {
+) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
     std::thread::spawn(move || {
-        let mut acked = Vec::new();
-        let Ok(mut conn) = Conn::connect(addr) else { return acked };
+        let (mut acked, mut errors) = (Vec::new(), Vec::new());
+        let Ok(mut conn) = Conn::connect(addr) else { return (acked, errors) };
         for i in 0..count {
             let unique = format!("{prefix}-{i}");
             match conn.submit_background("work", &unique, "x") {
                 Ok(_) => acked.push(unique),
-                Err(e) if e.contains("QUEUE_ERROR") => {}
+                Err(e) if e.contains("QUEUE_ERROR") => errors.push(e),
                 Err(_) => break,
             }
             std::thread::sleep(every);
         }
-        acked
+        (acked, errors)
     })
 }
 
@@ -155,7 +155,12 @@ fn killed_node_jobs_run_on_the_survivors(base: &str) {
     let b_took = log.lock().unwrap().iter().filter(|t| t.worker.starts_with('b') && !t.done).count();
     b.child.kill().unwrap();
     let killed = Instant::now();
-    let acked: Vec<String> = submitters.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    let mut acked = Vec::new();
+    for (name, submitter) in ["a", "b", "c"].into_iter().zip(submitters) {
+        let (ok, errors) = submitter.join().unwrap();
+        assert!(name == "b" || errors.is_empty(), "node {name} refused submissions: {errors:?}");
+        acked.extend(ok);
+    }
     assert!(acked.iter().filter(|k| k.starts_with("kb")).count() > 10, "node b acknowledged jobs before it died");
     let acked: HashSet<String> = acked.into_iter().collect();
     wait_until(
@@ -171,6 +176,22 @@ fn killed_node_jobs_run_on_the_survivors(base: &str) {
     assert_eq!(taken_over, 1, "one survivor took node b over");
     assert!(last - killed < LEASE + Duration::from_secs(5), "the last job ran {:?} after the kill", last - killed);
     eprintln!("b was running {b_took} jobs when killed; the last job ran {:?} after", last - killed);
+
+    // The survivors, having run b's jobs, take new ones as before (with and without keys).
+    let mut more = HashSet::new();
+    for n in [&a, &c] {
+        let mut conn = Conn::connect(n.addr).unwrap();
+        for i in 0..20 {
+            let unique = format!("after-{}-{i}", n.port());
+            conn.submit_background("work", &unique, "x").unwrap();
+            conn.submit_background("work", "", "x").unwrap();
+            more.insert(unique);
+        }
+    }
+    wait_until("the new jobs to run", Duration::from_secs(20), || {
+        let done = done_uniques(&log, &["a", "c"]);
+        more.iter().all(|k| done.contains(k)) && table.rows() == 0
+    });
 }
 
 fn paused_node_is_fenced_and_rejoins(base: &str) {

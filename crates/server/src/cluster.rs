@@ -4,8 +4,9 @@
 //! admin `cluster` command, `/api/cluster` and `/metrics` show. The rules of the tables are in
 //! `gearbox_store::cluster`; the broker's side is `broker::cluster`.
 //!
-//! The thread runs a single-threaded runtime of its own with two connections, so that a slow
-//! claim never holds up a renewal. Timing, for a lease L (10 s by default):
+//! The thread runs a single-threaded runtime of its own with three connections (lease,
+//! claims, sweeps), so that neither a slow claim nor a takeover waiting for a dead node's last
+//! write holds up a renewal. Timing, for a lease L (10 s by default):
 //! - the lease is renewed every L/3, and lets the node dispatch until L − L/5 after the
 //!   renewal was sent (the database's copy lasts L from when it ran it);
 //! - expired leases are looked for every second, so a dead node's jobs are claimable within
@@ -173,10 +174,11 @@ async fn run(
     cluster.view.lock().unwrap().node = node;
     tracing::info!("cluster on {}: joined as node {node}, lease {lease:?}", db.describe());
     let _ = ready.send(Ok(()));
-    let claims = db.another();
+    let (claims, sweeps) = (db.another(), db.another());
     tokio::select! {
         _ = lease_loop(&shared, &cluster, &mut db, node, sent) => {}
         _ = claim_loop(&shared, &cluster, claims) => {}
+        _ = sweep_loop(&shared, &cluster, sweeps) => {}
         _ = stop.cancelled() => {}
     }
     let node = shared.broker.lock().unwrap().cluster_node();
@@ -199,8 +201,6 @@ async fn lease_loop(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb
     let lease = cluster.lease;
     let renew_every = lease / 3;
     let mut valid_until = renewed + valid_for(lease);
-    refresh(cluster, db, node).await;
-    let mut last_refresh = Some(Instant::now());
     loop {
         tokio::time::sleep(SWEEP_EVERY.min(renew_every)).await;
         let mut lost = None;
@@ -233,8 +233,17 @@ async fn lease_loop(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb
             );
             (node, renewed) = rejoin(shared, cluster, db).await;
             valid_until = renewed + valid_for(lease);
-            continue;
         }
+    }
+}
+
+/// Every second: takes over nodes whose lease ended, hands back jobs no worker here can run,
+/// and (every lease/3) refreshes the view of the cluster. On a connection of its own, so that
+/// a takeover waiting for a dead node's last write never delays a renewal.
+async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb) {
+    let mut refreshed: Option<Instant> = None;
+    loop {
+        let node = shared.broker.lock().unwrap().cluster_node();
         match tokio::time::timeout(CALL_TIMEOUT, db.take_over()).await {
             Ok(Ok(taken)) => {
                 for t in &taken {
@@ -254,10 +263,12 @@ async fn lease_loop(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb
             Ok(Err(e)) => tracing::warn!("cluster: looking for expired nodes: {e}"),
             Err(_) => db.reset(),
         }
-        if last_refresh.is_none_or(|at| at.elapsed() >= renew_every) {
-            last_refresh = Some(Instant::now());
-            refresh(cluster, db, node).await;
+        shared.broker.lock().unwrap().release_unserved();
+        if refreshed.is_none_or(|at| at.elapsed() >= cluster.lease / 3) {
+            refreshed = Some(Instant::now());
+            refresh(cluster, &mut db, node).await;
         }
+        tokio::time::sleep(SWEEP_EVERY).await;
     }
 }
 
@@ -418,12 +429,24 @@ async fn claim(
         }
         Ok(Err(e)) => {
             tracing::warn!("cluster: claiming jobs of {}: {e}", String::from_utf8_lossy(function));
+            restore_uncertain(shared, node, claimed);
             false
         }
         Err(_) => {
             db.reset();
+            restore_uncertain(shared, node, claimed);
             false
         }
+    }
+}
+
+/// A claim whose outcome is unknown (its COMMIT failed or went unanswered) may have made
+/// these jobs this node's: it runs them, rather than leave rows it may own unserved. If the
+/// claim did not land, another node may run them too (at least once).
+fn restore_uncertain(shared: &Shared, node: u64, claimed: &[Claimed]) {
+    if !claimed.is_empty() {
+        tracing::warn!("cluster: a claim of {} jobs may or may not have landed; running them here", claimed.len());
+        shared.broker.lock().unwrap().restore_claimed(node, claimed);
     }
 }
 

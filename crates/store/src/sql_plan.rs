@@ -26,6 +26,19 @@ pub(crate) struct Plan<'a> {
 
 impl<'a> Plan<'a> {
     pub(crate) fn new(batch: &'a Batch, statement_bytes: usize, max_job_bytes: usize) -> Result<Plan<'a>> {
+        Plan::with_rows(batch, statement_bytes, max_job_bytes, ADD_PARAMS, false)
+    }
+
+    /// As [`Plan::new`], for rows of `params_per_row` bind parameters; `by_key` orders the
+    /// adds by function and unique key, so that servers inserting the same keys at once lock
+    /// them in the same order (and never deadlock each other).
+    pub(crate) fn with_rows(
+        batch: &'a Batch,
+        statement_bytes: usize,
+        max_job_bytes: usize,
+        params_per_row: usize,
+        by_key: bool,
+    ) -> Result<Plan<'a>> {
         let seq_param = |seq: u64| {
             i64::try_from(seq).map_err(|_| StoreError::Database(format!("sequence number {seq} does not fit a BIGINT")))
         };
@@ -39,7 +52,11 @@ impl<'a> Plan<'a> {
                 batch.removes().iter().map(|&(seq, _)| seq).filter(|seq| !added.contains(seq)).collect(),
             )
         };
-        let rows_per_insert = MAX_PARAMS / ADD_PARAMS;
+        let mut adds = adds;
+        if by_key {
+            adds.sort_by(|a, b| (a.function, a.unique).cmp(&(b.function, b.unique)));
+        }
+        let rows_per_insert = MAX_PARAMS / params_per_row;
         let mut add_chunks = Vec::new();
         let (mut start, mut bytes) = (0, 0);
         for (i, add) in adds.iter().enumerate() {

@@ -16,7 +16,9 @@ struct Nodes(String, String);
 
 impl Drop for Nodes {
     fn drop(&mut self) {
-        let _ = block_on(exec(&self.0, &[&format!("DROP TABLE IF EXISTS {}_nodes", self.1)]));
+        let drops =
+            [format!("DROP TABLE IF EXISTS {}_nodes", self.1), format!("DROP TABLE IF EXISTS {}_leases", self.1)];
+        let _ = block_on(exec(&self.0, &[&drops[0], &drops[1]]));
     }
 }
 
@@ -98,7 +100,7 @@ fn nodes_claim_take_over_and_fence(base: &str) {
         assert!(b.status(StatusKey::Seq(t + 1)).await.unwrap().is_none());
 
         // A's lease runs out: nothing A built lands any more, and B takes its job over.
-        let expire = format!("UPDATE {}_nodes SET lease_until = created WHERE id = {node_a}", table.name);
+        let expire = format!("UPDATE {}_leases SET lease_until = created WHERE id = {node_a}", table.name);
         let expire = expire.replace(
             "created",
             if base.starts_with("mysql") {

@@ -199,6 +199,22 @@ impl Broker {
         }
     }
 
+    /// Hands back the queued jobs of every function no worker here can do any more: jobs
+    /// that came in after the last worker left (a claim or a commit under way then, a job
+    /// queued again after CANT_DO). The cluster thread calls it every second.
+    pub fn release_unserved(&mut self) {
+        self.current = None;
+        let unserved: Vec<u32> = (0..self.functions.len() as u32)
+            .filter(|&fid| {
+                let f = &self.functions[fid as usize];
+                !f.dropped && f.workers == 0 && f.queued_total() > 0
+            })
+            .collect();
+        for fid in unserved {
+            self.worker_left(fid);
+        }
+    }
+
     /// A worker found nothing to do for these functions: the cluster may have some.
     pub(super) fn workers_idle(&mut self, functions: impl Iterator<Item = u32>) {
         let Some(c) = self.cluster.as_ref() else { return };

@@ -94,6 +94,34 @@ fn jobs_left_after_a_burst_carry_on_in_a_smaller_table() {
     assert_eq!((b.jobs[key as usize].seq, b.jobs[key as usize].unique()), (seq, &b"later"[..]));
 }
 
+/// A cluster node takes in another incarnation's jobs under their own numbers, and goes on
+/// numbering its new jobs in its own block (else they would collide with that node's rows).
+#[test]
+fn claimed_jobs_keep_their_numbers() {
+    use gearbox_store::cluster::{first_seq, Claimed};
+    let mut b = Broker::new(BrokerConfig::default());
+    b.enable_durability(Arc::new(std::sync::Condvar::new()), None, true);
+    b.enable_cluster(Arc::new(tokio::sync::Notify::new()));
+    b.join_cluster(1, Instant::now() + Duration::from_secs(3600));
+    let theirs = first_seq(2) + 5;
+    let job = Claimed {
+        seq: theirs,
+        priority: 1,
+        run_at: 0,
+        function: b"f".to_vec(),
+        unique: b"u".to_vec(),
+        data: b"d".to_vec(),
+        attempts: 1,
+    };
+    assert!(!b.restore_claimed(2, std::slice::from_ref(&job)), "a claim of another incarnation is refused");
+    assert!(b.restore_claimed(1, &[job]));
+    assert!(b.find_by_seq(theirs).is_some());
+    assert_eq!(b.next_seq, first_seq(1));
+    let conn = b.connect(Arc::new(Outbox::default()), 1, "t", 1);
+    submit(&mut b, conn, "", true);
+    assert!(b.find_by_seq(first_seq(1)).is_some(), "new jobs take this incarnation's numbers");
+}
+
 fn unix_now_for_tests() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }

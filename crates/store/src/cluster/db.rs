@@ -183,30 +183,39 @@ impl ClusterDb {
 
     /// Registers a new incarnation of this server, with a lease; returns its id.
     pub async fn join(&mut self, address: &str, lease: Duration) -> Result<u64> {
-        let sql = self.sql(&format!(
-            "INSERT INTO {{t}}_nodes (address, started_at, renewed_at, lease_until, info) \
-             VALUES (?, {{now}}, {{now}}, {}, '')",
+        let node = self.sql("INSERT INTO {t}_nodes (address, started_at) VALUES (?, {now})");
+        let lease_row = self.sql(&format!(
+            "INSERT INTO {{t}}_leases (id, renewed_at, lease_until, info) VALUES (?, {{now}}, {}, '')",
             self.later()
         ));
         let micros = lease.as_micros() as i64;
         let address: String = address.chars().take(255).collect();
         let conn = self.conn().await?;
-        let id = match conn {
-            Conn::MySql(c) => {
-                sqlx::query(&sql).bind(&address).bind(micros).execute(c).await.map(|r| r.last_insert_id() as i64)
-            }
-            Conn::Postgres(c) => {
-                sqlx::query_scalar(&format!("{sql} RETURNING id")).bind(&address).bind(micros).fetch_one(c).await
-            }
-        };
-        id.map(|id| id as u64).map_err(|e| self.failed(e))
+        let outcome: sqlx::Result<i64> = async {
+            let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+            let id = match &mut tx {
+                Tx::MySql(t) => {
+                    sqlx::query(&node).bind(&address).execute(&mut **t).await.map(|r| r.last_insert_id() as i64)?
+                }
+                Tx::Postgres(t) => {
+                    sqlx::query_scalar(&format!("{node} RETURNING id")).bind(&address).fetch_one(&mut **t).await?
+                }
+            };
+            per_backend!(Tx, &mut tx, t, DB => {
+                sqlx::query::<DB>(&lease_row).bind(id).bind(micros).execute(&mut **t).await.map(drop)
+            })?;
+            per_backend!(Tx, tx, t, _DB => t.commit().await)?;
+            Ok(id)
+        }
+        .await;
+        outcome.map(|id| id as u64).map_err(|e| self.failed(e))
     }
 
     /// Extends the lease of `node` by `lease` from now and publishes `info`. False if the
     /// lease had already ended (or the node was taken over): the incarnation is over.
     pub async fn renew(&mut self, node: u64, lease: Duration, info: &str) -> Result<bool> {
         let sql = self.sql(&format!(
-            "UPDATE {{t}}_nodes SET renewed_at = {{now}}, lease_until = {}, info = ? \
+            "UPDATE {{t}}_leases SET renewed_at = {{now}}, lease_until = {}, info = ? \
              WHERE id = ? AND lease_until > {{now}}",
             self.later()
         ));
@@ -218,25 +227,36 @@ impl ClusterDb {
         rows.map(|n| n == 1).map_err(|e| self.failed(e))
     }
 
-    /// Takes over every node whose lease has ended: its row goes and its jobs become
-    /// claimable. Another node may win the race for one; it is then not listed.
+    /// Takes over every node whose lease has ended: its lease row is locked (no renewal gets
+    /// in) and checked again, its node row deleted (which waits for any write of that node
+    /// already past its fence), and its jobs become claimable. Another node may win the race
+    /// for one; it is then not listed.
     pub async fn take_over(&mut self) -> Result<Vec<Takeover>> {
-        let expired = self.sql("SELECT id, address FROM {t}_nodes WHERE lease_until < {now}");
-        let delete = self.sql("DELETE FROM {t}_nodes WHERE id = ? AND lease_until < {now}");
+        let expired = self.sql("SELECT id FROM {t}_leases WHERE lease_until < {now}");
+        let lock = self.sql("SELECT id FROM {t}_leases WHERE id = ? AND lease_until < {now} FOR UPDATE");
+        let address = self.sql("SELECT address FROM {t}_nodes WHERE id = ?");
+        let delete_node = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
+        let delete_lease = self.sql("DELETE FROM {t}_leases WHERE id = ?");
         let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
         let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
         let conn = self.conn().await?;
         let outcome: sqlx::Result<Vec<Takeover>> = async {
-            let dead: Vec<(i64, String)> =
-                per_backend!(Conn, &mut *conn, c, DB => sqlx::query_as::<DB, (i64, String)>(&expired).fetch_all(c).await)?;
+            let dead: Vec<i64> =
+                per_backend!(Conn, &mut *conn, c, DB => sqlx::query_scalar::<DB, i64>(&expired).fetch_all(c).await)?;
             let mut taken = Vec::new();
-            for (node, address) in dead {
+            for node in dead {
                 let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
-                let gone = per_backend!(Tx, &mut tx, t, DB => {
-                    sqlx::query::<DB>(&delete).bind(node).execute(&mut **t).await.map(|r| r.rows_affected())
+                let still = per_backend!(Tx, &mut tx, t, DB => {
+                    sqlx::query_scalar::<DB, i64>(&lock).bind(node).fetch_optional(&mut **t).await
                 })?;
-                if gone == 0 {
+                if still.is_none() {
                     continue;
+                }
+                let address = per_backend!(Tx, &mut tx, t, DB => {
+                    sqlx::query_scalar::<DB, String>(&address).bind(node).fetch_optional(&mut **t).await
+                })?;
+                for delete in [&delete_node, &delete_lease] {
+                    per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(delete).bind(node).execute(&mut **t).await.map(drop))?;
                 }
                 let jobs = per_backend!(Tx, &mut tx, t, DB => {
                     sqlx::query::<DB>(&free).bind(node).execute(&mut **t).await.map(|r| r.rows_affected())
@@ -245,7 +265,7 @@ impl ClusterDb {
                     sqlx::query(&notify).execute(&mut **t).await?;
                 }
                 per_backend!(Tx, tx, t, _DB => t.commit().await)?;
-                taken.push(Takeover { node: node as u64, address, jobs });
+                taken.push(Takeover { node: node as u64, address: address.unwrap_or_default(), jobs });
             }
             Ok(taken)
         }
@@ -253,19 +273,22 @@ impl ClusterDb {
         outcome.map_err(|e| self.failed(e))
     }
 
-    /// Ends `node`'s incarnation at shutdown: its jobs become claimable at once and its row
-    /// goes. Returns how many jobs it gave up.
+    /// Ends `node`'s incarnation at shutdown: its jobs become claimable at once and its rows
+    /// go. Returns how many jobs it gave up.
     pub async fn leave(&mut self, node: u64) -> Result<u64> {
+        let delete_node = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
+        let delete_lease = self.sql("DELETE FROM {t}_leases WHERE id = ?");
         let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
-        let delete = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
         let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
         let conn = self.conn().await?;
         let outcome: sqlx::Result<u64> = async {
             let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+            for delete in [&delete_node, &delete_lease] {
+                per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(delete).bind(node as i64).execute(&mut **t).await.map(drop))?;
+            }
             let jobs = per_backend!(Tx, &mut tx, t, DB => {
                 sqlx::query::<DB>(&free).bind(node as i64).execute(&mut **t).await.map(|r| r.rows_affected())
             })?;
-            per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(&delete).bind(node as i64).execute(&mut **t).await.map(drop))?;
             if let Tx::Postgres(t) = &mut tx {
                 sqlx::query(&notify).execute(&mut **t).await?;
             }
@@ -280,12 +303,14 @@ impl ClusterDb {
     pub async fn nodes(&mut self) -> Result<Vec<NodeRow>> {
         let sql = self.sql(match self.kind() {
             Kind::MySql => {
-                "SELECT id, address, TIMESTAMPDIFF(MICROSECOND, renewed_at, {now}), \
-                 TIMESTAMPDIFF(MICROSECOND, {now}, lease_until), info FROM {t}_nodes ORDER BY id"
+                "SELECT n.id, n.address, TIMESTAMPDIFF(MICROSECOND, l.renewed_at, {now}), \
+                 TIMESTAMPDIFF(MICROSECOND, {now}, l.lease_until), l.info \
+                 FROM {t}_nodes n JOIN {t}_leases l ON l.id = n.id ORDER BY n.id"
             }
             Kind::Postgres => {
-                "SELECT id, address, (EXTRACT(EPOCH FROM ({now} - renewed_at)) * 1000000)::BIGINT, \
-                 (EXTRACT(EPOCH FROM (lease_until - {now})) * 1000000)::BIGINT, info FROM {t}_nodes ORDER BY id"
+                "SELECT n.id, n.address, (EXTRACT(EPOCH FROM ({now} - l.renewed_at)) * 1000000)::BIGINT, \
+                 (EXTRACT(EPOCH FROM (l.lease_until - {now})) * 1000000)::BIGINT, l.info \
+                 FROM {t}_nodes n JOIN {t}_leases l ON l.id = n.id ORDER BY n.id"
             }
         });
         let conn = self.conn().await?;
@@ -316,7 +341,9 @@ impl ClusterDb {
 
     /// Makes up to `limit` unowned jobs of `function` that are due at `now` (Unix seconds)
     /// `node`'s, highest priority and oldest first, skipping rows another node is claiming,
-    /// and appends them to `out`. `Ok(None)` if `node`'s lease has ended.
+    /// and appends them to `out`. `Ok(None)` if `node`'s lease has ended. If the COMMIT itself
+    /// fails (the claim may have landed), the error comes with the jobs left in `out`: the
+    /// caller runs them rather than leave rows it may own unserved.
     pub async fn claim(
         &mut self,
         node: u64,
@@ -328,11 +355,12 @@ impl ClusterDb {
         let fence = self.fence_sql();
         let select = self.sql(&format!(
             "SELECT seq, priority, run_at, function_name, unique_key, data, attempts FROM {{t}} \
-             WHERE owner IS NULL AND function_name = ? AND run_at <= ? ORDER BY priority, seq \
+             WHERE owner IS NULL AND function_name = ? AND run_at <= ? ORDER BY priority, created_at, seq \
              LIMIT {limit} FOR UPDATE SKIP LOCKED"
         ));
         let (kind, table) = (self.kind(), self.table().to_string());
         let start = out.len();
+        let committing = std::cell::Cell::new(false);
         let conn = self.conn().await?;
         let outcome: sqlx::Result<Option<usize>> = async {
             let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
@@ -373,11 +401,13 @@ impl ClusterDb {
                     q.execute(&mut **t).await.map(drop)
                 })?;
             }
+            let n = claimed.len();
+            committing.set(true);
             per_backend!(Tx, tx, t, _DB => t.commit().await)?;
-            Ok(Some(claimed.len()))
+            Ok(Some(n))
         }
         .await;
-        if !matches!(outcome, Ok(Some(_))) {
+        if !matches!(outcome, Ok(Some(_))) && !committing.get() {
             out.truncate(start);
         }
         outcome.map_err(|e| self.failed(e))
@@ -416,21 +446,36 @@ impl ClusterDb {
         Ok(Some(Listener { inner: listener }))
     }
 
-    /// The statement that checks, and locks against a takeover, the lease of a node.
-    pub(crate) fn fence_sql(&self) -> String {
-        self.sql(match self.kind() {
-            Kind::MySql => "SELECT id FROM {t}_nodes WHERE id = ? AND lease_until > {now} LOCK IN SHARE MODE",
-            Kind::Postgres => "SELECT id FROM {t}_nodes WHERE id = ? AND lease_until > {now} FOR KEY SHARE",
-        })
+    /// The statements that lock a node's row against a takeover, then check its lease.
+    pub(crate) fn fence_sql(&self) -> Fence {
+        Fence {
+            lock: self.sql(match self.kind() {
+                Kind::MySql => "SELECT id FROM {t}_nodes WHERE id = ? LOCK IN SHARE MODE",
+                Kind::Postgres => "SELECT id FROM {t}_nodes WHERE id = ? FOR KEY SHARE",
+            }),
+            lease: self.sql("SELECT id FROM {t}_leases WHERE id = ? AND lease_until > {now}"),
+        }
     }
 }
 
-/// Whether `node` holds its lease, locking its row against a takeover until `tx` ends.
-pub(crate) async fn fenced(tx: &mut Tx<'_>, fence: &str, node: u64) -> sqlx::Result<bool> {
-    let row = per_backend!(Tx, tx, t, DB => {
-        sqlx::query_scalar::<DB, i64>(fence).bind(node as i64).fetch_optional(&mut **t).await
-    })?;
-    Ok(row.is_some())
+pub(crate) struct Fence {
+    lock: String,
+    lease: String,
+}
+
+/// Whether `node` holds its lease. Its node row is locked in share mode until `tx` ends, so a
+/// takeover (which deletes that row first) waits for this transaction, and once a takeover
+/// has happened the row is gone and every later write fails here.
+pub(crate) async fn fenced(tx: &mut Tx<'_>, fence: &Fence, node: u64) -> sqlx::Result<bool> {
+    for sql in [&fence.lock, &fence.lease] {
+        let row = per_backend!(Tx, &mut *tx, t, DB => {
+            sqlx::query_scalar::<DB, i64>(sql).bind(node as i64).fetch_optional(&mut **t).await
+        })?;
+        if row.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// PostgreSQL notifications of claimable jobs.

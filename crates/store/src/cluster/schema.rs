@@ -1,6 +1,9 @@
-//! A cluster's two tables: the queue (a row per background job, with the node that owns it)
-//! and its nodes (an incarnation per server start, with its lease). Created by the first
-//! node; later nodes check the table's comment, as the single-server store does.
+//! A cluster's tables: the queue (a row per background job, with the node that owns it),
+//! its nodes (an incarnation per server start; a row that never changes, which every write of
+//! the node locks in share mode and a takeover deletes first) and their leases (renewed, and
+//! so apart from the node row: a renewal never waits for the node's own writes). Created by
+//! the first node; later nodes check the queue table's comment, as the single-server store
+//! does.
 
 use sqlx::Executor;
 
@@ -28,7 +31,7 @@ fn queue_ddl(kind: Kind, t: &str) -> Vec<String> {
                    numerator BIGINT NOT NULL DEFAULT 0, \
                    denominator BIGINT NOT NULL DEFAULT 0, \
                    created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
-                   KEY {t}_claim (owner, function_name, priority, seq), \
+                   KEY {t}_claim (owner, function_name, priority, created_at, seq), \
                    UNIQUE KEY {t}_unique (unique_key, function_name)\
                  ) ENGINE=InnoDB COMMENT='{CLUSTER_TAG}{CLUSTER_VERSION}'"
             ),
@@ -36,7 +39,12 @@ fn queue_ddl(kind: Kind, t: &str) -> Vec<String> {
                 "CREATE TABLE IF NOT EXISTS {t}_nodes (\
                    id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
                    address VARCHAR(255) NOT NULL, \
-                   started_at DATETIME(6) NOT NULL, \
+                   started_at DATETIME(6) NOT NULL\
+                 ) ENGINE=InnoDB"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_leases (\
+                   id BIGINT NOT NULL PRIMARY KEY, \
                    renewed_at DATETIME(6) NOT NULL, \
                    lease_until DATETIME(6) NOT NULL, \
                    info LONGTEXT NOT NULL\
@@ -59,13 +67,17 @@ fn queue_ddl(kind: Kind, t: &str) -> Vec<String> {
                    denominator BIGINT NOT NULL DEFAULT 0, \
                    created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (owner, function_name, priority, seq)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (owner, function_name, priority, created_at, seq)"),
             format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_unique ON {t} (unique_key, function_name)"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {t}_nodes (\
                    id BIGSERIAL PRIMARY KEY, \
                    address TEXT NOT NULL, \
-                   started_at TIMESTAMPTZ NOT NULL, \
+                   started_at TIMESTAMPTZ NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_leases (\
+                   id BIGINT PRIMARY KEY, \
                    renewed_at TIMESTAMPTZ NOT NULL, \
                    lease_until TIMESTAMPTZ NOT NULL, \
                    info TEXT NOT NULL)"
@@ -82,7 +94,14 @@ pub(crate) async fn ensure_cluster_schema(conn: &mut Conn, target: &Target) -> R
     let lock = format!("gearbox schema {}", target.table);
     match conn {
         Conn::MySql(c) => {
-            sqlx::query("DO GET_LOCK(?, 30)").bind(&lock).execute(&mut *c).await.map_err(err)?;
+            let got: Option<i64> =
+                sqlx::query_scalar("SELECT GET_LOCK(?, 30)").bind(&lock).fetch_one(&mut *c).await.map_err(err)?;
+            if got != Some(1) {
+                return Err(StoreError::Database(format!(
+                    "{}: another node held the schema lock for 30 s",
+                    target.public
+                )));
+            }
         }
         Conn::Postgres(c) => {
             sqlx::query("SELECT pg_advisory_lock(hashtext($1))").bind(&lock).execute(&mut *c).await.map_err(err)?;

@@ -8,7 +8,7 @@
 //! A lost connection is retried, with backoff, for up to ten seconds; a retried insert that
 //! finds its own row counts as done.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
@@ -115,43 +115,51 @@ async fn write(
         })?;
     }
     let mut unowned = batch.marks().iter().any(|&(_, m)| m == Mark::Released);
-    for chunk in plan.add_chunks.iter().map(|r| &plan.adds[r.clone()]) {
-        for rows in chunk.chunks(MAX_PARAMS / INSERT_PARAMS) {
-            let sql = insert_sql(kind, &table, rows.len());
-            let inserted: Vec<i64> = per_backend!(Tx, &mut tx, t, DB => {
-                let mut q = sqlx::query_scalar::<DB, i64>(&sql);
-                for a in rows {
-                    let unique = (!a.unique.is_empty()).then_some(a.unique);
-                    let owner = a.owned.then_some(batch.owner as i64);
-                    q = q.bind(a.seq as i64).bind(i16::from(a.priority)).bind(a.run_at).bind(a.function).bind(unique).bind(a.data).bind(owner);
-                }
-                q.fetch_all(&mut **t).await
-            })?;
-            unowned |= rows.iter().any(|a| !a.owned);
-            if inserted.len() == rows.len() {
-                continue;
+    let by_unique = format!(
+        "SELECT seq FROM {table} WHERE unique_key = {} AND function_name = {}",
+        if kind == Kind::MySql { "?" } else { "$1" },
+        if kind == Kind::MySql { "?" } else { "$2" }
+    );
+    let by_seq =
+        format!("SELECT function_name, data FROM {table} WHERE seq = {}", if kind == Kind::MySql { "?" } else { "$1" });
+    for rows in plan.add_chunks.iter().map(|r| &plan.adds[r.clone()]) {
+        let sql = insert_sql(kind, &table, rows.len());
+        let inserted: HashSet<i64> = per_backend!(Tx, &mut tx, t, DB => {
+            let mut q = sqlx::query_scalar::<DB, i64>(&sql);
+            for a in rows {
+                let unique = (!a.unique.is_empty()).then_some(a.unique);
+                let owner = a.owned.then_some(batch.owner as i64);
+                q = q.bind(a.seq as i64).bind(i16::from(a.priority)).bind(a.run_at).bind(a.function).bind(unique).bind(a.data).bind(owner);
             }
-            // A unique key another job holds: that job is the answer.
-            let lookup = format!(
-                "SELECT seq FROM {table} WHERE unique_key = {} AND function_name = {}",
-                if kind == Kind::MySql { "?" } else { "$1" },
-                if kind == Kind::MySql { "?" } else { "$2" }
-            );
-            for a in rows.iter().filter(|a| !a.unique.is_empty() && !inserted.contains(&(a.seq as i64))) {
+            q.fetch_all(&mut **t).await
+        })?
+        .into_iter()
+        .collect();
+        unowned |= rows.iter().any(|a| !a.owned);
+        for a in rows.iter().filter(|a| !inserted.contains(&(a.seq as i64))) {
+            if !a.unique.is_empty() {
+                // A unique key another job holds: that job is the answer.
                 let existing = per_backend!(Tx, &mut tx, t, DB => {
-                    sqlx::query_scalar::<DB, i64>(&lookup).bind(a.unique).bind(a.function).fetch_optional(&mut **t).await
+                    sqlx::query_scalar::<DB, i64>(&by_unique).bind(a.unique).bind(a.function).fetch_optional(&mut **t).await
                 })?;
                 match existing {
                     Some(seq) if seq as u64 != a.seq => coalesced.push((a.seq, seq as u64)),
                     // Its own row, from an attempt whose COMMIT went unanswered.
                     Some(_) => {}
-                    None => {
-                        return Err(sqlx::Error::Protocol(format!(
-                            "job {} conflicted with a row that is gone; retrying",
-                            a.seq
-                        )))
-                    }
+                    // The holder ended meanwhile: the next attempt inserts it.
+                    None => return Err(sqlx::Error::Protocol(format!("job {} met a unique key just freed", a.seq))),
                 }
+                continue;
+            }
+            // No unique key: only its own row, from an attempt whose COMMIT went unanswered,
+            // can hold its sequence number.
+            let row = per_backend!(Tx, &mut tx, t, DB => {
+                sqlx::query_as::<DB, (Vec<u8>, Vec<u8>)>(&by_seq).bind(a.seq as i64).fetch_optional(&mut **t).await
+            })?;
+            if row.as_ref().is_none_or(|(f, d)| f != a.function || d != a.data) {
+                return Err(sqlx::Error::Configuration(
+                    format!("job {} collides with another job's sequence number", a.seq).into(),
+                ));
             }
         }
     }
@@ -165,6 +173,16 @@ async fn write(
     }
     per_backend!(Tx, tx, t, _DB => t.commit().await)?;
     Ok(true)
+}
+
+/// A deadlock or a lock wait that timed out: the transaction was rolled back and can be
+/// tried again (MariaDB 1213, 1205; PostgreSQL 40P01, 55P03, 40001).
+fn is_conflict(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else { return false };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(my.number(), 1205 | 1213);
+    }
+    db.code().is_some_and(|c| matches!(&*c, "40001" | "40P01" | "55P03"))
 }
 
 fn insert_sql(kind: Kind, table: &str, rows: usize) -> String {
@@ -243,7 +261,7 @@ impl QueueStore for ClusterStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let plan = Plan::new(batch, self.statement_bytes, self.max_job_bytes)?;
+        let plan = Plan::with_rows(batch, self.statement_bytes, self.max_job_bytes, INSERT_PARAMS, true)?;
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         let mut coalesced = Vec::new();
@@ -266,7 +284,7 @@ impl QueueStore for ClusterStore {
                 Ok(Err(e)) => e,
                 Err(_) => sqlx::Error::Io(std::io::Error::other(format!("no answer in {ATTEMPT_TIMEOUT:?}"))),
             };
-            let lost = is_connection_error(&error);
+            let lost = is_connection_error(&error) || is_conflict(&error);
             let error = self.db.failed(error);
             if !lost || started.elapsed() + delay >= RETRY_FOR {
                 return Err(error);
