@@ -144,15 +144,11 @@ run_one() {
 # field KEY JSON: the value of a number field, or "null".
 field() { sed -n "s/.*\"$1\":\\([^,}]*\\).*/\\1/p" <<<"$2"; }
 
-# median KIND SCENARIO KEY: the median over the successful runs, or "n/a".
-median() {
+# med KIND SCENARIO KEY: the median over the successful runs, or "n/a".
+med() {
     local file=$WORK/$2.$1
     [[ -s $file ]] || { echo n/a; return; }
-    while read -r line; do field "$3" "$line"; done <"$file" | grep -v '^null$' | sort -g |
-        awk '{ v[NR] = $1 } END {
-            if (NR == 0) { print "n/a"; exit }
-            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-            printf "%.2f\n", m }'
+    while read -r line; do field "$3" "$line"; done <"$file" | median
 }
 
 runs() { [[ -s $WORK/$2.$1 ]] && wc -l <"$WORK/$2.$1" || echo 0; }
@@ -174,20 +170,15 @@ table() {
     while (($#)); do
         key=$1 label=$2
         shift 2
-        a=$(median gearmand "$scenario" "$key")
-        b=$(median gearbox "$scenario" "$key")
+        a=$(med gearmand "$scenario" "$key")
+        b=$(med gearbox "$scenario" "$key")
         if [[ " ${KINDS[*]} " == *" alt "* ]]; then
-            c=$(median alt "$scenario" "$key")
+            c=$(med alt "$scenario" "$key")
             printf '%-28s %14s %14s %18s %14s %14s\n' "$label" "$a" "$b" "$(ratio "$b" "$a")" "$c" "$(ratio "$c" "$b")"
         else
             printf '%-28s %14s %14s %18s\n' "$label" "$a" "$b" "$(ratio "$b" "$a")"
         fi
     done
-}
-
-# ratio X Y: X / Y to two places, or "n/a".
-ratio() {
-    awk -v x="$1" -v y="$2" 'BEGIN { if (x == "n/a" || y == "n/a" || y + 0 == 0) print "n/a"; else printf "%.2f", x / y }'
 }
 
 log "load generator: ${BENCH[*]}; gearbox server flags: ${GEARBOX_FLAGS[*]:-(none)}"

@@ -1,4 +1,4 @@
-//! What every mode shares: the server, the deadline, the tasks a run started (whose errors
+//! What every mode shares: the servers, the deadline, the tasks a run started (whose errors
 //! all end up in one channel), and the building blocks the modes are made of.
 
 use std::future::Future;
@@ -23,13 +23,16 @@ use crate::BenchArgs;
 const DUPLICATE_GRACE: Duration = Duration::from_millis(200);
 
 pub(crate) struct Ctx {
-    pub addr: String,
+    /// The servers, HOST:PORT, in --server's order.
+    pub addrs: Vec<String>,
     pub function: Bytes,
     pub run_id: String,
     pub clients: usize,
+    /// Worker connections on each server.
     pub workers: usize,
     inflight: usize,
-    pub server: Option<ServerProc>,
+    /// Each server's process, where it runs on this host and its PID is known.
+    pub procs: Vec<Option<ServerProc>>,
     deadline: tokio::time::Instant,
     timeout: u64,
     /// Every worker and client; aborted when the run ends.
@@ -41,20 +44,26 @@ pub(crate) struct Ctx {
 impl Ctx {
     pub async fn new(args: &BenchArgs, clients: usize) -> Result<Ctx> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-        let server = tokio::time::timeout_at(deadline, ServerProc::find(&args.server, args.server_pid))
-            .await
-            .context("timed out looking for the server's PID")??;
+        let mut procs = Vec::with_capacity(args.server.len());
+        for (i, addr) in args.server.iter().enumerate() {
+            let found = ServerProc::find(addr, args.server_pid.get(i).copied());
+            procs.push(
+                tokio::time::timeout_at(deadline, found)
+                    .await
+                    .with_context(|| format!("timed out looking for the PID of {addr}"))??,
+            );
+        }
         let (fail_tx, fail_rx) = mpsc::unbounded_channel();
         let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
         seed.write_u128(std::time::UNIX_EPOCH.elapsed()?.as_nanos());
         Ok(Ctx {
-            addr: args.server.clone(),
+            addrs: args.server.clone(),
             function: Bytes::from(args.function.clone().into_bytes()),
             run_id: format!("{:08x}", seed.finish() as u32),
             clients,
             workers: args.workers as usize,
             inflight: args.inflight as usize,
-            server,
+            procs,
             deadline,
             timeout: args.timeout,
             tasks: JoinSet::new(),
@@ -87,31 +96,54 @@ impl Ctx {
         });
     }
 
-    pub fn cpu_us(&self) -> Option<u64> {
-        self.server.as_ref()?.cpu_us()
+    /// The servers for the header line: each address, with its process name and PID if known.
+    pub fn describe_servers(&self) -> String {
+        let each = self.addrs.iter().zip(&self.procs).map(|(addr, proc)| match proc {
+            Some(p) => format!("{addr} ({}, pid {})", p.name, p.pid),
+            None => addr.clone(),
+        });
+        each.collect::<Vec<_>>().join(", ")
     }
 
-    pub fn cpu_since(&self, start: Option<u64>) -> Option<u64> {
-        Some(self.cpu_us()?.saturating_sub(start?))
+    /// Every server's CPU time now (see [`Ctx::cpu_since`]).
+    pub fn cpu_mark(&self) -> CpuMark {
+        CpuMark(self.procs.iter().map(|p| p.as_ref().and_then(ServerProc::cpu_us)).collect())
     }
 
-    /// The server's resident memory, which `mode` cannot do without.
+    /// CPU time the servers used since `mark`, in microseconds: the sum over those whose time
+    /// could be read both then and now (a server killed meanwhile drops out); `None` if none.
+    pub fn cpu_since(&self, mark: &CpuMark) -> Option<u64> {
+        let now = self.cpu_mark();
+        let used = mark.0.iter().zip(&now.0).filter_map(|(&then, &now)| Some(now?.saturating_sub(then?)));
+        used.reduce(|a, b| a + b)
+    }
+
+    /// The single server's resident memory, which `mode` cannot do without.
     pub fn rss(&self, mode: &str) -> Result<u64> {
-        self.server
+        self.procs[0]
             .as_ref()
             .with_context(|| format!("{mode} mode needs the server's PID (getpid or --server-pid)"))?
             .rss_bytes()
             .context("cannot read the server's VmRSS")
     }
 
-    /// Starts the workers and waits until the server has answered each of them.
+    /// Starts `--workers` workers on every server and waits until each has been answered.
     pub async fn start_workers(&mut self, jobs: &Arc<JobSet>) -> Result<()> {
-        let mut ready = Vec::with_capacity(self.workers);
-        for _ in 0..self.workers {
-            let (tx, rx) = oneshot::channel();
-            let worker = jobs::worker(self.addr.clone(), self.function.clone(), jobs.clone(), tx);
-            self.spawn("worker", worker);
-            ready.push(rx);
+        let addrs = self.addrs.clone();
+        self.start_workers_on(jobs, &addrs).await
+    }
+
+    /// Starts `--workers` workers on each of `addrs` and waits until the server has answered
+    /// each of them.
+    pub async fn start_workers_on(&mut self, jobs: &Arc<JobSet>, addrs: &[String]) -> Result<()> {
+        let mut ready = Vec::with_capacity(self.workers * addrs.len());
+        for addr in addrs {
+            for _ in 0..self.workers {
+                let (tx, rx) = oneshot::channel();
+                let worker = jobs::worker(addr.clone(), self.function.clone(), jobs.clone(), tx);
+                self.spawn("worker", worker);
+                ready.push(rx);
+            }
         }
         self.wait("starting the workers", async {
             for rx in ready {
@@ -121,11 +153,17 @@ impl Ctx {
         .await
     }
 
+    /// Connects `--clients` clients, spread over the servers round-robin.
     pub async fn connect_clients(&mut self) -> Result<Vec<Conn>> {
+        let addrs = self.addrs.clone();
+        self.connect_clients_to(&addrs).await
+    }
+
+    /// Connects `--clients` clients, spread over `addrs` round-robin.
+    pub async fn connect_clients_to(&mut self, addrs: &[String]) -> Result<Vec<Conn>> {
         let mut conns = Vec::with_capacity(self.clients);
-        for _ in 0..self.clients {
-            let addr = self.addr.clone();
-            conns.push(self.wait("connecting", Conn::connect(&addr)).await??);
+        for addr in addrs.iter().cycle().take(self.clients) {
+            conns.push(self.wait("connecting", Conn::connect(addr)).await??);
         }
         Ok(conns)
     }
@@ -160,18 +198,18 @@ impl Ctx {
         .await
     }
 
-    /// Waits for the last job to run. With `phase` (its start and the server's CPU time then),
+    /// Waits for the last job to run. With `phase` (its start and the servers' CPU time then),
     /// the measured phase ends with the last WORK_COMPLETE. Then waits a little longer, so a
     /// job run twice is seen.
     pub async fn await_jobs(
         &mut self,
         jobs: &JobSet,
-        phase: Option<(Instant, Option<u64>)>,
+        phase: Option<(Instant, CpuMark)>,
         report: &mut Report,
     ) -> Result<()> {
         self.wait("waiting for the workers", jobs.done.notified()).await?;
         if let Some((start, cpu)) = phase {
-            report.server_cpu_us = self.cpu_since(cpu);
+            report.server_cpu_us = self.cpu_since(&cpu);
             let end = jobs.finished_at().context("jobs done without an end time")?;
             report.elapsed = Some(end - start);
         }
@@ -179,6 +217,10 @@ impl Ctx {
         Ok(())
     }
 }
+
+/// Each server's CPU time at one instant, in microseconds (`None`: its PID is unknown, or it
+/// has exited).
+pub(crate) struct CpuMark(Vec<Option<u64>>);
 
 /// Submits jobs `range` with `inflight` of them awaiting their JOB_CREATED at any time; every
 /// reply is answered by the next submit, all replies of one read by a single write.

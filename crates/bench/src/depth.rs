@@ -22,7 +22,7 @@ const LOST_POLL: Duration = Duration::from_millis(500);
 impl Ctx {
     pub async fn depth(&mut self, jobs: &Arc<JobSet>, step: u64, report: &mut Report) -> Result<()> {
         let function = String::from_utf8_lossy(&self.function).into_owned();
-        let addr = self.addr.clone();
+        let addr = self.addrs[0].clone();
         let mut admin = self.wait("connecting", Admin::connect(&addr)).await??;
         let queued = self.wait("asking for status", admin.status(&function)).await??.total;
         if queued > 0 {
@@ -38,11 +38,11 @@ impl Ctx {
         while next < jobs.count() {
             let range = next..jobs.count().min(next + step);
             next = range.end;
-            let cpu = self.cpu_us();
+            let cpu = self.cpu_mark();
             let start = Instant::now();
             conns = self.submit_all_bg(conns, jobs, range.clone()).await?;
             let elapsed = start.elapsed();
-            let cpu_us = self.cpu_since(cpu);
+            let cpu_us = self.cpu_since(&cpu);
             let depth = self.wait("asking for status", admin.status(&function)).await??.queued();
             let rss = self.rss("depth")?;
             let step = Step {
@@ -69,13 +69,13 @@ impl Ctx {
     /// the last one ran.
     pub async fn drain(&mut self, jobs: &Arc<JobSet>, rss_after: Duration, report: &mut Report) -> Result<()> {
         let function = String::from_utf8_lossy(&self.function).into_owned();
-        let addr = self.addr.clone();
+        let addr = self.addrs[0].clone();
         let mut admin = self.wait("connecting", Admin::connect(&addr)).await??;
         report.queued_at_start = Some(self.wait("asking for status", admin.status(&function)).await??.queued());
         report.rss_at_start = Some(self.rss("drain")?);
         let watched = jobs.clone();
         self.spawn("watching the queue", watch_for_lost(admin, function, watched));
-        let cpu = self.cpu_us();
+        let cpu = self.cpu_mark();
         let start = Instant::now();
         self.start_workers(jobs).await?;
         self.await_jobs(jobs, Some((start, cpu)), report).await?;

@@ -2,7 +2,7 @@
 //! of executions that proves every job ran exactly once, and the worker that executes them.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -23,6 +23,8 @@ pub(crate) struct JobSet {
     distinct: AtomicU64,
     foreign: AtomicU64,
     corrupt: AtomicU64,
+    /// When a worker received the first job of the set to run.
+    started_at: OnceLock<Instant>,
     finished_at: Mutex<Option<Instant>>,
     /// Signalled once every job has run at least once.
     pub done: Notify,
@@ -56,6 +58,7 @@ impl JobSet {
             distinct: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            started_at: OnceLock::new(),
             finished_at: Mutex::new(None),
             done: Notify::new(),
         }
@@ -70,12 +73,18 @@ impl JobSet {
         self.distinct.load(Relaxed)
     }
 
+    /// When a worker received the first job to run (takeover: the first run on a survivor).
+    pub fn started_at(&self) -> Option<Instant> {
+        self.started_at.get().copied()
+    }
+
     /// When the worker that ran the last outstanding job sent its WORK_COMPLETE.
     pub fn finished_at(&self) -> Option<Instant> {
         *self.finished_at.lock().unwrap()
     }
 
-    fn job_number(&self, unique: &[u8]) -> Option<u64> {
+    /// The number of the job with this unique key, if it is one of the set's.
+    pub fn job_number(&self, unique: &[u8]) -> Option<u64> {
         let n = parse_digits(unique.strip_prefix(&self.prefix[..])?)?;
         (n < self.count()).then_some(n)
     }
@@ -89,7 +98,14 @@ impl JobSet {
         if data.len() != self.payload_len || parse_digits(&data[..PAYLOAD_DIGITS]) != Some(n) {
             self.corrupt.fetch_add(1, Relaxed);
         }
-        self.runs[n as usize].fetch_add(1, Relaxed) == 0 && self.distinct.fetch_add(1, Relaxed) + 1 == self.count()
+        if self.runs[n as usize].fetch_add(1, Relaxed) != 0 {
+            return false;
+        }
+        let before = self.distinct.fetch_add(1, Relaxed);
+        if before == 0 {
+            let _ = self.started_at.set(Instant::now());
+        }
+        before + 1 == self.count()
     }
 
     fn finish(&self, at: Instant) {
@@ -205,14 +221,18 @@ mod tests {
             p.resize(30, b'.');
             p
         };
+        assert!(!jobs.record(b"other", &payload(0)));
+        assert_eq!(jobs.started_at(), None, "a foreign job does not start the set");
         assert!(!jobs.record(b"b-x-0", &payload(0)));
+        let started = jobs.started_at().expect("the first run starts the set");
         assert!(!jobs.record(b"b-x-2", &payload(2)));
         assert!(!jobs.record(b"b-x-2", &payload(2)));
         assert!(!jobs.record(b"b-x-9", &payload(9)));
         assert!(!jobs.record(b"other", &payload(0)));
         assert!(jobs.record(b"b-x-1", &payload(0)));
+        assert_eq!(jobs.started_at(), Some(started));
         let v = jobs.verdict();
-        assert_eq!((v.lost, v.duplicated, v.corrupt, v.foreign), (0, 1, 1, 2));
+        assert_eq!((v.lost, v.duplicated, v.corrupt, v.foreign), (0, 1, 1, 3));
         assert!(!v.ok());
     }
 

@@ -20,7 +20,7 @@ impl Ctx {
     pub async fn bg(&mut self, jobs: &Arc<JobSet>, report: &mut Report) -> Result<()> {
         self.start_workers(jobs).await?;
         let conns = self.connect_clients().await?;
-        let cpu = self.cpu_us();
+        let cpu = self.cpu_mark();
         let start = Instant::now();
         self.submit_all_bg(conns, jobs, 0..jobs.count()).await?;
         self.await_jobs(jobs, Some((start, cpu)), report).await
@@ -31,7 +31,7 @@ impl Ctx {
         let conns = self.connect_clients().await?;
         let next = Arc::new(AtomicU64::new(0));
         let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
-        let cpu = self.cpu_us();
+        let cpu = self.cpu_mark();
         let start = Instant::now();
         for conn in conns {
             let submitter = Submitter::new(self.function.clone(), jobs);
@@ -53,7 +53,7 @@ impl Ctx {
             })
             .await?;
         report.elapsed = Some(start.elapsed());
-        report.server_cpu_us = self.cpu_since(cpu);
+        report.server_cpu_us = self.cpu_since(&cpu);
         report.latencies_ns = latencies;
         self.await_jobs(jobs, None, report).await
     }
@@ -67,7 +67,7 @@ impl Ctx {
         tokio::time::sleep(RSS_SETTLE).await;
         report.rss_growth = Some(self.rss("mem")? as i64 - before as i64);
 
-        let cpu = self.cpu_us();
+        let cpu = self.cpu_mark();
         let start = Instant::now();
         self.start_workers(jobs).await?;
         self.await_jobs(jobs, Some((start, cpu)), report).await

@@ -9,14 +9,17 @@ use crate::Mode;
 #[derive(Default)]
 pub(crate) struct Report {
     pub mode: Mode,
+    /// Every server, comma-separated, in --server's order.
     pub server: String,
     pub jobs: u64,
     /// Jobs that ran at least once.
     pub completed: u64,
     /// The measured phase: first submit to last WORK_COMPLETE (bg), first submit to the last
-    /// client's last WORK_COMPLETE (fg), workers' start to last WORK_COMPLETE (mem's drain).
+    /// client's last WORK_COMPLETE (fg), workers' start to last WORK_COMPLETE (mem's drain),
+    /// the victim's SIGKILL to the last WORK_COMPLETE (takeover).
     pub elapsed: Option<Duration>,
-    /// Server CPU (user + system) over the measured phase, in microseconds.
+    /// Server CPU (user + system) over the measured phase, in microseconds, summed over the
+    /// servers whose PID is known (takeover: the survivors).
     pub server_cpu_us: Option<u64>,
     /// Foreground latencies, submit to WORK_COMPLETE, in nanoseconds (fg).
     pub latencies_ns: Vec<u64>,
@@ -32,9 +35,20 @@ pub(crate) struct Report {
     pub rss_at_start: Option<u64>,
     /// The server's VmRSS this long after the last job ran (drain).
     pub rss_idle: Option<(Duration, u64)>,
+    /// When the survivors ran the victim's jobs (takeover).
+    pub takeover: Option<Takeover>,
     /// What the workers saw; `None` when no job runs (depth).
     pub verdict: Option<Verdict>,
     pub error: Option<String>,
+}
+
+/// When the survivors of a takeover ran the victim's jobs, counted from its SIGKILL.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Takeover {
+    /// Until a survivor's worker received the first job.
+    pub first: Duration,
+    /// Until the worker that ran the last job sent its WORK_COMPLETE.
+    pub last: Duration,
 }
 
 /// One step of a depth run's fill.
@@ -110,6 +124,14 @@ impl Report {
         (secs > 0.0).then(|| self.completed as f64 / secs)
     }
 
+    /// The survivors' rate once the takeover was done: the jobs after the first, over the
+    /// time from the first to the last (takeover).
+    fn drain_per_sec(&self) -> Option<f64> {
+        let t = self.takeover?;
+        let secs = (t.last.saturating_sub(t.first)).as_secs_f64();
+        (secs > 0.0).then(|| self.completed.saturating_sub(1) as f64 / secs)
+    }
+
     fn cpu_us_per_job(&self) -> Option<f64> {
         (self.completed > 0).then_some(self.server_cpu_us? as f64 / self.completed as f64)
     }
@@ -139,6 +161,7 @@ impl Report {
             let phase = match self.mode {
                 Mode::Bg => "first submit to last WORK_COMPLETE",
                 Mode::Fg => "first submit to last result",
+                Mode::Takeover => "SIGKILL to the last WORK_COMPLETE",
                 _ => "draining the queue",
             };
             println!(
@@ -149,6 +172,16 @@ impl Report {
         }
         if let Some(cpu) = self.cpu_us_per_job() {
             println!("  server CPU  {cpu:.2} µs/job");
+        }
+        if let Some(t) = self.takeover {
+            println!(
+                "  takeover    first job ran {:.0} ms after the SIGKILL, the last {:.0} ms after",
+                ms(t.first),
+                ms(t.last)
+            );
+        }
+        if let Some(rate) = self.drain_per_sec() {
+            println!("  drain       {rate:.0} jobs/s on the survivors, from the first job to the last");
         }
         if let Some([p50, p99, max]) = self.percentiles_us() {
             println!("  latency     p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs");
@@ -201,7 +234,8 @@ impl Report {
              \"jobs_per_sec\":{},\"server_cpu_us_per_job\":{},\"p50_us\":{},\"p99_us\":{},\
              \"max_us\":{},\"submit_jobs_per_sec\":{},\"rss_bytes_per_job\":{},\
              \"steps\":[{}],\"queued_at_start\":{},\"rss_bytes_at_start\":{},\"idle_secs\":{},\
-             \"rss_bytes_idle\":{},\"lost\":{},\"duplicated\":{},\"corrupt\":{},\"foreign\":{},\"ok\":{},\"error\":{}",
+             \"rss_bytes_idle\":{},\"takeover_first_ms\":{},\"takeover_last_ms\":{},\
+             \"takeover_drain_jobs_per_sec\":{},\"lost\":{},\"duplicated\":{},\"corrupt\":{},\"foreign\":{},\"ok\":{},\"error\":{}",
             self.mode.name(),
             json_string(&self.server),
             self.jobs,
@@ -219,6 +253,9 @@ impl Report {
             opt(self.rss_at_start),
             opt(self.rss_idle.map(|(after, _)| after.as_secs())),
             opt(self.rss_idle.map(|(_, rss)| rss)),
+            num(self.takeover.map(|t| ms(t.first))),
+            num(self.takeover.map(|t| ms(t.last))),
+            num(self.drain_per_sec()),
             v.lost,
             v.duplicated,
             v.corrupt,
@@ -229,6 +266,10 @@ impl Report {
         s.push('}');
         s
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn json_string(text: &str) -> String {
@@ -278,6 +319,31 @@ mod tests {
             assert!(json.contains(key), "{key} missing from {json}");
         }
         assert!(json.starts_with('{') && json.ends_with('}') && !json.contains('\n'));
+    }
+
+    #[test]
+    fn takeover_reports_first_last_and_the_drain_rate() {
+        let report = Report {
+            mode: Mode::Takeover,
+            server: "a:1,b:2,c:3".into(),
+            jobs: 1001,
+            completed: 1001,
+            elapsed: Some(Duration::from_millis(12_000)),
+            takeover: Some(Takeover { first: Duration::from_millis(10_500), last: Duration::from_millis(12_000) }),
+            ..Report::default()
+        };
+        let json = report.json();
+        for key in [
+            "\"server\":\"a:1,b:2,c:3\"",
+            "\"takeover_first_ms\":10500.00",
+            "\"takeover_last_ms\":12000.00",
+            "\"takeover_drain_jobs_per_sec\":666.67",
+            "\"ok\":true",
+        ] {
+            assert!(json.contains(key), "{key} missing from {json}");
+        }
+        let none = Report { mode: Mode::Bg, ..Report::default() }.json();
+        assert!(none.contains("\"takeover_first_ms\":null,\"takeover_last_ms\":null,"), "{none}");
     }
 
     #[test]

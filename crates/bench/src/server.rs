@@ -25,11 +25,11 @@ impl ServerProc {
             None => match tokio::time::timeout(Duration::from_secs(5), ask_pid(addr)).await {
                 Ok(Ok(pid)) => pid,
                 Ok(Err(e)) => {
-                    eprintln!("warning: no server PID ({e:#}); server CPU and memory not measured");
+                    eprintln!("warning: no PID for {addr} ({e:#}); its CPU and memory not measured");
                     return Ok(None);
                 }
                 Err(_) => {
-                    eprintln!("warning: `getpid` got no answer; server CPU and memory not measured");
+                    eprintln!("warning: `getpid` got no answer from {addr}; its CPU and memory not measured");
                     return Ok(None);
                 }
             },
@@ -39,8 +39,8 @@ impl ServerProc {
             Err(_) if explicit.is_some() => bail!("no process {pid} on this host"),
             Err(_) => {
                 eprintln!(
-                    "warning: the server's PID {pid} is not on this host; \
-                     server CPU and memory not measured"
+                    "warning: the PID of {addr}, {pid}, is not on this host; \
+                     its CPU and memory not measured"
                 );
                 Ok(None)
             }

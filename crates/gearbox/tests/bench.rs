@@ -1,5 +1,7 @@
 //! `gearbox bench` end to end: a depth run fills a server's queue in steps, the server
-//! restarts on the same embedded store, and a drain run finds every job exactly once.
+//! restarts on the same embedded store, and a drain run finds every job exactly once; and a
+//! cluster of three nodes on the test machine's PostgreSQL, loaded over all three and then
+//! made to take over a node the bench kills.
 
 mod common;
 
@@ -7,12 +9,48 @@ use std::process::{Command, Output};
 
 use common::{temp_data_dir, Server};
 
+const POSTGRES: &str = "postgres://root@127.0.0.1:5432/test";
+
 fn bench(server: &Server, args: &[&str]) -> Output {
+    bench_on(&server.addr.to_string(), args)
+}
+
+/// Runs the bench against `servers` (comma-separated).
+fn bench_on(servers: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gearbox"))
-        .args(["bench", "--server", &server.addr.to_string(), "--json", "--timeout", "60"])
+        .args(["bench", "--server", servers, "--json", "--timeout", "60"])
         .args(args)
         .output()
         .expect("run gearbox bench")
+}
+
+/// A PostgreSQL queue table of this test's own, dropped with its nodes table at the end.
+struct PgTable(String);
+
+impl PgTable {
+    fn new(test: &str) -> PgTable {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        PgTable(format!("b_{test}_{}_{nanos:x}", std::process::id()))
+    }
+}
+
+impl Drop for PgTable {
+    fn drop(&mut self) {
+        use sqlx::Connection;
+        let drop = format!("DROP TABLE IF EXISTS {0}_nodes; DROP TABLE IF EXISTS {0}", self.0);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            if let Ok(mut c) = sqlx::PgConnection::connect(POSTGRES).await {
+                let _ = sqlx::raw_sql(&drop).execute(&mut c).await;
+            }
+        });
+    }
+}
+
+/// A number field of a JSON line.
+fn number(json: &str, key: &str) -> f64 {
+    let rest = json.split(&format!("\"{key}\":")).nth(1).unwrap_or_else(|| panic!("no {key} in {json}"));
+    rest.split([',', '}']).next().unwrap().parse().unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
 }
 
 /// The bench's JSON line, after checking that it succeeded.
@@ -43,4 +81,35 @@ fn a_depth_fill_survives_a_restart_and_drains_exactly_once() {
     for key in ["\"queued_at_start\":3000,", "\"completed\":3000,", "\"duplicated\":0,", "\"ok\":true"] {
         assert!(drain.contains(key), "{key} missing from {drain}");
     }
+}
+
+#[test]
+fn several_cluster_nodes_share_the_load_and_take_over_a_killed_one() {
+    let table = PgTable::new("cluster");
+    let queue = format!("{POSTGRES}?table={}", table.0);
+    let node = || {
+        let flags = ["--cluster", "--queue", &queue, "--node-lease", "2s", "--job-log", "none"];
+        Server::spawn(temp_data_dir(), &flags, |_| {}).ready()
+    };
+    let nodes = [node(), node(), node()];
+    let servers = nodes.iter().map(|n| n.addr.to_string()).collect::<Vec<_>>().join(",");
+
+    let bg = json(&bench_on(&servers, &["--mode", "bg", "--jobs", "3000", "--clients", "3", "--workers", "2"]));
+    for key in [&format!("\"server\":\"{servers}\""), "\"completed\":3000,", "\"duplicated\":0,", "\"ok\":true"] {
+        assert!(bg.contains(key), "{key} missing from {bg}");
+    }
+    assert!(number(&bg, "server_cpu_us_per_job") >= 0.0, "{bg}");
+
+    let refused = bench_on(&servers, &["--mode", "mem"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("reads one server's RSS"), "{refused:?}");
+
+    let args = ["--mode", "takeover", "--jobs", "500", "--clients", "2", "--workers", "2"];
+    let takeover = json(&bench_on(&servers, &args));
+    for key in ["\"completed\":500,", "\"lost\":0,", "\"duplicated\":0,", "\"ok\":true"] {
+        assert!(takeover.contains(key), "{key} missing from {takeover}");
+    }
+    // The victim renews every 2/3 s: its lease ends at least 4/3 s after the kill.
+    let (first, last) = (number(&takeover, "takeover_first_ms"), number(&takeover, "takeover_last_ms"));
+    assert!(first > 1000.0 && last >= first, "{takeover}");
 }
