@@ -16,7 +16,7 @@
 #    WORKERS running jobs and the rest of TAKEOVER_JOBS queued; prints per run how long after
 #    the kill the survivors ran the first and the last job, and the medians.
 # After each run, with every server stopped, the table must be empty (a row left is a job
-# the cluster kept after it ran). The tables the script made (TABLE and TABLE_nodes) are
+# the cluster kept after it ran). The tables the script made (TABLE, TABLE_nodes, TABLE_leases) are
 # dropped. On one machine the nodes, the database and the load generator share the cores, so
 # node3 measures the cluster's overhead more than its scaling.
 #
@@ -75,7 +75,7 @@ sql() {
 # drop_table: drops the run's queue table and its nodes table, if there is a run's table.
 drop_table() {
     [[ -n $TABLE ]] || return 0
-    if ! sql "DROP TABLE IF EXISTS ${TABLE}_nodes; DROP TABLE IF EXISTS $TABLE" >/dev/null; then
+    if ! sql "DROP TABLE IF EXISTS ${TABLE}_nodes; DROP TABLE IF EXISTS ${TABLE}_leases; DROP TABLE IF EXISTS $TABLE" >/dev/null; then
         log "warning: could not drop the table $TABLE"
     fi
     TABLE=

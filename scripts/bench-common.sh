@@ -6,9 +6,12 @@ die() { log "error: $*"; exit 1; }
 
 # A port nothing listens on.
 free_port() {
-    local port _
+    local port _ low
+    # Below the kernel's ephemeral range, so an outgoing connection cannot take it meanwhile.
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || low=32768
+    ((low > 20000 + 1000)) || low=60000
     for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((20000 + RANDOM % (low - 20000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return 0

@@ -32,6 +32,8 @@ use crate::shared::Shared;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// How often nodes look for expired leases.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How soon a failed renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(500);
 /// How often a node with idle workers looks for unowned jobs without being told (MariaDB has
 /// no NOTIFY; on PostgreSQL this catches epoch jobs coming due and lost notifications).
 const POLL_MYSQL: Duration = Duration::from_millis(250);
@@ -201,16 +203,20 @@ async fn lease_loop(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb
     let lease = cluster.lease;
     let renew_every = lease / 3;
     let mut valid_until = renewed + valid_for(lease);
+    let mut next_try = renewed + renew_every;
     loop {
-        tokio::time::sleep(SWEEP_EVERY.min(renew_every)).await;
+        tokio::time::sleep_until(next_try.min(valid_until).into()).await;
         let mut lost = None;
-        if renewed.elapsed() >= renew_every {
+        if Instant::now() >= next_try {
             let sent = Instant::now();
+            // After a failure, try again soon (but not in a spin).
+            next_try = sent + RENEW_RETRY.min(renew_every);
             let info = publish(shared);
             match tokio::time::timeout(renew_every, db.renew(node, lease, &info)).await {
                 Ok(Ok(true)) => {
                     renewed = sent;
                     valid_until = sent + valid_for(lease);
+                    next_try = sent + renew_every;
                     shared.broker.lock().unwrap().lease_valid_until(valid_until);
                 }
                 Ok(Ok(false)) => lost = Some("the database says its lease has ended".to_string()),
@@ -233,6 +239,7 @@ async fn lease_loop(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb
             );
             (node, renewed) = rejoin(shared, cluster, db).await;
             valid_until = renewed + valid_for(lease);
+            next_try = renewed + renew_every;
         }
     }
 }

@@ -240,7 +240,8 @@ impl Broker {
                 .count();
             if idle > 0 || f.starved {
                 f.starved = false;
-                out.push((f.name.clone(), (2 * idle.max(f.workers as usize)).clamp(8, 256)));
+                // Enough to keep the workers busy for a while: a claim is a round trip or three.
+                out.push((f.name.clone(), (32 * idle.max(f.workers as usize)).clamp(64, 1000)));
             }
         }
     }

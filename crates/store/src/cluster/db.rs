@@ -388,7 +388,7 @@ impl ClusterDb {
             })?;
             let claimed = &out[start..];
             if !claimed.is_empty() {
-                let mut sql = format!("UPDATE {table} SET owner = ");
+                let mut sql = format!("UPDATE {} SET owner = ", super::store::by_seq(kind, &table));
                 push_placeholders(&mut sql, kind, 1, 1);
                 sql.push_str(" WHERE seq IN (");
                 push_placeholders(&mut sql, kind, 2, claimed.len());
