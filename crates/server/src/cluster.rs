@@ -265,6 +265,8 @@ async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb)
                 }
                 if !taken.is_empty() {
                     cluster.wake.notify_one();
+                    // The view shows the dead node gone at once.
+                    refreshed = None;
                 }
             }
             Ok(Err(e)) => tracing::warn!("cluster: looking for expired nodes: {e}"),
