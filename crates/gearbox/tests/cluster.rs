@@ -52,8 +52,7 @@ impl Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
-        let statements =
-            [format!("DROP TABLE IF EXISTS {}", self.name), format!("DROP TABLE IF EXISTS {}_nodes", self.name)];
+        let statements = ["", "_nodes", "_leases"].map(|suffix| format!("DROP TABLE IF EXISTS {}{suffix}", self.name));
         block_on(async {
             if self.base.starts_with("mysql") {
                 let Ok(mut c) = sqlx::MySqlConnection::connect(&self.base).await else { return };
