@@ -456,6 +456,47 @@ fn jobs_go_where_the_workers_are(base: &str) {
     wait_until("the table to empty", Duration::from_secs(10), || table.rows() == 0);
 }
 
+/// `gearbox import-gearmand --cluster` puts a gearmand queue into a running cluster's table,
+/// for the node with workers to claim.
+fn import_gearmand_into_a_running_cluster(base: &str) {
+    let table = Table::new(base, "import");
+    let url = table.url(base);
+    let a = node(&url);
+    let dir = temp_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("gearmand.sqlite");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let mut gearmand = common::ChildGuard(
+        std::process::Command::new("gearmand")
+            .args(["--listen", "127.0.0.1", "--port", &port, "--log-file", "none", "-q", "libsqlite3"])
+            .arg(format!("--libsqlite3-db={}", db.display()))
+            .arg(format!("--pid-file={}", dir.join("gearmand.pid").display()))
+            .spawn()
+            .expect("gearmand (Debian gearman-job-server) is installed"),
+    );
+    wait_until("gearmand to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok()
+    });
+    for i in 0..3 {
+        let unique = format!("from-gearmand-{i}");
+        let out = common::run_tool("gearman", &["-h", "127.0.0.1", "-p", &port, "-f", "migrated", "-u", &unique, "-b", "x"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    gearmand.0.kill().unwrap();
+    gearmand.0.wait().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["import-gearmand", db.to_str().unwrap(), "--queue", &url, "--cluster"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 3 jobs"), "{out:?}");
+    let log: Arc<Mutex<Vec<Taken>>> = Arc::default();
+    let _worker = Worker::start("a", a.addr, "migrated", Duration::ZERO, log.clone());
+    wait_until("the imported jobs to run", Duration::from_secs(10), || done_uniques(&log, &["a"]).len() == 3);
+    wait_until("the table to empty", Duration::from_secs(10), || table.rows() == 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 macro_rules! on_both_databases {
     ($($test:ident),* $(,)?) => {
         mod mysql {
@@ -474,4 +515,5 @@ on_both_databases!(
     database_gone_for_a_moment,
     one_job_server_seen_from_any_node,
     jobs_go_where_the_workers_are,
+    import_gearmand_into_a_running_cluster,
 );
