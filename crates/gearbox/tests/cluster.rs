@@ -454,6 +454,33 @@ fn jobs_go_where_the_workers_are(base: &str) {
     let ran_at = now - ran[0].at.elapsed().as_secs_f64();
     assert!(ran_at >= epoch as f64 - 0.01, "ran {:.2} s early", epoch as f64 - ran_at);
     wait_until("the table to empty", Duration::from_secs(10), || table.rows() == 0);
+
+    // Cancelling from any node: a job no node owns yet is cancelled; one a node owns is
+    // cancelled there, and the others say which node that is.
+    let unowned = on_c.submit_background("nobody", "", "x").unwrap();
+    let cancel = |n: &Server, handle: &str| {
+        common::run_tool(env!("CARGO_BIN_EXE_gearbox"), &["admin", "-s", &n.addr.to_string(), "cancel", handle])
+    };
+    let out = cancel(&a, &unowned);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(Conn::connect(b.addr).unwrap().status(&unowned), (false, false, 0, 0));
+    let held = Worker::start_held("b-held", b.addr, "h", Duration::ZERO, log.clone(), false);
+    // Once b knows its worker, b owns what is submitted to it.
+    wait_until("b to know its worker", Duration::from_secs(10), || {
+        admin_lines(&b, "status").iter().any(|l| l.starts_with("h\t") && l.ends_with("\t1"))
+    });
+    let mut on_b = Conn::connect(b.addr).unwrap();
+    on_b.submit_background("h", "first", "x").unwrap();
+    let owned = on_b.submit_background("h", "second", "x").unwrap();
+    wait_until("b's worker to hold the first", Duration::from_secs(10), || {
+        log.lock().unwrap().iter().any(|t| t.unique == "first")
+    });
+    let out = cancel(&a, &owned);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("belongs to node"), "{out:?}");
+    let out = cancel(&b, &owned);
+    assert!(out.status.success(), "{out:?}");
+    drop(held);
 }
 
 /// `gearbox import-gearmand --cluster` puts a gearmand queue into a running cluster's table,
@@ -479,7 +506,8 @@ fn import_gearmand_into_a_running_cluster(base: &str) {
     });
     for i in 0..3 {
         let unique = format!("from-gearmand-{i}");
-        let out = common::run_tool("gearman", &["-h", "127.0.0.1", "-p", &port, "-f", "migrated", "-u", &unique, "-b", "x"]);
+        let out =
+            common::run_tool("gearman", &["-h", "127.0.0.1", "-p", &port, "-f", "migrated", "-u", &unique, "-b", "x"]);
         assert!(out.status.success(), "{out:?}");
     }
     gearmand.0.kill().unwrap();

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gearbox_store::cluster::{Claimed, ClusterDb, Listener, StatusKey};
+use gearbox_store::cluster::{Cancel, Claimed, ClusterDb, Listener, StatusKey};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -460,6 +460,24 @@ fn restore_uncertain(shared: &Shared, node: u64, claimed: &[Claimed]) {
 }
 
 async fn answer_status(shared: &Shared, cluster: &ClusterShared, db: &mut ClusterDb, q: StatusQuery) {
+    if q.cancel {
+        let reply = match tokio::time::timeout(CALL_TIMEOUT, db.cancel(q.seq.unwrap_or_default())).await {
+            Ok(Ok(Cancel::Done)) => {
+                tracing::info!("cancelled job {} (no node owned it yet)", String::from_utf8_lossy(&q.unique));
+                gearbox_proto::admin::OK.to_string()
+            }
+            Ok(Ok(Cancel::Owned { node, address })) => {
+                format!("ERR JOB_ON_ANOTHER_NODE The+job+belongs+to+node+{node}+at+{address};+cancel+it+there\r\n")
+            }
+            Ok(Ok(Cancel::Unknown)) => "ERR UNKNOWN_JOB\r\n".to_string(),
+            Ok(Err(e)) => format!("ERR QUEUE_ERROR {}\r\n", e.to_string().replace([' ', '\r', '\n'], "+")),
+            Err(_) => {
+                db.reset();
+                "ERR QUEUE_ERROR The+database+did+not+answer\r\n".to_string()
+            }
+        };
+        return shared.broker.lock().unwrap().cancel_answered(q.id, &reply);
+    }
     cluster.counters.status_lookups.fetch_add(1, Ordering::Relaxed);
     let key = match q.seq {
         Some(seq) => StatusKey::Seq(seq),

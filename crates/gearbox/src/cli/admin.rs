@@ -138,7 +138,7 @@ fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {
 /// what became of the job.
 fn cancel(servers: &Servers, handle: &str, json: bool) -> anyhow::Result<()> {
     let runtime = runtime()?;
-    let mut running_on = None;
+    let (mut running_on, mut elsewhere) = (None, None);
     for server in &servers.servers {
         let reply = runtime.block_on(admin_line(server, &format!("cancel job {handle}")))?;
         let reply = reply.trim();
@@ -156,12 +156,18 @@ fn cancel(servers: &Servers, handle: &str, json: bool) -> anyhow::Result<()> {
         }
         if reply.starts_with("ERR JOB_RUNNING") {
             running_on = Some(server);
+        } else if reply.starts_with("ERR JOB_ON_ANOTHER_NODE") {
+            // A cluster node names the node that owns the job: one of the others, perhaps.
+            elsewhere = Some(reply.trim_start_matches("ERR JOB_ON_ANOTHER_NODE ").replace('+', " "));
         } else if !reply.starts_with("ERR UNKNOWN_JOB") {
             bail!("{server}: {}", reply.trim_start_matches("ERR ").replace('+', " "));
         }
     }
-    match running_on {
-        Some(server) => bail!("job {handle} is running on {server}; a running job cannot be cancelled"),
-        None => bail!("no queued job {handle} on {} (it finished, or never existed)", servers.servers.join(", ")),
+    match (running_on, elsewhere) {
+        (Some(server), _) => bail!("job {handle} is running on {server}; a running job cannot be cancelled"),
+        (None, Some(owner)) => bail!("job {handle}: {owner}"),
+        (None, None) => {
+            bail!("no queued job {handle} on {} (it finished, or never existed)", servers.servers.join(", "))
+        }
     }
 }

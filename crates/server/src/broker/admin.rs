@@ -72,6 +72,12 @@ impl Broker {
             }
             A::CancelJob { handle } => match self.cancel_job(&handle) {
                 Ok(()) => out.push_str(OK),
+                // Another node's, or no node's yet: the cluster's database answers.
+                Err(CancelError::Unknown) if self.in_cluster() && self.parse_handle(&handle).is_some() => {
+                    let seq = self.parse_handle(&handle).expect("checked");
+                    self.ask_cluster_cancel(conn, seq, &handle);
+                    return effect;
+                }
                 Err(CancelError::Unknown) => out.push_str("ERR UNKNOWN_JOB\r\n"),
                 Err(CancelError::Running) => out.push_str("ERR JOB_RUNNING A+running+job+cannot+be+cancelled\r\n"),
             },

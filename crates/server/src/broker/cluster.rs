@@ -46,13 +46,16 @@ pub(super) struct ClusterState {
     unowned: HashSet<u64>,
 }
 
-/// A GET_STATUS or GET_STATUS_UNIQUE for a job this node does not hold.
+/// A GET_STATUS or GET_STATUS_UNIQUE, or an admin `cancel job`, for a job this node does
+/// not hold.
 #[derive(Clone, Debug)]
 pub struct StatusQuery {
     pub id: u64,
     /// A sequence number, or a unique key.
     pub seq: Option<u64>,
     pub unique: Vec<u8>,
+    /// Cancel the job (`seq`) if no node owns it yet; answered with [`Broker::cancel_answered`].
+    pub cancel: bool,
 }
 
 impl Broker {
@@ -359,9 +362,42 @@ impl Broker {
         let id = c.next_status;
         let seq = if kind == T::StatusRes { self.parse_handle(name) } else { None };
         let c = self.cluster.as_mut().unwrap();
-        c.statuses.push(StatusQuery { id, seq, unique: name.to_vec() });
+        c.statuses.push(StatusQuery { id, seq, unique: name.to_vec(), cancel: false });
         c.wake.notify_one();
-        self.hold(conn, Held::Status { id, unique: kind == T::StatusResUnique, name: name.to_vec() });
+        self.hold(conn, Held::Cluster { id, unique: kind == T::StatusResUnique, name: name.to_vec() });
+    }
+
+    /// Asks the database to cancel job `seq` (named `handle`), which this node does not hold;
+    /// the admin reply to `conn` waits.
+    pub(super) fn ask_cluster_cancel(&mut self, conn: ConnId, seq: u64, handle: &[u8]) {
+        let c = self.cluster.as_mut().expect("cluster enabled");
+        c.next_status += 1;
+        let id = c.next_status;
+        c.statuses.push(StatusQuery { id, seq: Some(seq), unique: handle.to_vec(), cancel: true });
+        c.wake.notify_one();
+        self.hold(conn, Held::Cluster { id, unique: false, name: handle.to_vec() });
+    }
+
+    /// The database's answer to cancel question `id`: the admin reply line(s).
+    pub fn cancel_answered(&mut self, id: u64, reply: &str) {
+        self.current = None;
+        let mut bytes = BytesMut::new();
+        bytes.extend_from_slice(reply.as_bytes());
+        self.answer_held(id, bytes);
+    }
+
+    /// Puts `bytes` in place of the held answer to question `id`, and sends what it held up.
+    fn answer_held(&mut self, id: u64, bytes: BytesMut) {
+        for conn in self.held_conns.clone() {
+            let Some(c) = self.conns.get(conn as usize) else { continue };
+            let mut held = c.held.borrow_mut();
+            if let Some(slot) = held.iter_mut().flatten().find(|h| matches!(h, Held::Cluster { id: i, .. } if *i == id))
+            {
+                *slot = Held::Bytes(bytes);
+                break;
+            }
+        }
+        self.release_held();
     }
 
     /// The status questions waiting for the database, into `out` (cleared).
@@ -376,32 +412,31 @@ impl Broker {
     /// failed).
     pub fn status_answered(&mut self, id: u64, row: Option<RowStatus>) {
         self.current = None;
-        for conn in self.held_conns.clone() {
-            let Some(c) = self.conns.get(conn as usize) else { continue };
-            let mut held = c.held.borrow_mut();
-            let Some(slot) = held.iter_mut().flatten().find(|h| matches!(h, Held::Status { id: i, .. } if *i == id))
-            else {
-                continue;
-            };
-            let Held::Status { unique, name, .. } = slot else { unreachable!() };
-            let (mut n, mut d) = (itoa::Buffer::new(), itoa::Buffer::new());
-            let (known, running, num, den): (&[u8], &[u8], &[u8], &[u8]) = match row {
-                Some(r) => (
-                    b"1",
-                    if r.running { b"1" } else { b"0" },
-                    n.format(r.numerator).as_bytes(),
-                    d.format(r.denominator).as_bytes(),
-                ),
-                None => (b"0", b"0", b"0", b"0"),
-            };
-            let mut bytes = BytesMut::new();
-            if *unique {
-                encode_packet(&mut bytes, Magic::Response, T::StatusResUnique, &[name, known, running, num, den, b"0"]);
-            } else {
-                encode_packet(&mut bytes, Magic::Response, T::StatusRes, &[name, known, running, num, den]);
-            }
-            *slot = Held::Bytes(bytes);
+        let held = self.held_conns.iter().find_map(|&conn| {
+            let c = self.conns.get(conn as usize)?;
+            let held = c.held.borrow();
+            held.iter().flatten().find_map(|h| match h {
+                Held::Cluster { id: i, unique, name } if *i == id => Some((*unique, name.clone())),
+                _ => None,
+            })
+        });
+        let Some((unique, name)) = held else { return };
+        let (mut n, mut d) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (known, running, num, den): (&[u8], &[u8], &[u8], &[u8]) = match row {
+            Some(r) => (
+                b"1",
+                if r.running { b"1" } else { b"0" },
+                n.format(r.numerator).as_bytes(),
+                d.format(r.denominator).as_bytes(),
+            ),
+            None => (b"0", b"0", b"0", b"0"),
+        };
+        let mut bytes = BytesMut::new();
+        if unique {
+            encode_packet(&mut bytes, Magic::Response, T::StatusResUnique, &[&name, known, running, num, den, b"0"]);
+        } else {
+            encode_packet(&mut bytes, Magic::Response, T::StatusRes, &[&name, known, running, num, den]);
         }
-        self.release_held();
+        self.answer_held(id, bytes);
     }
 }

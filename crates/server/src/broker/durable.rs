@@ -82,9 +82,9 @@ pub(super) enum Held {
         seq: u64,
         uniq: bool,
     },
-    /// STATUS_RES (or STATUS_RES_UNIQUE) for `name`, once the cluster's database answered
-    /// question `id`.
-    Status {
+    /// An answer that waits for the cluster's database (question `id`): STATUS_RES (or
+    /// STATUS_RES_UNIQUE, when `unique`) for `name`, or an admin reply.
+    Cluster {
         id: u64,
         unique: bool,
         name: Vec<u8>,
@@ -362,7 +362,7 @@ impl Broker {
                         let handle = self.handle(seq);
                         self.push_out(conn, |b| encode_packet(b, Magic::Response, T::JobCreated, &[&handle]));
                     }
-                    Some(Held::Ack { .. } | Held::Assign { .. } | Held::Status { .. }) | None => break,
+                    Some(Held::Ack { .. } | Held::Assign { .. } | Held::Cluster { .. }) | None => break,
                 }
                 queue.pop_front();
             }

@@ -617,7 +617,11 @@ mod model {
                 let mut questions = Vec::new();
                 b.status_queries(&mut questions);
                 for q in questions {
-                    b.status_answered(q.id, None);
+                    if q.cancel {
+                        b.cancel_answered(q.id, "ERR UNKNOWN_JOB\r\n");
+                    } else {
+                        b.status_answered(q.id, None);
+                    }
                 }
                 check(&b);
                 for peer in &mut peers {

@@ -60,6 +60,17 @@ pub struct RowStatus {
     pub denominator: u32,
 }
 
+/// What became of a cancel asked of the cluster's database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// No node owned it: its row is gone.
+    Done,
+    /// A node owns it (cancel it there): its id and address.
+    Owned { node: u64, address: String },
+    /// No such job.
+    Unknown,
+}
+
 /// How GET_STATUS names a job.
 #[derive(Clone, Copy, Debug)]
 pub enum StatusKey<'a> {
@@ -433,6 +444,32 @@ impl ClusterDb {
             numerator: n.clamp(0, u32::MAX as i64) as u32,
             denominator: d.clamp(0, u32::MAX as i64) as u32,
         }))
+    }
+
+    /// Cancels job `seq` if no node owns it yet (a node that owns a job cancels it itself).
+    pub async fn cancel(&mut self, seq: u64) -> Result<Cancel> {
+        let delete = self.sql("DELETE FROM {t} WHERE seq = ? AND owner IS NULL");
+        let owner =
+            self.sql("SELECT q.owner, n.address FROM {t} q LEFT JOIN {t}_nodes n ON n.id = q.owner WHERE q.seq = ?");
+        let conn = self.conn().await?;
+        let outcome: sqlx::Result<Cancel> = async {
+            let gone = per_backend!(Conn, &mut *conn, c, DB => {
+                sqlx::query::<DB>(&delete).bind(seq as i64).execute(&mut *c).await.map(|r| r.rows_affected())
+            })?;
+            if gone > 0 {
+                return Ok(Cancel::Done);
+            }
+            let row = per_backend!(Conn, &mut *conn, c, DB => {
+                sqlx::query_as::<DB, (Option<i64>, Option<String>)>(&owner).bind(seq as i64).fetch_optional(&mut *c).await
+            })?;
+            Ok(match row {
+                Some((Some(node), address)) => Cancel::Owned { node: node as u64, address: address.unwrap_or_default() },
+                // Claimed or freed between the two statements: as good as unknown to the asker.
+                Some((None, _)) | None => Cancel::Unknown,
+            })
+        }
+        .await;
+        outcome.map_err(|e| self.failed(e))
     }
 
     /// Notifications of claimable jobs (PostgreSQL only; on MariaDB nodes poll).
