@@ -40,6 +40,10 @@ const POLL_MYSQL: Duration = Duration::from_millis(250);
 const POLL_POSTGRES: Duration = Duration::from_secs(1);
 /// A database call that takes longer is abandoned (the connection made again).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longer for a takeover, which frees a node's jobs in chunks...
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// ...and for a leave at shutdown, which should not hold the exit up for long.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the HTTP side and the admin protocol read about the cluster.
 pub(crate) struct ClusterShared {
@@ -185,7 +189,8 @@ async fn run(
     }
     let node = shared.broker.lock().unwrap().cluster_node();
     if node != 0 {
-        match tokio::time::timeout(CALL_TIMEOUT, db.leave(node)).await {
+        // What a slow leave leaves owned is taken over once the lease ends.
+        match tokio::time::timeout(LEAVE_TIMEOUT, db.leave(node)).await {
             Ok(Ok(jobs)) => tracing::info!("left the cluster; {jobs} jobs of node {node} are for the others to claim"),
             Ok(Err(e)) => tracing::warn!("leaving the cluster: {e}; other nodes take over once the lease ends"),
             Err(_) => tracing::warn!("leaving the cluster: no answer; other nodes take over once the lease ends"),
@@ -251,7 +256,9 @@ async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb)
     let mut refreshed: Option<Instant> = None;
     loop {
         let node = shared.broker.lock().unwrap().cluster_node();
-        match tokio::time::timeout(CALL_TIMEOUT, db.take_over()).await {
+        // A takeover frees a dead node's jobs in committed chunks: one cut short by the
+        // timeout goes on at the next sweep.
+        match tokio::time::timeout(TAKEOVER_TIMEOUT, db.take_over()).await {
             Ok(Ok(taken)) => {
                 for t in &taken {
                     tracing::warn!(

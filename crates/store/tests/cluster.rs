@@ -132,10 +132,50 @@ fn nodes_claim_take_over_and_fence(base: &str) {
     });
 }
 
+/// A node that dies owning more jobs than one statement frees is taken over in chunks, all of
+/// them, and its rows go.
+fn a_big_node_is_taken_over_whole(base: &str) {
+    let table = Table::new(base);
+    let _nodes = Nodes(base.to_string(), table.name.clone());
+    let url = table.url();
+    block_on(async {
+        let mut a = ClusterDb::open(&url, LEASE).await.expect("open");
+        let mut b = a.another();
+        let node_a = a.join("a:4730", LEASE).await.unwrap();
+        let node_b = b.join("b:4730", LEASE).await.unwrap();
+        let mut batch = Batch::default();
+        batch.owner = node_a;
+        for i in 0..12_001 {
+            add(&mut batch, first_seq(node_a) + i, b"f", b"", true);
+        }
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut store = open_cluster_store(&url, LEASE).expect("store");
+            commit(store.as_mut(), &batch)
+        })
+        .await
+        .unwrap();
+        assert_eq!(outcome.unwrap(), []);
+        let now = if base.starts_with("mysql") { "UTC_TIMESTAMP(6)" } else { "now()" };
+        let expire =
+            format!("UPDATE {}_leases SET lease_until = {now} - INTERVAL '1' SECOND WHERE id = {node_a}", table.name);
+        exec(base, &[&expire]).await.unwrap();
+        let taken = b.take_over().await.unwrap();
+        assert_eq!((taken.len(), taken[0].jobs), (1, 12_001));
+        assert_eq!(b.nodes().await.unwrap().len(), 1);
+        assert!(b.take_over().await.unwrap().is_empty(), "its lease row went last");
+        let mut claimed = Vec::new();
+        assert_eq!(b.claim(node_b, b"f", i64::MAX, 1000, &mut claimed).await.unwrap(), Some(1000));
+    });
+}
+
 mod mysql {
     #[test]
     fn nodes_claim_take_over_and_fence() {
         super::nodes_claim_take_over_and_fence(super::MYSQL)
+    }
+    #[test]
+    fn a_big_node_is_taken_over_whole() {
+        super::a_big_node_is_taken_over_whole(super::MYSQL)
     }
 }
 
@@ -143,5 +183,9 @@ mod postgres {
     #[test]
     fn nodes_claim_take_over_and_fence() {
         super::nodes_claim_take_over_and_fence(super::POSTGRES)
+    }
+    #[test]
+    fn a_big_node_is_taken_over_whole() {
+        super::a_big_node_is_taken_over_whole(super::POSTGRES)
     }
 }

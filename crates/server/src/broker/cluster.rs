@@ -44,6 +44,9 @@ pub(super) struct ClusterState {
     next_status: u64,
     /// Jobs being written unowned, for another node to claim.
     unowned: HashSet<u64>,
+    /// Jobs being written unowned that this incarnation claimed back meanwhile: its own even
+    /// if the batch turns out to be an earlier incarnation's.
+    reclaimed: HashSet<u64>,
 }
 
 /// A GET_STATUS or GET_STATUS_UNIQUE, or an admin `cancel job`, for a job this node does
@@ -69,6 +72,7 @@ impl Broker {
             statuses: Vec::new(),
             next_status: 0,
             unowned: HashSet::new(),
+            reclaimed: HashSet::new(),
         });
     }
 
@@ -118,8 +122,8 @@ impl Broker {
         for &key in &held {
             self.forget_stored(key);
         }
-        for f in &mut self.functions {
-            f.fetched = [0; 3];
+        for fid in 0..self.functions.len() as u32 {
+            self.purge_dropped(fid);
         }
         // Marks name rows of the old incarnation; the batch will be stamped with the next one,
         // which may claim those rows again.
@@ -154,6 +158,8 @@ impl Broker {
                 let job = &mut self.jobs[key as usize];
                 job.state = JobState::Dropped;
                 job.extra = None;
+                job.body = Box::default();
+                job.unique_len = 0;
             }
             JobState::Running(w) => {
                 f.running -= 1;
@@ -197,8 +203,29 @@ impl Broker {
             }
         }
         if released > 0 {
+            self.purge_dropped(fid);
             let name = String::from_utf8_lossy(&self.functions[fid as usize].name);
             tracing::debug!("released {released} jobs of {name} to the cluster");
+        }
+    }
+
+    /// Frees the dropped jobs `fid`'s queues still hold (a grab would, but no worker here
+    /// may come to grab them).
+    fn purge_dropped(&mut self, fid: u32) {
+        let (f, jobs) = (&mut self.functions[fid as usize], &mut self.jobs);
+        for p in 0..3 {
+            let queue = std::mem::take(&mut f.queues[p]);
+            f.queues[p] = queue
+                .into_iter()
+                .filter(|&k| {
+                    let dropped = jobs[k as usize].state == JobState::Dropped;
+                    if dropped {
+                        jobs.remove(k as usize);
+                    }
+                    !dropped
+                })
+                .collect();
+            f.fetched[p] = 0;
         }
     }
 
@@ -265,6 +292,7 @@ impl Broker {
                 // Written unowned by this node, claimed back before the commit was taken in.
                 if self.leaves_to_cluster(key) {
                     self.claim_back(job.seq);
+                    self.cluster.as_mut().expect("cluster enabled").reclaimed.insert(job.seq);
                 } else {
                     tracing::error!("claimed job {} is already here; ignoring the claim", job.seq);
                 }
@@ -312,6 +340,12 @@ impl Broker {
         if let Some(c) = self.cluster.as_mut() {
             c.unowned.insert(seq);
         }
+    }
+
+    /// Whether this incarnation claimed job `seq` back while it was being written (forgotten
+    /// once asked: the commit that asks is the job's last).
+    pub(super) fn take_reclaimed(&mut self, seq: u64) -> bool {
+        self.cluster.as_mut().is_some_and(|c| c.reclaimed.remove(&seq))
     }
 
     /// Job `seq` is no longer being written unowned (it is this node's, or gone).

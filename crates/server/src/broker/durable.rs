@@ -248,9 +248,12 @@ impl Broker {
         let stale = self.in_cluster() && batch.owner != self.cluster_node();
         for (i, add) in batch.adds().enumerate() {
             let key = self.find_by_seq(add.seq);
+            let reclaimed = self.take_reclaimed(add.seq);
             debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
             match (&outcome, key) {
-                (Ok(_), Some(key)) if stale || coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) => {
+                (Ok(_), Some(key))
+                    if (stale && !reclaimed) || coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) =>
+                {
                     self.hand_off(key, add.run_at, now, coalesced.contains_key(&add.seq))
                 }
                 (Ok(locs), Some(key)) => {

@@ -15,8 +15,10 @@ use crate::sql_conn::{is_connection_error, per_backend, Conn, Kind, Target, Tx};
 use crate::sql_plan::push_placeholders;
 use crate::{Result, StoreError};
 
-/// `TABLE_nodes` must fit the databases' 63-character names.
+/// `TABLE_leases` must fit the databases' 63-character names.
 const MAX_TABLE: usize = 56;
+/// Jobs of a retired node made claimable per statement (each its own transaction).
+const FREE_CHUNK: u64 = 5000;
 
 /// A job a claim made this node's.
 #[derive(Clone, Debug)]
@@ -238,73 +240,96 @@ impl ClusterDb {
         rows.map(|n| n == 1).map_err(|e| self.failed(e))
     }
 
-    /// Takes over every node whose lease has ended: its lease row is locked (no renewal gets
-    /// in) and checked again, its node row deleted (which waits for any write of that node
-    /// already past its fence), and its jobs become claimable. Another node may win the race
-    /// for one; it is then not listed.
+    /// Takes over every node whose lease has ended. For each, one short transaction locks its
+    /// lease row (no renewal gets in), checks it again and deletes its node row (which waits for
+    /// any write of that node already past its fence, and fails every later one); then its jobs
+    /// become claimable in chunks, each committed, and the lease row goes last. A takeover cut
+    /// short (this node died, a timeout) is finished by the next sweep of any node, since the
+    /// expired lease row stays until the node's last job is freed. Another node may win the
+    /// race for a node; it is then not listed.
     pub async fn take_over(&mut self) -> Result<Vec<Takeover>> {
         let expired = self.sql("SELECT id FROM {t}_leases WHERE lease_until < {now}");
-        let lock = self.sql("SELECT id FROM {t}_leases WHERE id = ? AND lease_until < {now} FOR UPDATE");
-        let address = self.sql("SELECT address FROM {t}_nodes WHERE id = ?");
-        let delete_node = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
-        let delete_lease = self.sql("DELETE FROM {t}_leases WHERE id = ?");
-        let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
-        let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
-        let conn = self.conn().await?;
-        let outcome: sqlx::Result<Vec<Takeover>> = async {
-            let dead: Vec<i64> =
-                per_backend!(Conn, &mut *conn, c, DB => sqlx::query_scalar::<DB, i64>(&expired).fetch_all(c).await)?;
-            let mut taken = Vec::new();
-            for node in dead {
-                let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
-                let still = per_backend!(Tx, &mut tx, t, DB => {
-                    sqlx::query_scalar::<DB, i64>(&lock).bind(node).fetch_optional(&mut **t).await
-                })?;
-                if still.is_none() {
-                    continue;
-                }
-                let address = per_backend!(Tx, &mut tx, t, DB => {
-                    sqlx::query_scalar::<DB, String>(&address).bind(node).fetch_optional(&mut **t).await
-                })?;
-                for delete in [&delete_node, &delete_lease] {
-                    per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(delete).bind(node).execute(&mut **t).await.map(drop))?;
-                }
-                let jobs = per_backend!(Tx, &mut tx, t, DB => {
-                    sqlx::query::<DB>(&free).bind(node).execute(&mut **t).await.map(|r| r.rows_affected())
-                })?;
-                if let Tx::Postgres(t) = &mut tx {
-                    sqlx::query(&notify).execute(&mut **t).await?;
-                }
-                per_backend!(Tx, tx, t, _DB => t.commit().await)?;
-                taken.push(Takeover { node: node as u64, address: address.unwrap_or_default(), jobs });
+        let dead: sqlx::Result<Vec<i64>> = {
+            let conn = self.conn().await?;
+            per_backend!(Conn, conn, c, DB => sqlx::query_scalar::<DB, i64>(&expired).fetch_all(c).await)
+        };
+        let dead = dead.map_err(|e| self.failed(e))?;
+        let mut taken = Vec::new();
+        for node in dead {
+            if let Some(t) = self.retire(node as u64, true).await? {
+                taken.push(t);
             }
-            Ok(taken)
         }
-        .await;
-        outcome.map_err(|e| self.failed(e))
+        Ok(taken)
     }
 
     /// Ends `node`'s incarnation at shutdown: its jobs become claimable at once and its rows
     /// go. Returns how many jobs it gave up.
     pub async fn leave(&mut self, node: u64) -> Result<u64> {
+        Ok(self.retire(node, false).await?.map_or(0, |t| t.jobs))
+    }
+
+    /// Retires `node` (if `expired`, only while its lease has ended): see
+    /// [`ClusterDb::take_over`]. `None` if there was nothing to do.
+    async fn retire(&mut self, node: u64, expired: bool) -> Result<Option<Takeover>> {
+        let lock = self.sql(if expired {
+            "SELECT id FROM {t}_leases WHERE id = ? AND lease_until < {now} FOR UPDATE"
+        } else {
+            "SELECT id FROM {t}_leases WHERE id = ? FOR UPDATE"
+        });
+        let address = self.sql("SELECT address FROM {t}_nodes WHERE id = ?");
         let delete_node = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
         let delete_lease = self.sql("DELETE FROM {t}_leases WHERE id = ?");
-        let free = self.sql("UPDATE {t} SET owner = NULL, running = 0 WHERE owner = ?");
+        let free = match self.kind() {
+            Kind::MySql => {
+                self.sql(&format!("UPDATE {{t}} SET owner = NULL, running = 0 WHERE owner = ? LIMIT {FREE_CHUNK}"))
+            }
+            Kind::Postgres => self.sql(&format!(
+                "UPDATE {{t}} SET owner = NULL, running = 0 WHERE seq IN \
+                 (SELECT seq FROM {{t}} WHERE owner = ? LIMIT {FREE_CHUNK} FOR UPDATE SKIP LOCKED)"
+            )),
+        };
         let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
+        let node = node as i64;
         let conn = self.conn().await?;
-        let outcome: sqlx::Result<u64> = async {
-            let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
-            for delete in [&delete_node, &delete_lease] {
-                per_backend!(Tx, &mut tx, t, DB => sqlx::query::<DB>(delete).bind(node as i64).execute(&mut **t).await.map(drop))?;
+        let outcome: sqlx::Result<Option<Takeover>> = async {
+            let retired: Option<Option<String>> = {
+                let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
+                let found = per_backend!(Tx, &mut tx, t, DB => {
+                    sqlx::query_scalar::<DB, i64>(&lock).bind(node).fetch_optional(&mut **t).await
+                })?;
+                match found {
+                    None => None,
+                    Some(_) => {
+                        let address = per_backend!(Tx, &mut tx, t, DB => {
+                            sqlx::query_scalar::<DB, String>(&address).bind(node).fetch_optional(&mut **t).await
+                        })?;
+                        per_backend!(Tx, &mut tx, t, DB => {
+                            sqlx::query::<DB>(&delete_node).bind(node).execute(&mut **t).await.map(drop)
+                        })?;
+                        per_backend!(Tx, tx, t, _DB => t.commit().await)?;
+                        Some(address)
+                    }
+                }
+            };
+            let Some(address) = retired else { return Ok(None) };
+            let mut jobs = 0;
+            loop {
+                let freed = per_backend!(Conn, &mut *conn, c, DB => {
+                    sqlx::query::<DB>(&free).bind(node).execute(&mut *c).await.map(|r| r.rows_affected())
+                })?;
+                if freed > 0 {
+                    if let Conn::Postgres(c) = &mut *conn {
+                        sqlx::query(&notify).execute(&mut *c).await?;
+                    }
+                }
+                jobs += freed;
+                if freed < FREE_CHUNK {
+                    break;
+                }
             }
-            let jobs = per_backend!(Tx, &mut tx, t, DB => {
-                sqlx::query::<DB>(&free).bind(node as i64).execute(&mut **t).await.map(|r| r.rows_affected())
-            })?;
-            if let Tx::Postgres(t) = &mut tx {
-                sqlx::query(&notify).execute(&mut **t).await?;
-            }
-            per_backend!(Tx, tx, t, _DB => t.commit().await)?;
-            Ok(jobs)
+            per_backend!(Conn, &mut *conn, c, DB => sqlx::query::<DB>(&delete_lease).bind(node).execute(&mut *c).await.map(drop))?;
+            Ok(Some(Takeover { node: node as u64, address: address.unwrap_or_default(), jobs }))
         }
         .await;
         outcome.map_err(|e| self.failed(e))
@@ -352,9 +377,9 @@ impl ClusterDb {
 
     /// Makes up to `limit` unowned jobs of `function` that are due at `now` (Unix seconds)
     /// `node`'s, highest priority and oldest first, skipping rows another node is claiming,
-    /// and appends them to `out`. `Ok(None)` if `node`'s lease has ended. If the COMMIT itself
-    /// fails (the claim may have landed), the error comes with the jobs left in `out`: the
-    /// caller runs them rather than leave rows it may own unserved.
+    /// and appends them to `out`. `Ok(None)` if `node`'s lease has ended. The jobs go into
+    /// `out` just before the COMMIT: if that fails or is abandoned (the claim may have landed),
+    /// they are there, and the caller runs them rather than leave rows it may own unserved.
     pub async fn claim(
         &mut self,
         node: u64,
@@ -370,14 +395,14 @@ impl ClusterDb {
              LIMIT {limit} FOR UPDATE SKIP LOCKED"
         ));
         let (kind, table) = (self.kind(), self.table().to_string());
-        let start = out.len();
-        let committing = std::cell::Cell::new(false);
         let conn = self.conn().await?;
         let outcome: sqlx::Result<Option<usize>> = async {
             let mut tx = per_backend!(Conn, &mut *conn, c, _DB => c.begin().await.map(Tx::from))?;
             if !fenced(&mut tx, &fence, node).await? {
                 return Ok(None);
             }
+            // Kept apart until the COMMIT: a claim abandoned before it claimed nothing.
+            let mut rows_read = Vec::new();
             per_backend!(Tx, &mut tx, t, DB => {
                 let mut rows = sqlx::query::<DB>(&select).bind(function).bind(now).fetch(&mut **t);
                 while let Some(row) = rows.try_next().await? {
@@ -385,7 +410,7 @@ impl ClusterDb {
                     let priority: i16 = row.try_get(1)?;
                     let unique: Option<Vec<u8>> = row.try_get(4)?;
                     let attempts: i32 = row.try_get(6)?;
-                    out.push(Claimed {
+                    rows_read.push(Claimed {
                         seq: seq as u64,
                         priority: priority.clamp(0, 2) as u8,
                         run_at: row.try_get(2)?,
@@ -397,7 +422,7 @@ impl ClusterDb {
                 }
                 Ok::<(), sqlx::Error>(())
             })?;
-            let claimed = &out[start..];
+            let claimed = &rows_read;
             if !claimed.is_empty() {
                 let mut sql = format!("UPDATE {} SET owner = ", super::store::by_seq(kind, &table));
                 push_placeholders(&mut sql, kind, 1, 1);
@@ -413,14 +438,11 @@ impl ClusterDb {
                 })?;
             }
             let n = claimed.len();
-            committing.set(true);
+            out.append(&mut rows_read);
             per_backend!(Tx, tx, t, _DB => t.commit().await)?;
             Ok(Some(n))
         }
         .await;
-        if !matches!(outcome, Ok(Some(_))) && !committing.get() {
-            out.truncate(start);
-        }
         outcome.map_err(|e| self.failed(e))
     }
 

@@ -122,23 +122,27 @@ async fn create_or_check(conn: &mut Conn, target: &Target) -> Result<()> {
     if let Some(comment) = conn.table_comment(target).await? {
         let comment = comment.unwrap_or_default();
         if let Some(version) = comment.strip_prefix(CLUSTER_TAG) {
-            return match version.parse::<u32>() {
-                Ok(CLUSTER_VERSION) => Ok(()),
-                _ => Err(StoreError::Database(format!(
+            if version.parse::<u32>() != Ok(CLUSTER_VERSION) {
+                return Err(StoreError::Database(format!(
                     "{}: cluster schema {version}, but this gearbox uses version {CLUSTER_VERSION}",
                     target.public
-                ))),
-            };
-        }
-        let what = if comment.starts_with(crate::sql_conn::SCHEMA_TAG) {
-            "a single-server gearbox queue: give the cluster a table of its own (?table=NAME), \
-             or start this server without --cluster"
+                )));
+            }
         } else {
-            "not a gearbox queue"
-        };
-        return Err(StoreError::Database(format!("{}: the table exists and is {what}", target.public)));
+            let what = if comment.starts_with(crate::sql_conn::SCHEMA_TAG) {
+                "a single-server gearbox queue: give the cluster a table of its own (?table=NAME), \
+                 or start this server without --cluster"
+            } else {
+                "not a gearbox queue"
+            };
+            return Err(StoreError::Database(format!("{}: the table exists and is {what}", target.public)));
+        }
     }
-    for ddl in queue_ddl(conn.kind(), &target.table) {
+    // Every statement is IF NOT EXISTS: a start cut short between them is completed. On
+    // PostgreSQL the statements of one simple query run in one transaction.
+    let ddl = queue_ddl(conn.kind(), &target.table);
+    let ddl = if conn.kind() == Kind::Postgres { vec![ddl.join("; ")] } else { ddl };
+    for ddl in ddl {
         per_backend!(Conn, &mut *conn, c, _DB => c.execute(ddl.as_str()).await.map(drop))
             .map_err(|e| target.error(e))?;
     }
