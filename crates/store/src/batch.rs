@@ -83,8 +83,10 @@ impl Batch {
         &self.marks
     }
 
-    /// Forgets the marks (a cluster node that lost its lease no longer owns their rows).
-    pub fn clear_marks(&mut self) {
+    /// Forgets the removals and marks, keeping the adds (a cluster node that lost its lease
+    /// no longer owns those rows; the node that takes them over runs their jobs again).
+    pub fn keep_only_adds(&mut self) {
+        self.removes.clear();
         self.marks.clear();
     }
 

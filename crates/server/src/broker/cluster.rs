@@ -125,9 +125,7 @@ impl Broker {
         for fid in 0..self.functions.len() as u32 {
             self.purge_dropped(fid);
         }
-        // Marks name rows of the old incarnation; the batch will be stamped with the next one,
-        // which may claim those rows again.
-        self.durable.as_mut().expect("durable store enabled").pending_marks_clear();
+        self.durable.as_mut().expect("durable store enabled").forget_pending_changes();
         held.len()
     }
 

@@ -47,8 +47,10 @@ pub(super) struct Durability {
 }
 
 impl Durability {
-    pub(super) fn pending_marks_clear(&mut self) {
-        self.pending.clear_marks();
+    /// Forgets pending removals and marks: they name rows of an incarnation that lost its
+    /// lease, and would otherwise be written under the next, which may claim those rows again.
+    pub(super) fn forget_pending_changes(&mut self) {
+        self.pending.keep_only_adds();
     }
 }
 
@@ -269,8 +271,10 @@ impl Broker {
                         self.release(key, add.run_at, now);
                     }
                 }
-                // The job ended while its record was being written: remove the record.
-                (Ok(locs), None) => self.pending_remove(add.seq, locs[i]),
+                // The job ended while its record was being written: remove the record (one
+                // written by an earlier incarnation is that one's, for the cluster to take over).
+                (Ok(locs), None) if !stale => self.pending_remove(add.seq, locs[i]),
+                (Ok(_), None) => {}
                 (Err(_), Some(key)) => {
                     self.claim_back(add.seq);
                     self.unadd(key)
@@ -281,11 +285,12 @@ impl Broker {
         if let Err(why) = &outcome {
             tracing::error!("queue store commit failed: {why}");
             // Nobody waits on removals: retry them with the next batch; and the jobs handed
-            // back to a cluster, which this node no longer holds.
-            for &(seq, loc) in batch.removes() {
-                self.pending_remove(seq, loc);
-            }
+            // back to a cluster, which this node no longer holds. Not those of an incarnation
+            // the node no longer is: the cluster takes its rows over.
             if !stale {
+                for &(seq, loc) in batch.removes() {
+                    self.pending_remove(seq, loc);
+                }
                 for &(seq, mark) in batch.marks() {
                     if mark == gearbox_store::Mark::Released {
                         self.pending_mark(seq, mark);
