@@ -261,13 +261,21 @@ async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb)
         match tokio::time::timeout(TAKEOVER_TIMEOUT, db.take_over()).await {
             Ok(Ok(taken)) => {
                 for t in &taken {
-                    tracing::warn!(
-                        "cluster: took over node {} ({}), whose lease ended: {} jobs are claimable",
-                        t.node,
-                        t.address,
-                        t.jobs
-                    );
-                    cluster.counters.takeovers.fetch_add(1, Ordering::Relaxed);
+                    if t.resumed {
+                        tracing::info!(
+                            "cluster: went on taking over node {}: {} more jobs are claimable",
+                            t.node,
+                            t.jobs
+                        );
+                    } else {
+                        tracing::warn!(
+                            "cluster: took over node {} ({}), whose lease ended: {} jobs are claimable",
+                            t.node,
+                            t.address,
+                            t.jobs
+                        );
+                        cluster.counters.takeovers.fetch_add(1, Ordering::Relaxed);
+                    }
                     cluster.counters.taken_over_jobs.fetch_add(t.jobs, Ordering::Relaxed);
                 }
                 if !taken.is_empty() {

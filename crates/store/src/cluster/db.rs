@@ -39,6 +39,9 @@ pub struct Takeover {
     pub node: u64,
     pub address: String,
     pub jobs: u64,
+    /// Another takeover of this node had begun (and was cut short, or is still freeing its
+    /// jobs): this one went on with it.
+    pub resumed: bool,
 }
 
 /// A node as its row shows it.
@@ -329,7 +332,7 @@ impl ClusterDb {
                 }
             }
             per_backend!(Conn, &mut *conn, c, DB => sqlx::query::<DB>(&delete_lease).bind(node).execute(&mut *c).await.map(drop))?;
-            Ok(Some(Takeover { node: node as u64, address: address.unwrap_or_default(), jobs }))
+            Ok(Some(Takeover { node: node as u64, resumed: address.is_none(), address: address.unwrap_or_default(), jobs }))
         }
         .await;
         outcome.map_err(|e| self.failed(e))
