@@ -292,6 +292,7 @@ impl ClusterDb {
                  (SELECT seq FROM {{t}} WHERE owner = ? LIMIT {FREE_CHUNK} FOR UPDATE SKIP LOCKED)"
             )),
         };
+        let owned = self.sql("SELECT seq FROM {t} WHERE owner = ? LIMIT 1");
         let notify = format!("SELECT pg_notify('{}', '')", channel(self.table()));
         let node = node as i64;
         let conn = self.conn().await?;
@@ -327,11 +328,18 @@ impl ClusterDb {
                     }
                 }
                 jobs += freed;
-                if freed < FREE_CHUNK {
+                if freed == 0 {
                     break;
                 }
             }
-            per_backend!(Conn, &mut *conn, c, DB => sqlx::query::<DB>(&delete_lease).bind(node).execute(&mut *c).await.map(drop))?;
+            // Rows another sweeper is freeing right now were skipped: the lease row stays until
+            // none is left, so a takeover cut short is always resumed.
+            let left = per_backend!(Conn, &mut *conn, c, DB => {
+                sqlx::query_scalar::<DB, i64>(&owned).bind(node).fetch_optional(&mut *c).await
+            })?;
+            if left.is_none() {
+                per_backend!(Conn, &mut *conn, c, DB => sqlx::query::<DB>(&delete_lease).bind(node).execute(&mut *c).await.map(drop))?;
+            }
             Ok(Some(Takeover { node: node as u64, resumed: address.is_none(), address: address.unwrap_or_default(), jobs }))
         }
         .await;
