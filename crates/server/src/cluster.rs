@@ -262,11 +262,13 @@ async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb)
             Ok(Ok(taken)) => {
                 for t in &taken {
                     if t.resumed {
-                        tracing::info!(
-                            "cluster: went on taking over node {}: {} more jobs are claimable",
-                            t.node,
-                            t.jobs
-                        );
+                        if t.jobs > 0 {
+                            tracing::info!(
+                                "cluster: went on taking over node {}: {} more jobs are claimable",
+                                t.node,
+                                t.jobs
+                            );
+                        }
                     } else {
                         tracing::warn!(
                             "cluster: took over node {} ({}), whose lease ended: {} jobs are claimable",
@@ -278,7 +280,7 @@ async fn sweep_loop(shared: &Shared, cluster: &ClusterShared, mut db: ClusterDb)
                     }
                     cluster.counters.taken_over_jobs.fetch_add(t.jobs, Ordering::Relaxed);
                 }
-                if !taken.is_empty() {
+                if taken.iter().any(|t| !t.resumed || t.jobs > 0) {
                     cluster.wake.notify_one();
                     // The view shows the dead node gone at once.
                     refreshed = None;

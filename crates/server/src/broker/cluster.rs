@@ -111,6 +111,8 @@ impl Broker {
     pub fn leave_cluster(&mut self) -> usize {
         let Some(c) = self.cluster.as_mut() else { return 0 };
         c.node = 0;
+        // Claims back were the old incarnation's; the rows are now the cluster's to take over.
+        c.reclaimed.clear();
         self.current = None;
         // Dropped jobs (cancelled, waiting for their queue to reach them) are gone already.
         let held: Vec<JobKey> = self

@@ -252,15 +252,22 @@ impl Broker {
             let key = self.find_by_seq(add.seq);
             let reclaimed = self.take_reclaimed(add.seq);
             debug_assert!(key.is_none_or(|k| matches!(self.jobs[k as usize].stored, Stored::Adding { .. })));
-            match (&outcome, key) {
-                (Ok(_), Some(key))
+            // Where the record landed. A commit that failed may still have landed: this node's
+            // claim of the job says so (a cluster store's location is the sequence number).
+            let landed = match &outcome {
+                Ok(locs) => Some(locs[i]),
+                Err(_) if reclaimed => Some(Loc(add.seq)),
+                Err(_) => None,
+            };
+            match (landed, key) {
+                (Some(_), Some(key))
                     if (stale && !reclaimed) || coalesced.contains_key(&add.seq) || self.leaves_to_cluster(key) =>
                 {
                     self.hand_off(key, add.run_at, now, coalesced.contains_key(&add.seq))
                 }
-                (Ok(locs), Some(key)) => {
+                (Some(loc), Some(key)) => {
                     let job = &mut self.jobs[key as usize];
-                    job.loc = locs[i];
+                    job.loc = loc;
                     job.stored = Stored::Yes;
                     let (pending, fid, priority) = (job.state == JobState::Pending, job.function, job.priority);
                     self.keep_or_evict(key);
@@ -273,13 +280,13 @@ impl Broker {
                 }
                 // The job ended while its record was being written: remove the record (one
                 // written by an earlier incarnation is that one's, for the cluster to take over).
-                (Ok(locs), None) if !stale => self.pending_remove(add.seq, locs[i]),
-                (Ok(_), None) => {}
-                (Err(_), Some(key)) => {
+                (Some(loc), None) if !stale => self.pending_remove(add.seq, loc),
+                (Some(_), None) => {}
+                (None, Some(key)) => {
                     self.claim_back(add.seq);
                     self.unadd(key)
                 }
-                (Err(_), None) => {}
+                (None, None) => {}
             }
         }
         if let Err(why) = &outcome {

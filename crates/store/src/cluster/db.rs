@@ -283,10 +283,16 @@ impl ClusterDb {
         let address = self.sql("SELECT address FROM {t}_nodes WHERE id = ?");
         let delete_node = self.sql("DELETE FROM {t}_nodes WHERE id = ?");
         let delete_lease = self.sql("DELETE FROM {t}_leases WHERE id = ?");
+        // Ended for good: a renewal waiting for the lock checks its condition again on the
+        // changed row, and fails (a row only locked would let it through).
+        let end_lease = self.sql(match self.kind() {
+            Kind::MySql => "UPDATE {t}_leases SET lease_until = '1970-01-01 00:00:01' WHERE id = ?",
+            Kind::Postgres => "UPDATE {t}_leases SET lease_until = TIMESTAMPTZ '1970-01-01 00:00:00+00' WHERE id = ?",
+        });
         let free = match self.kind() {
-            Kind::MySql => {
-                self.sql(&format!("UPDATE {{t}} SET owner = NULL, running = 0 WHERE owner = ? LIMIT {FREE_CHUNK}"))
-            }
+            Kind::MySql => self.sql(&format!(
+                "UPDATE {{t}} SET owner = NULL, running = 0 WHERE owner = ? ORDER BY seq LIMIT {FREE_CHUNK}"
+            )),
             Kind::Postgres => self.sql(&format!(
                 "UPDATE {{t}} SET owner = NULL, running = 0 WHERE seq IN \
                  (SELECT seq FROM {{t}} WHERE owner = ? LIMIT {FREE_CHUNK} FOR UPDATE SKIP LOCKED)"
@@ -308,9 +314,11 @@ impl ClusterDb {
                         let address = per_backend!(Tx, &mut tx, t, DB => {
                             sqlx::query_scalar::<DB, String>(&address).bind(node).fetch_optional(&mut **t).await
                         })?;
-                        per_backend!(Tx, &mut tx, t, DB => {
-                            sqlx::query::<DB>(&delete_node).bind(node).execute(&mut **t).await.map(drop)
-                        })?;
+                        for sql in [&end_lease, &delete_node] {
+                            per_backend!(Tx, &mut tx, t, DB => {
+                                sqlx::query::<DB>(sql).bind(node).execute(&mut **t).await.map(drop)
+                            })?;
+                        }
                         per_backend!(Tx, tx, t, _DB => t.commit().await)?;
                         Some(address)
                     }

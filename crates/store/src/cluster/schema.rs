@@ -138,6 +138,11 @@ async fn create_or_check(conn: &mut Conn, target: &Target) -> Result<()> {
             return Err(StoreError::Database(format!("{}: the table exists and is {what}", target.public)));
         }
     }
+    if complete(conn, target).await? {
+        // Nothing to create: DDL would lock the queue table (PostgreSQL's CREATE INDEX IF NOT
+        // EXISTS and COMMENT do) and make every node's writes wait for this start.
+        return Ok(());
+    }
     // Every statement is IF NOT EXISTS: a start cut short between them is completed. On
     // PostgreSQL the statements of one simple query run in one transaction.
     let ddl = queue_ddl(conn.kind(), &target.table);
@@ -147,4 +152,38 @@ async fn create_or_check(conn: &mut Conn, target: &Target) -> Result<()> {
             .map_err(|e| target.error(e))?;
     }
     Ok(())
+}
+
+/// Whether the cluster's tables (and, on PostgreSQL, its indexes) all exist.
+async fn complete(conn: &mut Conn, target: &Target) -> Result<bool> {
+    let t = &target.table;
+    let found: sqlx::Result<i64> = match conn {
+        Conn::MySql(c) => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+                 AND TABLE_NAME IN (?, ?, ?)",
+            )
+            .bind(t)
+            .bind(format!("{t}_nodes"))
+            .bind(format!("{t}_leases"))
+            .fetch_one(c)
+            .await
+        }
+        Conn::Postgres(c) => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM unnest($1::text[]) AS n(name) WHERE to_regclass(n.name) IS NOT NULL",
+            )
+            .bind(vec![
+                t.clone(),
+                format!("{t}_nodes"),
+                format!("{t}_leases"),
+                format!("{t}_claim"),
+                format!("{t}_unique"),
+            ])
+            .fetch_one(c)
+            .await
+        }
+    };
+    let wanted = if conn.kind() == Kind::Postgres { 5 } else { 3 };
+    Ok(found.map_err(|e| target.error(e))? == wanted)
 }
