@@ -289,12 +289,18 @@ impl Broker {
         let next_seq = self.next_seq;
         for job in jobs {
             if let Some(key) = self.find_by_seq(job.seq) {
-                // Written unowned by this node, claimed back before the commit was taken in.
                 if self.leaves_to_cluster(key) {
+                    // Written unowned by this node, claimed back before the commit was taken in.
                     self.claim_back(job.seq);
                     self.cluster.as_mut().expect("cluster enabled").reclaimed.insert(job.seq);
-                } else {
-                    tracing::error!("claimed job {} is already here; ignoring the claim", job.seq);
+                } else if self.jobs[key as usize].stored == Stored::No {
+                    // The same job, kept here for its foreground clients after an earlier
+                    // incarnation wrote it: stored again, and so removed when it ends.
+                    let job = &mut self.jobs[key as usize];
+                    job.stored = Stored::Yes;
+                    job.loc = Loc(job.seq);
+                    job.background = true;
+                    self.keep_or_evict(key);
                 }
                 continue;
             }
