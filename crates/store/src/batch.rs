@@ -57,6 +57,21 @@ pub struct AddView<'a> {
     pub owned: bool,
 }
 
+impl AddView<'_> {
+    /// The job as a store would yield it at load (with no location).
+    pub fn to_stored(&self) -> crate::StoredJob {
+        crate::StoredJob {
+            seq: self.seq,
+            priority: self.priority,
+            run_at: self.run_at,
+            function: self.function.to_vec(),
+            unique: self.unique.to_vec(),
+            data: self.data.to_vec(),
+            loc: Loc::NONE,
+        }
+    }
+}
+
 impl Batch {
     pub fn push_add(&mut self, seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], data: &[u8]) {
         let mut put = |bytes: &[u8]| {

@@ -25,7 +25,7 @@ use bytes::{Bytes, BytesMut};
 use gearbox_joblog::Status as Outcome;
 use gearbox_proto::{encode_packet, Magic, PacketType as T};
 use gearbox_store::cluster::{first_seq, Claimed, RowStatus};
-use gearbox_store::{LoadedJob, Loc, Mark};
+use gearbox_store::{Loc, Mark};
 use tokio::sync::Notify;
 
 use super::durable::Held;
@@ -287,7 +287,8 @@ impl Broker {
         // A claimed job keeps the number another incarnation gave it: new jobs here go on
         // numbering in this incarnation's own block.
         let next_seq = self.next_seq;
-        for job in jobs {
+        for claimed in jobs {
+            let job = &claimed.job;
             if let Some(key) = self.find_by_seq(job.seq) {
                 if self.leaves_to_cluster(key) {
                     // Written unowned by this node, claimed back before the commit was taken in.
@@ -304,19 +305,11 @@ impl Broker {
                 }
                 continue;
             }
-            self.restore(LoadedJob {
-                seq: job.seq,
-                priority: job.priority,
-                run_at: job.run_at,
-                function: &job.function,
-                unique: &job.unique,
-                data: &job.data,
-                loc: Loc(job.seq),
-            });
+            self.restore(claimed.job.as_loaded());
             let Some(key) = self.find_by_seq(job.seq) else { continue };
-            self.jobs[key as usize].attempts = job.attempts.min(u32::from(u16::MAX)) as u16;
-            if job_retries > 0 && job.attempts >= job_retries {
-                self.give_up_claimed(key, job.attempts, job_retries);
+            self.jobs[key as usize].attempts = claimed.attempts.min(u32::from(u16::MAX)) as u16;
+            if job_retries > 0 && claimed.attempts >= job_retries {
+                self.give_up_claimed(key, claimed.attempts, job_retries);
             }
         }
         self.next_seq = next_seq;

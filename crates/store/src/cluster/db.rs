@@ -13,22 +13,17 @@ use super::channel;
 use super::schema::ensure_cluster_schema;
 use crate::sql_conn::{is_connection_error, per_backend, Conn, Kind, Target, Tx};
 use crate::sql_plan::push_placeholders;
-use crate::{Result, StoreError};
+use crate::{Loc, Result, StoreError, StoredJob};
 
 /// `TABLE_leases` must fit the databases' 63-character names.
 const MAX_TABLE: usize = 56;
 /// Jobs of a retired node made claimable per statement (each its own transaction).
 const FREE_CHUNK: u64 = 5000;
 
-/// A job a claim made this node's.
+/// A job a claim made this node's (its location is its sequence number).
 #[derive(Clone, Debug)]
 pub struct Claimed {
-    pub seq: u64,
-    pub priority: u8,
-    pub run_at: i64,
-    pub function: Vec<u8>,
-    pub unique: Vec<u8>,
-    pub data: Vec<u8>,
+    pub job: StoredJob,
     /// Attempts started so far, on any node.
     pub attempts: u32,
 }
@@ -429,15 +424,16 @@ impl ClusterDb {
                     let priority: i16 = row.try_get(1)?;
                     let unique: Option<Vec<u8>> = row.try_get(4)?;
                     let attempts: i32 = row.try_get(6)?;
-                    rows_read.push(Claimed {
+                    let job = StoredJob {
                         seq: seq as u64,
                         priority: priority.clamp(0, 2) as u8,
                         run_at: row.try_get(2)?,
                         function: row.try_get(3)?,
                         unique: unique.unwrap_or_default(),
                         data: row.try_get(5)?,
-                        attempts: attempts.max(0) as u32,
-                    });
+                        loc: Loc(seq as u64),
+                    };
+                    rows_read.push(Claimed { job, attempts: attempts.max(0) as u32 });
                 }
                 Ok::<(), sqlx::Error>(())
             })?;
@@ -450,8 +446,8 @@ impl ClusterDb {
                 sql.push(')');
                 per_backend!(Tx, &mut tx, t, DB => {
                     let mut q = sqlx::query::<DB>(&sql).bind(node as i64);
-                    for job in claimed {
-                        q = q.bind(job.seq as i64);
+                    for c in claimed {
+                        q = q.bind(c.job.seq as i64);
                     }
                     q.execute(&mut **t).await.map(drop)
                 })?;

@@ -104,15 +104,16 @@ fn claimed_jobs_keep_their_numbers() {
     b.enable_cluster(Arc::new(tokio::sync::Notify::new()));
     b.join_cluster(1, Instant::now() + Duration::from_secs(3600));
     let theirs = first_seq(2) + 5;
-    let job = Claimed {
+    let job = gearbox_store::StoredJob {
         seq: theirs,
         priority: 1,
         run_at: 0,
         function: b"f".to_vec(),
         unique: b"u".to_vec(),
         data: b"d".to_vec(),
-        attempts: 1,
+        loc: gearbox_store::Loc(theirs),
     };
+    let job = Claimed { job, attempts: 1 };
     assert!(!b.restore_claimed(2, std::slice::from_ref(&job)), "a claim of another incarnation is refused");
     assert!(b.restore_claimed(1, &[job]));
     assert!(b.find_by_seq(theirs).is_some());

@@ -205,15 +205,7 @@ impl Store {
         }
         if ok {
             for add in batch.adds() {
-                let job = gearbox_store::StoredJob {
-                    seq: add.seq,
-                    priority: add.priority,
-                    run_at: add.run_at,
-                    function: add.function.to_vec(),
-                    unique: add.unique.to_vec(),
-                    data: add.data.to_vec(),
-                    loc: Loc::NONE,
-                };
+                let job = add.to_stored();
                 self.jobs.insert(add.seq, job);
                 self.ever.insert(add.seq);
             }
@@ -243,15 +235,7 @@ impl Store {
                 coalesced.push((add.seq, holder.seq));
                 continue;
             }
-            let job = gearbox_store::StoredJob {
-                seq: add.seq,
-                priority: add.priority,
-                run_at: add.run_at,
-                function: add.function.to_vec(),
-                unique: add.unique.to_vec(),
-                data: add.data.to_vec(),
-                loc: Loc::NONE,
-            };
+            let job = add.to_stored();
             self.jobs.insert(add.seq, job);
             self.ever.insert(add.seq);
             self.owners.insert(add.seq, add.owned.then_some(batch.owner));
@@ -291,19 +275,12 @@ impl Store {
                 && job.function == function
                 && job.run_at <= unix_now_for_tests()
             {
-                claimed.push(gearbox_store::cluster::Claimed {
-                    seq: *seq,
-                    priority: job.priority,
-                    run_at: job.run_at,
-                    function: job.function.clone(),
-                    unique: job.unique.clone(),
-                    data: job.data.clone(),
-                    attempts: 1,
-                });
+                let job = gearbox_store::StoredJob { loc: Loc(*seq), ..job.clone() };
+                claimed.push(gearbox_store::cluster::Claimed { job, attempts: 1 });
             }
         }
         for c in &claimed {
-            self.owners.insert(c.seq, Some(self.node));
+            self.owners.insert(c.job.seq, Some(self.node));
         }
         b.restore_claimed(self.node, &claimed);
     }
