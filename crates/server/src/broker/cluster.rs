@@ -397,7 +397,7 @@ impl Broker {
         let c = self.cluster.as_mut().unwrap();
         c.statuses.push(StatusQuery { id, seq, unique: name.to_vec(), cancel: false });
         c.wake.notify_one();
-        self.hold(conn, Held::Cluster { id, unique: kind == T::StatusResUnique, name: name.to_vec() });
+        self.hold(conn, Held::Cluster { id, unique: kind == T::StatusResUnique, name: name.into() });
     }
 
     /// Asks the database to cancel job `seq` (named `handle`), which this node does not hold;
@@ -408,7 +408,7 @@ impl Broker {
         let id = c.next_status;
         c.statuses.push(StatusQuery { id, seq: Some(seq), unique: handle.to_vec(), cancel: true });
         c.wake.notify_one();
-        self.hold(conn, Held::Cluster { id, unique: false, name: handle.to_vec() });
+        self.hold(conn, Held::Cluster { id, unique: false, name: handle.into() });
     }
 
     /// The database's answer to cancel question `id`: the admin reply line(s).

@@ -62,7 +62,8 @@ pub struct PendingState {
     pub changes_since: Option<Instant>,
 }
 
-/// A reply to a connection that waits for a commit.
+/// A reply to a connection that waits for a commit. Kept small: every background
+/// submission's acknowledgement is one.
 pub(super) enum Held {
     Bytes(BytesMut),
     /// The answer to a background submission (or a foreground one that joined a pending
@@ -89,9 +90,11 @@ pub(super) enum Held {
     Cluster {
         id: u64,
         unique: bool,
-        name: Vec<u8>,
+        name: Box<[u8]>,
     },
 }
+
+const _: () = assert!(std::mem::size_of::<Held>() <= 40, "Held grew: every acknowledgement pays for it");
 
 impl Broker {
     /// Switches background submissions to the durable path. `wake` is notified (while the
