@@ -1,5 +1,6 @@
 //! The text admin protocol, which gearmand and gearbox both speak: `getpid` for the server's
-//! PID, `status` for a function's queue.
+//! PID, `status` for a function's queue (and on a gearbox cluster node, `cluster` for the
+//! jobs no node owns yet).
 
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,8 +43,33 @@ impl Admin {
             .with_context(|| format!("unexpected answer to getpid: {line:?}"))
     }
 
-    /// `function`'s line of `status` (all zero when the server does not list it).
+    /// `function`'s jobs as `status` counts them, plus, on a gearbox cluster node, those no
+    /// node owns yet (from `cluster`, as of the cluster's last view; none elsewhere).
     pub async fn status(&mut self, function: &str) -> Result<FunctionStatus> {
+        let mut found = self.node_status(function).await?;
+        found.total += self.unowned(function).await?;
+        Ok(found)
+    }
+
+    /// `function`'s unowned jobs in the `cluster` answer: `unowned \t - \t - \t FUNCTION \t
+    /// QUEUED \t 0 \t 0` lines; 0 from a server that is no cluster node (it answers `ERR`).
+    async fn unowned(&mut self, function: &str) -> Result<u64> {
+        self.stream.write_all(b"cluster\n").await?;
+        let mut unowned = 0;
+        loop {
+            let line = self.line().await?;
+            if line == "." || line.starts_with("ERR") {
+                return Ok(unowned);
+            }
+            let fields: Vec<&str> = line.split('\t').collect();
+            if fields.len() == 7 && fields[0] == "unowned" && fields[3] == function {
+                unowned = fields[4].parse().with_context(|| format!("bad number in cluster line {line:?}"))?;
+            }
+        }
+    }
+
+    /// `function`'s line of `status` (all zero when the server does not list it).
+    async fn node_status(&mut self, function: &str) -> Result<FunctionStatus> {
         self.stream.write_all(b"status\n").await?;
         let mut found = FunctionStatus::default();
         loop {

@@ -67,7 +67,13 @@ fn queue_ddl(kind: Kind, t: &str) -> Vec<String> {
                    denominator BIGINT NOT NULL DEFAULT 0, \
                    created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (owner, function_name, priority, created_at, seq)"),
+            // Partial: PostgreSQL orders by an index's columns only after equalities, and
+            // `owner IS NULL` is none, so a claim would sort every unowned job.
+            format!(
+                "CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (function_name, priority, created_at, seq) \
+                 WHERE owner IS NULL"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_owner ON {t} (owner)"),
             format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_unique ON {t} (unique_key, function_name)"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {t}_nodes (\
@@ -173,17 +179,13 @@ async fn complete(conn: &mut Conn, target: &Target) -> Result<bool> {
             sqlx::query_scalar(
                 "SELECT COUNT(*) FROM unnest($1::text[]) AS n(name) WHERE to_regclass(n.name) IS NOT NULL",
             )
-            .bind(vec![
-                t.clone(),
-                format!("{t}_nodes"),
-                format!("{t}_leases"),
-                format!("{t}_claim"),
-                format!("{t}_unique"),
-            ])
+            .bind(
+                ["", "_nodes", "_leases", "_claim", "_owner", "_unique"].map(|suffix| format!("{t}{suffix}")).to_vec(),
+            )
             .fetch_one(c)
             .await
         }
     };
-    let wanted = if conn.kind() == Kind::Postgres { 5 } else { 3 };
+    let wanted = if conn.kind() == Kind::Postgres { 6 } else { 3 };
     Ok(found.map_err(|e| target.error(e))? == wanted)
 }
