@@ -406,18 +406,7 @@ fn one_job_server_seen_from_any_node(base: &str) {
     idle.send(&gearbox_proto::Request::CanDo { function: "browser_probe".into() }).unwrap();
     idle.send(&gearbox_proto::Request::EchoReq { data: "ok".into() }).unwrap();
     assert!(matches!(idle.recv(Duration::from_secs(5)).unwrap(), Some(gearbox_proto::Response::EchoRes { .. })));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser/dashboard.mjs");
-    let out = std::process::Command::new("timeout")
-        .env("EXPECT_NODES", "3")
-        .args(["120", "node", script, &format!("http://{}/", c.http.unwrap())])
-        .output()
-        .expect("node is installed (the README's test command sets up tests/browser)");
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::check_dashboard_in_a_browser(&format!("http://{}/", c.http.unwrap()), &[("EXPECT_NODES", "3")]);
 }
 
 fn jobs_go_where_the_workers_are(base: &str) {

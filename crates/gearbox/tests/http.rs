@@ -211,18 +211,9 @@ fn the_dashboard_shows_queues_changing_in_a_real_browser() {
         let (_, log) = get_json(server.http.unwrap(), "/api/log?function=explode");
         log.to_string().contains("no such file")
     });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser/dashboard.mjs");
-    let out = Command::new("timeout")
-        .env("EXPECT_ERROR", &error)
-        .env("EXPECT_LOG_LIMIT", "1.0 GiB") // the default --job-log-max-size
-        .args(["120", "node", script, &url])
-        .output()
-        .expect("node is installed (the README's test command sets up tests/browser)");
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::check_dashboard_in_a_browser(
+        &url,
+        &[("EXPECT_ERROR", &error), ("EXPECT_LOG_LIMIT", "1.0 GiB")], // the default --job-log-max-size
     );
     // What the page did reached the server.
     let (_, status) = get_json(server.http.unwrap(), "/api/status");

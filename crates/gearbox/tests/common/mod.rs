@@ -245,3 +245,20 @@ pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     assert!(content_type.starts_with("application/json"), "{path}: {content_type} {body}");
     (status, serde_json::from_str(&body).unwrap())
 }
+
+/// Runs the dashboard's browser check (`tests/browser/dashboard.mjs`, headless Chromium) on
+/// the page at `url` with these environment variables, and fails the test if it fails.
+pub fn check_dashboard_in_a_browser(url: &str, env: &[(&str, &str)]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser/dashboard.mjs");
+    let out = Command::new("timeout")
+        .envs(env.iter().copied())
+        .args(["120", "node", script, url])
+        .output()
+        .expect("node is installed (the README's test command sets up tests/browser)");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
