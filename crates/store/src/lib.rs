@@ -4,12 +4,16 @@
 //!
 //! - [`log`]: the embedded default, an append-only log of segment files with compaction.
 //! - `sql`: MariaDB/MySQL and PostgreSQL tables (one server owns a table).
+//! - [`cluster`]: several servers on one MariaDB/MySQL or PostgreSQL queue table.
+//! - [`lifecycle`]: the job lifecycle's durable state beside the queue (dead jobs, paused
+//!   functions, fired schedule ticks), in SQLite or the queue's database.
 //!
 //! The contract: after [`QueueStore::commit`] returns `Ok`, the batch survives a crash;
 //! [`QueueStore::load`] then yields every job added and not removed, in the order added.
 
 mod batch;
 pub mod cluster;
+pub mod lifecycle;
 pub mod log;
 
 pub use batch::{AddView, Batch, Mark};
