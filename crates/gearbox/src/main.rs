@@ -29,6 +29,8 @@ enum Command {
     Admin(cli::AdminArgs),
     /// Show finished jobs from the servers' job logs (failures with --status failed)
     Log(cli::LogArgs),
+    /// Jobs that failed their last attempt: list, show, retry, delete
+    Dead(cli::DeadArgs),
     /// Print a finished job's result, when the job log keeps results (--job-log-bodies)
     Result(cli::ResultArgs),
     /// Copy the jobs of a gearmand persistent queue (libsqlite3, MySQL, PostgreSQL) into gearbox's queue
@@ -69,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Submit(args) => cli::submit(args)?,
         Command::Admin(args) => cli::admin(args)?,
         Command::Log(args) => cli::log(args)?,
+        Command::Dead(args) => cli::dead(args)?,
         Command::Result(args) => cli::result(args)?,
         Command::Work(args) => cli::work(args)?,
     }

@@ -42,6 +42,30 @@ pub enum AdminCommand {
     Stats,
     /// gearbox's `cluster`: every node of a cluster, its functions and the totals, then `.`.
     Cluster,
+    /// gearbox's `pause FUNCTION` / `resume FUNCTION`: `OK`.
+    Pause {
+        function: Bytes,
+        paused: bool,
+    },
+    /// gearbox's `limit FUNCTION N`: at most N of its jobs run at once (0: no limit); `OK`.
+    /// `limit` alone lists paused and limited functions.
+    Limit {
+        function: Bytes,
+        limit: u32,
+    },
+    LimitList,
+    /// gearbox's `retry FUNCTION RETRIES[/BASE]` (`none` removes it; `*` is every function):
+    /// `OK`. `retry` alone lists the policies.
+    Retry {
+        function: Bytes,
+        spec: String,
+    },
+    RetryList,
+    /// gearbox's `dead list [FUNCTION]`, `dead show HANDLE`, `dead retry HANDLE…|all
+    /// [FUNCTION]`, `dead delete HANDLE…|all [FUNCTION]`: JSON lines then `.`, or `OK N`.
+    Dead {
+        words: Vec<Bytes>,
+    },
 }
 
 /// A line that is not a valid command; [`AdminError::reply`] gives gearmand's answer to it.
@@ -117,6 +141,21 @@ impl AdminCommand {
             }
             "stats" if words.len() == 1 => AdminCommand::Stats,
             "cluster" if words.len() == 1 => AdminCommand::Cluster,
+            "pause" | "resume" if words.len() == 2 => {
+                AdminCommand::Pause { function: words[1].clone(), paused: is(0, "pause") }
+            }
+            "limit" if words.len() == 1 => AdminCommand::LimitList,
+            "limit" if words.len() == 3 => {
+                let limit = std::str::from_utf8(&words[2]).ok().and_then(|n| n.parse().ok()).ok_or_else(invalid)?;
+                AdminCommand::Limit { function: words[1].clone(), limit }
+            }
+            "retry" if words.len() == 1 => AdminCommand::RetryList,
+            "retry" if words.len() == 3 => AdminCommand::Retry {
+                function: words[1].clone(),
+                spec: String::from_utf8_lossy(&words[2]).into_owned(),
+            },
+            "dead" if words.len() >= 2 => AdminCommand::Dead { words: words[1..].to_vec() },
+            "pause" | "resume" | "limit" | "retry" | "dead" => return Err(invalid()),
             _ => return Err(AdminError::UnknownCommand(name)),
         };
         Ok(cmd)

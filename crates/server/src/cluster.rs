@@ -20,7 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gearbox_store::cluster::{Cancel, Claimed, ClusterDb, Listener, StatusKey};
+use gearbox_store::cluster::{Cancel, ClusterDb, Listener, StatusKey};
+use gearbox_store::StoredJob;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -436,7 +437,7 @@ async fn claim(
     node: u64,
     function: &Bytes,
     limit: usize,
-    claimed: &mut Vec<Claimed>,
+    claimed: &mut Vec<StoredJob>,
 ) -> bool {
     claimed.clear();
     let now = crate::broker::unix_now();
@@ -469,7 +470,7 @@ async fn claim(
 /// A claim whose outcome is unknown (its COMMIT failed or went unanswered) may have made
 /// these jobs this node's: it runs them, rather than leave rows it may own unserved. If the
 /// claim did not land, another node may run them too (at least once).
-fn restore_uncertain(shared: &Shared, node: u64, claimed: &[Claimed]) {
+fn restore_uncertain(shared: &Shared, node: u64, claimed: &[StoredJob]) {
     if !claimed.is_empty() {
         tracing::warn!("cluster: a claim of {} jobs may or may not have landed; running them here", claimed.len());
         shared.broker.lock().unwrap().restore_claimed(node, claimed);

@@ -117,6 +117,42 @@ pub struct Settings {
     /// skipped with a warning if busy]
     #[arg(long, env = "GEARBOX_HTTP")]
     pub http: Option<String>,
+
+    /// Retry failed background jobs of FUNCTION (`*`: every function) up to RETRIES more
+    /// times, waiting BASE × 2^n (±10%) between attempts, e.g. `resize=5/2s`; repeatable
+    /// [default: no retries; BASE 15s]. In the config file: `[retry.FUNCTION]` tables
+    /// (retries, backoff = "exponential"|"fixed", base, max-delay)
+    #[arg(long = "retry", value_name = "FUNCTION=RETRIES[/BASE]")]
+    #[serde(skip)]
+    pub retry_flags: Vec<String>,
+    #[arg(skip)]
+    #[serde(rename = "retry")]
+    pub retry_tables: Option<std::collections::BTreeMap<String, crate::lifecycle::config::RetryTable>>,
+
+    /// At most N jobs of FUNCTION run at once on this server, e.g. `report=2`; repeatable.
+    /// In the config file: a `[limit]` table of FUNCTION = N
+    #[arg(long = "limit", value_name = "FUNCTION=N")]
+    #[serde(skip)]
+    pub limit_flags: Vec<String>,
+    #[arg(skip)]
+    #[serde(rename = "limit")]
+    pub limit_table: Option<std::collections::BTreeMap<String, u32>>,
+
+    /// Keep background jobs that fail their last attempt in the dead set (keep), or drop them
+    /// as gearmand does (none) [default: keep]
+    #[arg(long, env = "GEARBOX_DEAD")]
+    pub dead: Option<String>,
+    /// How long dead jobs are kept, e.g. 30d; 0 for no limit [default: 180d]
+    #[arg(long, env = "GEARBOX_DEAD_MAX_AGE")]
+    pub dead_max_age: Option<String>,
+    /// Most dead jobs kept (the oldest go first); 0 for no limit [default: 10000]
+    #[arg(long, env = "GEARBOX_DEAD_MAX_JOBS")]
+    pub dead_max_jobs: Option<u64>,
+
+    /// Periodic jobs: `[[schedule]]` tables in the config file (name, function, cron, payload,
+    /// priority, timezone)
+    #[arg(skip)]
+    pub schedule: Option<Vec<crate::lifecycle::Schedule>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +167,8 @@ pub enum ConfigError {
     Queue(String),
     #[error("{0}")]
     JobLog(String),
+    #[error("{0}")]
+    Lifecycle(String),
 }
 
 /// Settings with every source applied.
@@ -177,6 +215,14 @@ impl Settings {
             job_log_max_size: self.job_log_max_size.or(other.job_log_max_size),
             job_log_bodies: self.job_log_bodies.or(other.job_log_bodies),
             http: self.http.or(other.http),
+            retry_flags: if self.retry_flags.is_empty() { other.retry_flags } else { self.retry_flags },
+            retry_tables: self.retry_tables.or(other.retry_tables),
+            limit_flags: if self.limit_flags.is_empty() { other.limit_flags } else { self.limit_flags },
+            limit_table: self.limit_table.or(other.limit_table),
+            dead: self.dead.or(other.dead),
+            dead_max_age: self.dead_max_age.or(other.dead_max_age),
+            dead_max_jobs: self.dead_max_jobs.or(other.dead_max_jobs),
+            schedule: self.schedule.or(other.schedule),
         }
     }
 
@@ -233,6 +279,17 @@ impl Settings {
             max_bytes,
             bodies: s.job_log_bodies,
         });
+        use crate::lifecycle::config as lc;
+        let retry =
+            lc::retry_policies(&s.retry_flags, &s.retry_tables.unwrap_or_default()).map_err(ConfigError::Lifecycle)?;
+        let limits = lc::limits(&s.limit_flags, &s.limit_table.unwrap_or_default()).map_err(ConfigError::Lifecycle)?;
+        let (keep_dead, dead_max_age, dead_max_jobs) =
+            lc::dead_retention(s.dead.as_deref(), s.dead_max_age.as_deref(), s.dead_max_jobs)
+                .map_err(ConfigError::Lifecycle)?;
+        let schedules = s.schedule.unwrap_or_default();
+        crate::lifecycle::validate_schedules(&schedules).map_err(ConfigError::Lifecycle)?;
+        let lifecycle =
+            crate::lifecycle::LifecycleOptions { limits, keep_dead, dead_max_age, dead_max_jobs, schedules };
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
@@ -244,13 +301,19 @@ impl Settings {
             log_file: s.log_file,
             http: HttpSpec::parse(s.http.as_deref()),
             serve: ServeOptions {
-                broker: BrokerConfig { job_retries: s.job_retries.unwrap_or(0), host, ..BrokerConfig::default() },
+                broker: BrokerConfig {
+                    job_retries: s.job_retries.unwrap_or(0),
+                    host,
+                    retry,
+                    ..BrokerConfig::default()
+                },
                 max_packet: s.max_packet_size.unwrap_or(gearbox_proto::DEFAULT_MAX_PACKET),
                 allow_shutdown: s.allow_shutdown.unwrap_or(false),
                 verbose: verbose.to_ascii_uppercase(),
                 queue,
                 queue_lock_wait,
                 job_log,
+                lifecycle,
             },
         })
     }

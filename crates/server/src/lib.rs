@@ -17,6 +17,7 @@ mod cluster;
 pub mod config;
 pub mod fd_limit;
 pub mod http;
+pub mod lifecycle;
 pub mod outbox;
 pub mod server;
 mod session;

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{AdminInfo, Broker, BrokerConfig, JobLogInfo};
 use crate::cluster::{ClusterShared, ClusterThread};
 use crate::shared::Shared;
-use crate::store::{QueueSpec, StoreThread};
+use crate::store::{open_lifecycle, QueueSpec, StoreThread};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum ServeError {
     JobLog(#[from] gearbox_joblog::Error),
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("lifecycle store (dead set, paused functions, schedules): {0}")]
+    Lifecycle(gearbox_store::StoreError),
 }
 
 /// Settings of a running server that are not about sockets or processes.
@@ -37,6 +39,7 @@ pub struct ServeOptions {
     pub queue_lock_wait: Duration,
     /// `None` records nothing.
     pub job_log: Option<gearbox_joblog::Options>,
+    pub lifecycle: crate::lifecycle::LifecycleOptions,
 }
 
 impl Default for ServeOptions {
@@ -49,6 +52,7 @@ impl Default for ServeOptions {
             queue: QueueSpec::Memory,
             queue_lock_wait: gearbox_store::DEFAULT_LOCK_WAIT,
             job_log: None,
+            lifecycle: Default::default(),
         }
     }
 }
@@ -93,6 +97,21 @@ pub async fn serve(
         };
         log_info = Some(JobLogInfo { sink, stats: opened.stats });
     }
+    let lifecycle = match open_lifecycle(&options.queue).await {
+        Ok(store) => store,
+        Err(e) => return Err(ServeError::Lifecycle(e)),
+    };
+    let paused = {
+        let store = lifecycle.clone();
+        tokio::task::spawn_blocking(move || store.paused()).await.expect("no panic").map_err(ServeError::Lifecycle)?
+    };
+    broker.set_keep_dead(options.lifecycle.keep_dead);
+    for function in &paused {
+        broker.set_paused(function, true);
+    }
+    for (function, limit) in &options.lifecycle.limits {
+        broker.set_limit(function.as_bytes(), *limit);
+    }
     let timer = broker.timer_notify();
     let cluster = match &options.queue {
         QueueSpec::Cluster { lease, .. } => {
@@ -122,7 +141,10 @@ pub async fn serve(
         job_log: search,
         started: Instant::now(),
         cluster,
+        lifecycle: Some(lifecycle),
+        schedules: crate::lifecycle::Schedules::new(&options.lifecycle.schedules),
     });
+    crate::lifecycle::spawn(shared.clone(), options.lifecycle.clone(), options.queue == QueueSpec::Memory);
     let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
     let cluster_thread = match &options.queue {
         QueueSpec::Cluster { url, .. } => match ClusterThread::start(shared.clone(), url.clone()).await {

@@ -38,7 +38,7 @@ pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
     shared.broker.lock().unwrap().disconnect(id);
 }
 
-async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Shared) -> std::io::Result<()> {
+async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc<Shared>) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let decoder = Decoder::new(shared.max_packet);
     let mut rbuf = BytesMut::with_capacity(READ_SMALL);
@@ -101,6 +101,16 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Sha
                             let reply = log_query(shared, &query).await;
                             shared.broker.lock().unwrap().send_text(id, &reply);
                         }
+                        Processed::Lifecycle(cmd) => {
+                            let reply = match cmd {
+                                AdminCommand::Pause { function, paused } => {
+                                    crate::lifecycle::admin::pause(shared, function, paused).await
+                                }
+                                AdminCommand::Dead { words } => crate::lifecycle::admin::dead(shared, &words).await,
+                                _ => unreachable!("only lifecycle commands stop processing"),
+                            };
+                            shared.broker.lock().unwrap().send_text(id, &reply);
+                        }
                     }
                 }
             }
@@ -119,6 +129,9 @@ enum Processed {
     Close,
     /// Stopped at a `log` admin command, which reads the job log without the broker's lock.
     LogQuery(String),
+    /// Stopped at a lifecycle command (`pause`, `resume`, `dead …`), which waits for the
+    /// lifecycle store without the broker's lock.
+    Lifecycle(AdminCommand),
 }
 
 /// Applies the complete messages in `rbuf`.
@@ -135,6 +148,9 @@ fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) 
             },
             Ok(Some(Message::AdminLine(line))) => match AdminCommand::parse(&line) {
                 Ok(AdminCommand::Log { query }) if shared.job_log.is_some() => return Processed::LogQuery(query),
+                Ok(cmd @ (AdminCommand::Pause { .. } | AdminCommand::Dead { .. })) if shared.lifecycle.is_some() => {
+                    return Processed::Lifecycle(cmd)
+                }
                 Ok(AdminCommand::Cluster) if shared.cluster.is_some() => {
                     let cluster = shared.cluster.as_deref().expect("checked");
                     broker.send_text(id, &crate::cluster::admin_text(cluster));

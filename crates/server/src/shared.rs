@@ -20,4 +20,8 @@ pub(crate) struct Shared {
     pub started: Instant,
     /// Set on a cluster node (`--cluster`).
     pub cluster: Option<Arc<crate::cluster::ClusterShared>>,
+    /// The dead set, paused functions and fired ticks (see `lifecycle`).
+    pub lifecycle: Option<Arc<dyn gearbox_store::lifecycle::Lifecycle>>,
+    /// The periodic jobs, for the API and the dashboard.
+    pub schedules: crate::lifecycle::Schedules,
 }

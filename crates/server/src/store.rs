@@ -58,6 +58,21 @@ pub fn open_store(spec: &QueueSpec, lock_wait: Duration) -> Result<Option<Box<dy
     }))
 }
 
+/// Opens the lifecycle store beside the queue: a SQLite file in the embedded store's
+/// directory, tables beside a database's queue table (shared by a cluster), or memory.
+pub(crate) async fn open_lifecycle(
+    spec: &QueueSpec,
+) -> Result<Arc<dyn gearbox_store::lifecycle::Lifecycle>, StoreError> {
+    use gearbox_store::lifecycle::{open_lifecycle, LifecycleTarget};
+    let target = match spec {
+        QueueSpec::Memory => LifecycleTarget::Memory,
+        QueueSpec::Embedded(dir) => LifecycleTarget::File(dir.join("lifecycle.sqlite")),
+        QueueSpec::Sql(url) | QueueSpec::Cluster { url, .. } => LifecycleTarget::Url(url.clone()),
+    };
+    // SQL clients drive a runtime of their own: not on this one's threads.
+    tokio::task::spawn_blocking(move || open_lifecycle(target)).await.expect("opening does not panic")
+}
+
 /// Opens the store and loads its jobs into `broker`, on a thread of its own (stores block,
 /// and SQL stores drive a runtime of their own) so that the caller can give up waiting: for a
 /// table's lock, or for a deep queue to load.
@@ -133,6 +148,7 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
     let mut batch = Batch::default();
     let mut locs = Vec::new();
     let mut fetch = Fetch::default();
+    let mut burials = Vec::new();
     loop {
         let took = {
             let mut broker = shared.broker.lock().unwrap();
@@ -140,7 +156,7 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
                 let stopping = stop.load(Ordering::Relaxed);
                 let state = broker.pending_state();
                 let wait = match (state.jobs_since, state.changes_since) {
-                    _ if stopping || broker.wants_payloads() => None,
+                    _ if stopping || broker.wants_payloads() || broker.has_burials() => None,
                     // Group commit: one sync for many submissions costs far less than one each.
                     (Some(since), _) if state.jobs < GROUP_FULL => Some(GROUP_WINDOW.saturating_sub(since.elapsed())),
                     (Some(_), _) => None,
@@ -155,11 +171,12 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
                     _ => break,
                 }
             }
-            if stop.load(Ordering::Relaxed) && !broker.has_pending() {
+            if stop.load(Ordering::Relaxed) && !broker.has_pending() && !broker.has_burials() {
                 return;
             }
             batch.clear();
-            let took = broker.has_pending();
+            broker.take_burials(&mut burials);
+            let took = broker.has_pending() || !burials.is_empty();
             if took {
                 broker.take_pending(&mut batch);
             }
@@ -167,7 +184,17 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
         };
         if took {
             let started = std::time::Instant::now();
-            let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
+            // Dead jobs first: a crash before the batch removes their records leaves them in
+            // both places, never in neither.
+            let buried = bury(store.as_mut(), shared, &mut burials);
+            if buried.is_err() {
+                shared.broker.lock().unwrap().unwritten_burials(std::mem::take(&mut burials));
+            }
+            let outcome = match buried {
+                Ok(()) => store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            burials.clear();
             let took = started.elapsed();
             let mut broker = shared.broker.lock().unwrap();
             broker.observe_commit(took);
@@ -179,6 +206,41 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
         }
         fetch.run(store.as_mut(), shared);
     }
+}
+
+/// Writes dead jobs to the lifecycle store, reading back the payloads not in memory.
+fn bury(store: &mut dyn QueueStore, shared: &Shared, burials: &mut [crate::broker::Burial]) -> Result<(), String> {
+    if burials.is_empty() {
+        return Ok(());
+    }
+    let Some(lifecycle) = shared.lifecycle.as_ref() else { return Ok(()) };
+    let wanted: Vec<(u64, gearbox_store::Loc, u32)> = burials.iter().filter_map(|b| b.read_back).collect();
+    if !wanted.is_empty() {
+        let mut read: std::collections::HashMap<u64, Vec<u8>> = std::collections::HashMap::new();
+        match store.payload_reader() {
+            Some(reader) => {
+                for &(seq, loc, len) in &wanted {
+                    let data = reader.read(loc, len).map_err(|e| format!("reading a dead job's payload: {e}"))?;
+                    read.insert(seq, data);
+                }
+            }
+            None => {
+                let locs: Vec<_> = wanted.iter().map(|&(seq, loc, _)| (seq, loc)).collect();
+                store
+                    .read_payloads(&locs, &mut |seq, data| {
+                        read.insert(seq, data.to_vec());
+                    })
+                    .map_err(|e| format!("reading dead jobs' payloads: {e}"))?;
+            }
+        }
+        for b in burials.iter_mut() {
+            if let Some((seq, _, _)) = b.read_back {
+                b.job.data = read.remove(&seq).unwrap_or_default();
+            }
+        }
+    }
+    let jobs: Vec<_> = burials.iter().map(|b| b.job.clone()).collect();
+    lifecycle.bury(&jobs).map_err(|e| format!("writing dead jobs: {e}"))
 }
 
 /// Payload reads for a store that serves them to the store thread only (a database).

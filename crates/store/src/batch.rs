@@ -30,12 +30,26 @@ pub enum Mark {
     Released,
 }
 
+/// A stored job that failed and waits for another attempt: its record is rewritten with the
+/// time of that attempt and the attempts so far (see [`Batch::push_retry`]).
+#[derive(Clone, Debug)]
+struct Retry {
+    add: Add,
+    /// The job's current record.
+    loc: Loc,
+    attempts: u32,
+    /// Payload bytes; the arena holds them only when `carried`.
+    data_len: u32,
+    carried: bool,
+}
+
 /// Adds and removes to commit together. Removes name the job's sequence number and the
 /// location its add returned.
 #[derive(Default, Debug)]
 pub struct Batch {
     arena: Vec<u8>,
     adds: Vec<Add>,
+    retries: Vec<Retry>,
     removes: Vec<(u64, Loc)>,
     marks: Vec<(u64, Mark)>,
     /// The cluster node incarnation the batch was built by (0 outside a cluster): a cluster's
@@ -68,8 +82,24 @@ impl AddView<'_> {
             unique: self.unique.to_vec(),
             data: self.data.to_vec(),
             loc: Loc::NONE,
+            attempts: 0,
         }
     }
+}
+
+/// A job's retry, borrowed from a [`Batch`]: the store replaces the job's record at `loc`
+/// with one that runs at `job.run_at` and counts `attempts`. A store that rewrites records
+/// (the embedded log) reads the payload back from `loc` when `data` is `None`; a database
+/// updates the row in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryView<'a> {
+    /// The job, as its new record holds it (`job.data` is empty when not carried).
+    pub job: AddView<'a>,
+    pub loc: Loc,
+    pub attempts: u32,
+    pub data_len: u32,
+    /// Whether `job.data` holds the payload.
+    pub carried: bool,
 }
 
 impl Batch {
@@ -81,6 +111,55 @@ impl Batch {
         };
         let (function, unique, data) = (put(function), put(unique), put(data));
         self.adds.push(Add { seq, priority, run_at, function, unique, data, owned: true });
+    }
+
+    /// Rewrites stored job `seq` (now at `loc`) to run again at `run_at` (Unix seconds) after
+    /// `attempts` attempts. `data` is the payload if it is in memory (`None`: `data_len`
+    /// bytes the store reads back if it needs them). In a cluster, `owned` false hands the
+    /// job back for any node to claim when it is due.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_retry(
+        &mut self,
+        seq: u64,
+        loc: Loc,
+        priority: u8,
+        run_at: i64,
+        attempts: u32,
+        names: (&[u8], &[u8]),
+        data: Option<&[u8]>,
+        data_len: u32,
+        owned: bool,
+    ) {
+        let mut put = |bytes: &[u8]| {
+            let start = self.arena.len();
+            self.arena.extend_from_slice(bytes);
+            start..self.arena.len()
+        };
+        let (function, unique, data_range) = (put(names.0), put(names.1), put(data.unwrap_or_default()));
+        let add = Add { seq, priority, run_at, function, unique, data: data_range, owned };
+        self.retries.push(Retry { add, loc, attempts, data_len, carried: data.is_some() });
+    }
+
+    pub fn retries(&self) -> impl ExactSizeIterator<Item = RetryView<'_>> + '_ {
+        self.retries.iter().map(|r| RetryView {
+            job: self.view(&r.add),
+            loc: r.loc,
+            attempts: r.attempts,
+            data_len: r.data_len,
+            carried: r.carried,
+        })
+    }
+
+    fn view(&self, a: &Add) -> AddView<'_> {
+        AddView {
+            seq: a.seq,
+            priority: a.priority,
+            run_at: a.run_at,
+            function: &self.arena[a.function.clone()],
+            unique: &self.arena[a.unique.clone()],
+            data: &self.arena[a.data.clone()],
+            owned: a.owned,
+        }
     }
 
     /// Leaves the last added job unowned (see [`AddView::owned`]).
@@ -98,10 +177,11 @@ impl Batch {
         &self.marks
     }
 
-    /// Forgets the removals and marks, keeping the adds (a cluster node that lost its lease
-    /// no longer owns those rows; the node that takes them over runs their jobs again).
+    /// Forgets the removals, retries and marks, keeping the adds (a cluster node that lost its
+    /// lease no longer owns those rows; the node that takes them over runs their jobs again).
     pub fn keep_only_adds(&mut self) {
         self.removes.clear();
+        self.retries.clear();
         self.marks.clear();
     }
 
@@ -110,15 +190,7 @@ impl Batch {
     }
 
     pub fn adds(&self) -> impl ExactSizeIterator<Item = AddView<'_>> + '_ {
-        self.adds.iter().map(|a| AddView {
-            seq: a.seq,
-            priority: a.priority,
-            run_at: a.run_at,
-            function: &self.arena[a.function.clone()],
-            unique: &self.arena[a.unique.clone()],
-            data: &self.arena[a.data.clone()],
-            owned: a.owned,
-        })
+        self.adds.iter().map(|a| self.view(a))
     }
 
     pub fn removes(&self) -> &[(u64, Loc)] {
@@ -126,12 +198,13 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.adds.is_empty() && self.removes.is_empty() && self.marks.is_empty()
+        self.adds.is_empty() && self.retries.is_empty() && self.removes.is_empty() && self.marks.is_empty()
     }
 
     pub fn clear(&mut self) {
         self.arena.clear();
         self.adds.clear();
+        self.retries.clear();
         self.removes.clear();
         self.marks.clear();
         self.owner = 0;

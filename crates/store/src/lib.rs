@@ -16,7 +16,7 @@ pub mod cluster;
 pub mod lifecycle;
 pub mod log;
 
-pub use batch::{AddView, Batch, Mark};
+pub use batch::{AddView, Batch, Mark, RetryView};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +44,8 @@ pub struct LoadedJob<'a> {
     pub data: &'a [u8],
     /// Where the payload can be read back ([`Loc::NONE`] if it cannot).
     pub loc: Loc,
+    /// Attempts the job has had (kept from its last retry; 0 for a job never retried).
+    pub attempts: u32,
 }
 
 impl LoadedJob<'_> {
@@ -56,6 +58,7 @@ impl LoadedJob<'_> {
             unique: self.unique.to_vec(),
             data: self.data.to_vec(),
             loc: self.loc,
+            attempts: self.attempts,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct StoredJob {
     pub unique: Vec<u8>,
     pub data: Vec<u8>,
     pub loc: Loc,
+    /// Attempts the job has had (see [`LoadedJob::attempts`]).
+    pub attempts: u32,
 }
 
 impl StoredJob {
@@ -85,6 +90,7 @@ impl StoredJob {
             unique: &self.unique,
             data: &self.data,
             loc: self.loc,
+            attempts: self.attempts,
         }
     }
 }
@@ -146,8 +152,8 @@ pub trait QueueStore: Send {
         0
     }
 
-    /// Makes the batch durable: its adds and removes, in order. On success `locs` holds the
-    /// location of each add, in batch order. On failure nothing of the batch may reappear
+    /// Makes the batch durable: its adds, retries and removes. On success `locs` holds the
+    /// location of each add, then of each retry's new record, in batch order. On failure nothing of the batch may reappear
     /// after a restart (a backend that cannot guarantee that must refuse further batches).
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()>;
 

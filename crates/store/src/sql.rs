@@ -30,7 +30,7 @@ use tokio::runtime::Runtime;
 
 use crate::sql_conn::{is_connection_error, per_backend, runtime, Conn, Target, Tx};
 use crate::sql_lock::{lock_table, TableLock};
-use crate::sql_plan::{delete_sql, insert_sql, select_data_sql, Plan, MAX_PARAMS};
+use crate::sql_plan::{delete_sql, insert_sql, retry_sql, select_data_sql, Plan, MAX_PARAMS};
 use crate::{Batch, LoadedJob, Loc, QueueStore, Result, StoreError};
 
 pub(crate) const DEFAULT_TABLE: &str = "gearbox_queue";
@@ -143,6 +143,13 @@ impl Db {
             })
             .map_err(|e| Failure::from_sqlx(e, false))?;
         }
+        let retry = retry_sql(kind, table);
+        for &(seq, run_at, attempts) in &plan.retries {
+            per_backend!(Tx, &mut tx, t, DB => {
+                sqlx::query::<DB>(&retry).bind(run_at).bind(attempts).bind(seq).execute(&mut **t).await.map(drop)
+            })
+            .map_err(|e| Failure::from_sqlx(e, false))?;
+        }
         for seqs in plan.removes.chunks(MAX_PARAMS) {
             let sql = delete_sql(kind, table, seqs.len());
             per_backend!(Tx, &mut tx, t, DB => {
@@ -163,7 +170,7 @@ impl Db {
     async fn load(&mut self, each: &mut dyn FnMut(LoadedJob<'_>)) -> Result<()> {
         let public = self.target.public.clone();
         let sql = format!(
-            "SELECT seq, priority, run_at, function_name, unique_key, data FROM {} ORDER BY seq",
+            "SELECT seq, priority, run_at, function_name, unique_key, data, attempts FROM {} ORDER BY seq",
             self.target.table
         );
         let conn = connection(&mut self.conn, &self.target, &self.lock).await.map_err(|f| match f {
@@ -185,6 +192,7 @@ impl Db {
                     unique: row.try_get(4).map_err(db_error)?,
                     data: row.try_get(5).map_err(db_error)?,
                     loc: Loc(seq as u64),
+                    attempts: row.try_get::<i32, _>(6).map_err(db_error)?.max(0) as u32,
                 });
             }
             Ok(())
@@ -274,12 +282,12 @@ impl QueueStore for SqlStore {
             None => {}
         }
         locs.clear();
-        locs.extend(batch.adds().map(|a| Loc(a.seq)));
+        locs.extend(batch.adds().map(|a| Loc(a.seq)).chain(batch.retries().map(|r| Loc(r.job.seq))));
         if batch.is_empty() {
             return Ok(());
         }
         let plan = Plan::new(batch, self.db.statement_bytes, self.db.max_job_bytes)?;
-        if plan.adds.is_empty() && plan.removes.is_empty() {
+        if plan.adds.is_empty() && plan.removes.is_empty() && plan.retries.is_empty() {
             return Ok(());
         }
         let mut first_failure = None;

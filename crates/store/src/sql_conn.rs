@@ -11,7 +11,8 @@ use url::Url;
 use crate::sql_plan::ROW_OVERHEAD;
 use crate::{Result, StoreError};
 
-const SCHEMA_VERSION: u32 = 1;
+/// 2 added `attempts` (a retried job's attempts so far).
+const SCHEMA_VERSION: u32 = 2;
 /// The table comment that marks a gearbox queue table, followed by the schema version.
 pub(crate) const SCHEMA_TAG: &str = "gearbox queue, schema ";
 /// Payload bytes per INSERT on PostgreSQL; on MySQL, half its `max_allowed_packet`.
@@ -183,6 +184,7 @@ impl Conn {
             // A later schema version migrates older tables here.
             return match version {
                 Some(SCHEMA_VERSION) => Ok(()),
+                Some(1) => self.add_attempts(target).await,
                 Some(v) => Err(StoreError::Database(format!(
                     "{}: schema version {v}, but this gearbox uses version {SCHEMA_VERSION}",
                     target.public
@@ -207,7 +209,8 @@ impl Conn {
                    function_name BLOB NOT NULL, \
                    unique_key BLOB NOT NULL, \
                    data LONGBLOB NOT NULL, \
-                   created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)\
+                   created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+                   attempts INT NOT NULL DEFAULT 0\
                  ) ENGINE=InnoDB COMMENT='{SCHEMA_TAG}{SCHEMA_VERSION}'"
             ),
             Kind::Postgres => format!(
@@ -218,13 +221,31 @@ impl Conn {
                    function_name BYTEA NOT NULL, \
                    unique_key BYTEA NOT NULL, \
                    data BYTEA NOT NULL, \
-                   created_at TIMESTAMPTZ NOT NULL DEFAULT now()\
+                   created_at TIMESTAMPTZ NOT NULL DEFAULT now(), \
+                   attempts INT NOT NULL DEFAULT 0\
                  ); \
                  COMMENT ON TABLE {t} IS '{SCHEMA_TAG}{SCHEMA_VERSION}'"
             ),
         };
         // PostgreSQL runs the two statements of one simple query in one transaction.
         per_backend!(Conn, self, c, _DB => c.execute(ddl.as_str()).await.map(drop)).map_err(|e| target.error(e))?;
+        Ok(())
+    }
+
+    /// Migrates a schema 1 table (the caller holds the table's lock): adds `attempts`.
+    async fn add_attempts(&mut self, target: &Target) -> Result<()> {
+        let t = &target.table;
+        let ddl = match self.kind() {
+            Kind::MySql => format!(
+                "ALTER TABLE {t} ADD COLUMN attempts INT NOT NULL DEFAULT 0, COMMENT='{SCHEMA_TAG}{SCHEMA_VERSION}'"
+            ),
+            Kind::Postgres => format!(
+                "ALTER TABLE {t} ADD COLUMN attempts INT NOT NULL DEFAULT 0; \
+                 COMMENT ON TABLE {t} IS '{SCHEMA_TAG}{SCHEMA_VERSION}'"
+            ),
+        };
+        per_backend!(Conn, self, c, _DB => c.execute(ddl.as_str()).await.map(drop)).map_err(|e| target.error(e))?;
+        tracing::info!("queue database {}: table migrated to schema {SCHEMA_VERSION} (attempts)", target.public);
         Ok(())
     }
 

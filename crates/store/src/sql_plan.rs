@@ -22,6 +22,8 @@ pub(crate) struct Plan<'a> {
     /// Ranges of `adds` that go into one INSERT each.
     pub(crate) add_chunks: Vec<Range<usize>>,
     pub(crate) removes: Vec<i64>,
+    /// Retried jobs: sequence number, run_at, attempts (see [`crate::RetryView`]).
+    pub(crate) retries: Vec<(i64, i64, i32)>,
 }
 
 impl<'a> Plan<'a> {
@@ -78,7 +80,11 @@ impl<'a> Plan<'a> {
             add_chunks.push(start..adds.len());
         }
         let removes = removes.into_iter().map(seq_param).collect::<Result<_>>()?;
-        Ok(Plan { adds, add_chunks, removes })
+        let retries = batch
+            .retries()
+            .map(|r| Ok((seq_param(r.job.seq)?, r.job.run_at, i32::try_from(r.attempts).unwrap_or(i32::MAX))))
+            .collect::<Result<_>>()?;
+        Ok(Plan { adds, add_chunks, removes, retries })
     }
 }
 
@@ -112,6 +118,14 @@ pub(crate) fn insert_sql(kind: Kind, table: &str, rows: usize, idempotent: bool)
         });
     }
     sql
+}
+
+/// Sets a retried job's time and attempts.
+pub(crate) fn retry_sql(kind: Kind, table: &str) -> String {
+    match kind {
+        Kind::MySql => format!("UPDATE {table} SET run_at = ?, attempts = ? WHERE seq = ?"),
+        Kind::Postgres => format!("UPDATE {table} SET run_at = $1, attempts = $2 WHERE seq = $3"),
+    }
 }
 
 pub(crate) fn delete_sql(kind: Kind, table: &str, n: usize) -> String {

@@ -75,7 +75,7 @@ fn nodes_claim_take_over_and_fence(base: &str) {
         // B claims what is unowned, only for the function it asks for.
         let mut claimed = Vec::new();
         assert_eq!(b.claim(node_b, b"f", i64::MAX, 10, &mut claimed).await.unwrap(), Some(1));
-        assert_eq!((claimed[0].job.seq, claimed[0].job.unique.as_slice()), (s + 2, &b"u2"[..]));
+        assert_eq!((claimed[0].seq, claimed[0].unique.as_slice()), (s + 2, &b"u2"[..]));
         assert_eq!(b.claim(node_b, b"f", i64::MAX, 10, &mut claimed).await.unwrap(), Some(0));
 
         // A duplicate unique key sent through B names A's job.
@@ -123,7 +123,7 @@ fn nodes_claim_take_over_and_fence(base: &str) {
         let mut claimed = Vec::new();
         let started = Instant::now();
         assert_eq!(b.claim(node_b, b"f", i64::MAX, 10, &mut claimed).await.unwrap(), Some(1));
-        assert_eq!(claimed[0].job.seq, s + 1);
+        assert_eq!(claimed[0].seq, s + 1);
         assert!(started.elapsed() < Duration::from_secs(2));
         // A claim by the dead incarnation is refused.
         assert_eq!(a.claim(node_a, b"g", i64::MAX, 10, &mut claimed).await.unwrap(), None);

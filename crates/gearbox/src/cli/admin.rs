@@ -30,6 +30,25 @@ enum AdminCommand {
     },
     /// Counters: connections, jobs, job-log records written and dropped
     Stats,
+    /// Pause a function: it accepts jobs, its workers get none until it is resumed (kept
+    /// across restarts, and on every node of a cluster)
+    Pause { function: String },
+    /// Resume a paused function
+    Resume { function: String },
+    /// Paused and limited functions. With FUNCTION and N: at most N of its jobs run at once
+    /// on this server (0: no limit)
+    Limit {
+        function: Option<String>,
+        #[arg(requires = "function")]
+        n: Option<u32>,
+    },
+    /// Retry policies. With FUNCTION (`*`: every function) and RETRIES[/BASE] (or none): set
+    /// its policy until the server restarts
+    Retry {
+        function: Option<String>,
+        #[arg(requires = "function", value_name = "RETRIES[/BASE]|none")]
+        policy: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -64,6 +83,20 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
             ("maxqueue".into(), &["function", "high", "normal", "low"])
         }
         AdminCommand::Stats => ("stats".into(), &["name", "value"]),
+        AdminCommand::Pause { function } => return set(&args.servers, &format!("pause {function}")),
+        AdminCommand::Resume { function } => return set(&args.servers, &format!("resume {function}")),
+        AdminCommand::Limit { function, n } => {
+            if let (Some(function), Some(n)) = (function, n) {
+                return set(&args.servers, &format!("limit {function} {n}"));
+            }
+            ("limit".into(), &["function", "state", "limit"])
+        }
+        AdminCommand::Retry { function, policy } => {
+            if let (Some(function), Some(policy)) = (function, policy) {
+                return set(&args.servers, &format!("retry {function} {policy}"));
+            }
+            ("retry".into(), &["function", "retries", "backoff", "base", "max_delay"])
+        }
     };
     let whole_cluster = matches!(args.command, AdminCommand::Status { cluster: true });
     let runtime = runtime()?;
@@ -121,6 +154,13 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }))
         .collect();
     print_table(&table)
+}
+
+/// Sends a setting's line to every server and says so.
+fn set(servers: &Servers, line: &str) -> anyhow::Result<()> {
+    set_max_queue(servers, line)?;
+    println!("{line}: OK");
+    Ok(())
 }
 
 fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! exchange, and table and JSON output.
 
 mod admin;
+mod dead;
 mod log;
 mod submit;
 mod work;
@@ -14,6 +15,7 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use admin::{admin, AdminArgs};
+pub use dead::{dead, DeadArgs};
 pub use log::{log, result, LogArgs, ResultArgs};
 pub use submit::{submit, SubmitArgs};
 pub use work::{work, WorkArgs};

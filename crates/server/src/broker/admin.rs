@@ -117,6 +117,7 @@ impl Broker {
                 let _ = writeln!(out, "jobs_submitted\t{}\njobs_restored\t{}", t.submitted, t.restored);
                 let _ = writeln!(out, "jobs_completed\t{}\njobs_failed\t{}", t.completed, t.failed);
                 let _ = writeln!(out, "jobs_cancelled\t{}", t.cancelled);
+                let _ = writeln!(out, "jobs_retried\t{}\njobs_dead\t{}", t.retried, t.buried);
                 match &info.job_log {
                     Some(log) => {
                         let _ = writeln!(out, "job_log\t{}", log.sink);
@@ -126,6 +127,49 @@ impl Broker {
                     None => out.push_str("job_log\tnone\n"),
                 }
                 out.push_str(".\n");
+            }
+            A::Limit { function, limit } => {
+                self.set_limit(&function, limit);
+                out.push_str(OK);
+            }
+            A::LimitList => {
+                for (name, paused, limit) in self.brakes() {
+                    let state = if paused { "paused" } else { "running" };
+                    let _ = writeln!(out, "{}	{state}	{limit}", String::from_utf8_lossy(&name));
+                }
+                out.push_str(".\n");
+            }
+            A::Retry { function, spec } => {
+                let policy = match spec.as_str() {
+                    "none" => Ok(None),
+                    spec => super::RetryPolicy::parse(spec).map(Some),
+                };
+                match policy {
+                    Ok(policy) => {
+                        self.set_retry_policy(&function, policy);
+                        out.push_str(OK);
+                    }
+                    Err(e) => {
+                        let _ = write!(out, "ERR INVALID_ARGUMENTS {}\r\n", e.replace(' ', "+"));
+                    }
+                }
+            }
+            A::RetryList => {
+                let policies = self.retry_policies();
+                let default = policies.default.iter().map(|p| (&b"*"[..], p));
+                let mut all: Vec<(&[u8], &super::RetryPolicy)> =
+                    policies.by_function.iter().map(|(f, p)| (&f[..], p)).chain(default).collect();
+                all.sort_by(|a, b| a.0.cmp(b.0));
+                for (f, p) in all {
+                    let backoff = if p.backoff == super::Backoff::Fixed { "fixed" } else { "exponential" };
+                    let (base, max) = (humantime::format_duration(p.base), humantime::format_duration(p.max_delay));
+                    let _ = writeln!(out, "{}\t{}\t{backoff}\t{base}\t{max}", String::from_utf8_lossy(f), p.retries);
+                }
+                out.push_str(".\n");
+            }
+            // Answered by the connection's task, which waits for the lifecycle store.
+            A::Pause { .. } | A::Dead { .. } => {
+                out.push_str("ERR LIFECYCLE_UNAVAILABLE The+lifecycle+store+is+not+open\r\n")
             }
             // Answered by the connection's task on a cluster node.
             A::Cluster => out.push_str("ERR NOT_A_CLUSTER This+server+runs+without+--cluster\r\n"),

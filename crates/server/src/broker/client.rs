@@ -81,7 +81,7 @@ impl Broker {
             self.attach(conn, key);
         }
         if run_at > now {
-            self.schedule(key, run_at, now);
+            self.schedule(key, run_at);
         } else {
             self.enqueue(key, false);
         }

@@ -24,7 +24,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use gearbox_joblog::Status as Outcome;
 use gearbox_proto::{encode_packet, Magic, PacketType as T};
-use gearbox_store::cluster::{first_seq, Claimed, RowStatus};
+use gearbox_store::cluster::{first_seq, RowStatus};
+use gearbox_store::StoredJob;
 use gearbox_store::{Loc, Mark};
 use tokio::sync::Notify;
 
@@ -262,7 +263,8 @@ impl Broker {
         if !self.may_dispatch() {
             return;
         }
-        for f in self.functions.iter_mut().filter(|f| !f.dropped && f.workers > 0 && f.queued_total() == 0) {
+        for f in self.functions.iter_mut().filter(|f| !f.dropped && !f.paused && f.workers > 0 && f.queued_total() == 0)
+        {
             let idle = f
                 .sleepers
                 .iter()
@@ -278,7 +280,7 @@ impl Broker {
 
     /// Takes in jobs incarnation `node` claimed. False if this node is no longer that
     /// incarnation (the claim's rows then wait for its takeover).
-    pub fn restore_claimed(&mut self, node: u64, jobs: &[Claimed]) -> bool {
+    pub fn restore_claimed(&mut self, node: u64, jobs: &[StoredJob]) -> bool {
         self.current = None;
         let job_retries = self.config.job_retries;
         if self.cluster_node() != node {
@@ -287,8 +289,7 @@ impl Broker {
         // A claimed job keeps the number another incarnation gave it: new jobs here go on
         // numbering in this incarnation's own block.
         let next_seq = self.next_seq;
-        for claimed in jobs {
-            let job = &claimed.job;
+        for job in jobs {
             if let Some(key) = self.find_by_seq(job.seq) {
                 if self.leaves_to_cluster(key) {
                     // Written unowned by this node, claimed back before the commit was taken in.
@@ -305,11 +306,10 @@ impl Broker {
                 }
                 continue;
             }
-            self.restore(claimed.job.as_loaded());
+            self.restore(job.as_loaded());
             let Some(key) = self.find_by_seq(job.seq) else { continue };
-            self.jobs[key as usize].attempts = claimed.attempts.min(u32::from(u16::MAX)) as u16;
-            if job_retries > 0 && claimed.attempts >= job_retries {
-                self.give_up_claimed(key, claimed.attempts, job_retries);
+            if job_retries > 0 && job.attempts >= job_retries {
+                self.give_up_claimed(key, job.attempts, job_retries);
             }
         }
         self.next_seq = next_seq;
@@ -324,6 +324,7 @@ impl Broker {
         let job = &self.jobs[key as usize];
         if matches!(job.state, JobState::Queued | JobState::Scheduled) {
             self.log_attempt(key, Outcome::Fail, None, None, None, Some(error.as_bytes()));
+            self.bury(key, Some(error.as_bytes()));
             self.take_out_of_queue(key);
         }
     }

@@ -47,6 +47,34 @@ pub(super) struct Durability {
 }
 
 impl Durability {
+    pub(super) fn batch_number(&self) -> u64 {
+        self.batch
+    }
+
+    /// Rewrites a stored job for its next attempt (see [`Batch::push_retry`]), with the next
+    /// batch: the job waits for it as a new job does.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn push_retry(
+        &mut self,
+        seq: u64,
+        loc: Loc,
+        priority: u8,
+        run_at: i64,
+        attempts: u32,
+        names: (&[u8], &[u8]),
+        data: Option<&[u8]>,
+        data_len: u32,
+        owned: bool,
+    ) {
+        if self.add_since.is_none() {
+            let now = Instant::now();
+            self.add_since = Some(now);
+            self.change_since.get_or_insert(now);
+            self.wake.notify_one();
+        }
+        self.pending.push_retry(seq, loc, priority, run_at, attempts, names, data, data_len, owned);
+    }
+
     /// Forgets pending removals and marks: they name rows of an incarnation that lost its
     /// lease, and would otherwise be written under the next, which may claim those rows again.
     pub(super) fn forget_pending_changes(&mut self) {
@@ -122,9 +150,11 @@ impl Broker {
     /// What waits for the store thread.
     pub fn pending_state(&self) -> PendingState {
         match &self.durable {
-            Some(d) => {
-                PendingState { jobs: d.pending.adds().len(), jobs_since: d.add_since, changes_since: d.change_since }
-            }
+            Some(d) => PendingState {
+                jobs: d.pending.adds().len() + d.pending.retries().len(),
+                jobs_since: d.add_since,
+                changes_since: d.change_since,
+            },
             None => PendingState { jobs: 0, jobs_since: None, changes_since: None },
         }
     }
@@ -292,6 +322,7 @@ impl Broker {
                 (None, None) => {}
             }
         }
+        self.retries_committed(batch, &outcome);
         if let Err(why) = &outcome {
             tracing::error!("queue store commit failed: {why}");
             // Nobody waits on removals: retry them with the next batch; and the jobs handed
@@ -310,6 +341,28 @@ impl Broker {
         }
         self.answer_acks(outcome.as_ref().err().map(String::as_str), &coalesced);
         self.release_held();
+    }
+
+    /// Retried jobs wait for their next attempt once their record is rewritten. If it could
+    /// not be, they wait all the same: the old record runs them again after a restart.
+    fn retries_committed(&mut self, batch: &Batch, outcome: &Result<&[Loc], String>) {
+        let first = batch.adds().len();
+        for (i, retry) in batch.retries().enumerate() {
+            let seq = retry.job.seq;
+            let due = self.retry_due.remove(&seq).unwrap_or(retry.job.run_at.saturating_mul(1000));
+            let Some(key) = self.find_by_seq(seq) else { continue };
+            let job = &mut self.jobs[key as usize];
+            if job.state != JobState::Pending || !matches!(job.stored, Stored::Adding { .. }) {
+                continue;
+            }
+            let landed = outcome.as_ref().ok().map(|locs| locs[first + i]);
+            if let Some(loc) = landed {
+                job.loc = loc;
+            }
+            job.stored = Stored::Yes;
+            self.functions[job.function as usize].pending -= 1;
+            self.schedule_ms(key, due);
+        }
     }
 
     /// A job whose record could not be stored: a new one is dropped; one that a coalesced
@@ -361,7 +414,7 @@ impl Broker {
     /// Makes a committed or restored job runnable (now or at its time).
     pub(super) fn release(&mut self, key: JobKey, run_at: i64, now: i64) {
         if run_at > now {
-            self.schedule(key, run_at, now);
+            self.schedule(key, run_at);
         } else {
             self.enqueue(key, false);
         }
@@ -423,6 +476,7 @@ impl Broker {
         job.state = JobState::Pending;
         job.payload_len = len as u32;
         job.in_ram = in_ram;
+        job.attempts = stored.attempts.min(u32::from(u16::MAX)) as u16;
         if !unique.is_empty() && self.find_by_unique(fid, unique) != Some(key) {
             // Two stored jobs with one unique key (possible after an import): keep both.
             tracing::warn!("restored job {} shares its unique key with another", stored.seq);
@@ -441,7 +495,13 @@ impl Broker {
     /// jobs whose current record is at that location.
     pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> Vec<u64> {
         let current =
-            |&&(seq, loc): &&(u64, Loc)| self.find_by_seq(seq).is_some_and(|k| self.jobs[k as usize].loc == loc);
+            // A job whose record is being rewritten (a retry) keeps its old location meanwhile.
+            |&&(seq, loc): &&(u64, Loc)| {
+                self.find_by_seq(seq).is_some_and(|k| {
+                    let job = &self.jobs[k as usize];
+                    job.loc == loc && job.stored == Stored::Yes
+                })
+            };
         candidates.iter().filter(current).map(|&(seq, _)| seq).collect()
     }
 

@@ -32,6 +32,10 @@ pub(super) struct Function {
     pub(super) dropped: bool,
     /// In a cluster: a worker asked for a job and found none since the last claim.
     pub(super) starved: bool,
+    /// Workers get NO_JOB for it (see `lifecycle`).
+    pub(super) paused: bool,
+    /// At most this many of its jobs run at once; 0 for no limit.
+    pub(super) limit: u32,
     pub(super) counts: FunctionCounts,
 }
 
@@ -50,6 +54,8 @@ impl Function {
             sleepers: VecDeque::new(),
             dropped: false,
             starved: false,
+            paused: false,
+            limit: 0,
             counts: FunctionCounts::default(),
         }
     }
@@ -97,7 +103,9 @@ impl Broker {
             f.queues[p].push_back(key);
         }
         f.queued[p] += 1;
-        self.wake_one(fid);
+        if self.dispatchable(fid) {
+            self.wake_one(fid);
+        }
     }
 
     pub(super) fn wake_one(&mut self, fid: FunctionId) {

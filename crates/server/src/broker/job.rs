@@ -208,11 +208,16 @@ impl Broker {
     /// A running job ended (completed, failed, or gave up): log it and forget it.
     pub(super) fn finish(&mut self, key: JobKey, outcome: Outcome, result: Option<&[u8]>, error: Option<&[u8]>) {
         let job = &self.jobs[key as usize];
+        let fid = job.function;
         if let JobState::Running(w) = job.state {
             let w = w.get();
-            self.functions[job.function as usize].running -= 1;
+            self.functions[fid as usize].running -= 1;
             let started_at = self.take_running(w, key);
             self.log_attempt(key, outcome, Some(w), started_at, result, error);
+            self.slot_freed(fid);
+        }
+        if matches!(outcome, Outcome::Fail | Outcome::Exception) && self.retry_or_bury(key, error) {
+            return;
         }
         self.unstore(key);
         self.unindex(key);

@@ -36,6 +36,7 @@ mod durable;
 mod footprint;
 mod function;
 mod job;
+mod lifecycle;
 mod payload;
 mod stats;
 mod timer;
@@ -51,6 +52,7 @@ pub use durable::PendingState;
 use function::Function;
 use gearbox_joblog::JobLog;
 use job::Job;
+pub use lifecycle::{defaults as lifecycle_defaults, Backoff, Burial, RetryPolicies, RetryPolicy};
 
 pub use stats::{FunctionCounts, Histogram, Totals, BUCKET_BOUNDS_US};
 pub use timer::unix_now;
@@ -73,11 +75,18 @@ pub struct BrokerConfig {
     pub host: String,
     /// A connection whose unsent output grows past this is closed.
     pub max_outbox: usize,
+    /// Retries of failed background jobs, by function (none by default, as gearmand).
+    pub retry: RetryPolicies,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { job_retries: 0, host: "gearbox".into(), max_outbox: 256 * 1024 * 1024 }
+        BrokerConfig {
+            job_retries: 0,
+            host: "gearbox".into(),
+            max_outbox: 256 * 1024 * 1024,
+            retry: RetryPolicies::default(),
+        }
     }
 }
 
@@ -135,6 +144,13 @@ pub struct Broker {
     commit_times: Histogram,
     /// [`FunctionCounts::totals`] of dropped functions, so that server totals never go down.
     dropped_totals: Totals,
+    /// Retry policies, changed at runtime by the admin and HTTP sides.
+    retry: RetryPolicies,
+    /// When each job whose record is being rewritten for a retry is due (Unix ms).
+    retry_due: HashMap<u64, i64>,
+    /// Dead jobs not yet written (see `lifecycle`).
+    burials: Vec<Burial>,
+    keep_dead: bool,
 }
 
 impl Broker {
@@ -142,6 +158,7 @@ impl Broker {
         let host: String = config.host.chars().filter(|c| !c.is_whitespace() && *c != ':').take(36).collect();
         let handle_prefix = format!("H:{host}:").into_bytes();
         let boot_micros = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        let retry = config.retry.clone();
         Broker {
             config,
             handle_prefix,
@@ -167,6 +184,10 @@ impl Broker {
             serials: HashMap::new(),
             commit_times: Histogram::default(),
             dropped_totals: Totals::default(),
+            retry,
+            retry_due: HashMap::new(),
+            burials: Vec::new(),
+            keep_dead: true,
         }
     }
 

@@ -65,6 +65,10 @@ pub struct FunctionCounts {
     /// A cluster node's jobs left for other nodes: written unowned, handed back when the last
     /// worker left, or forgotten when the node lost its lease.
     pub handed_over: [u64; 3],
+    /// Failed attempts of background jobs that were given another (not counted as failed).
+    pub retried: u64,
+    /// Background jobs that failed their last attempt and went to the dead set (also failed).
+    pub buried: u64,
     pub queue_wait: Histogram,
     pub run_time: Histogram,
 }
@@ -80,6 +84,8 @@ impl FunctionCounts {
             failed: sum(&self.failed),
             cancelled: sum(&self.cancelled),
             handed_over: sum(&self.handed_over),
+            retried: self.retried,
+            buried: self.buried,
         }
     }
 }
@@ -94,6 +100,8 @@ pub struct Totals {
     pub failed: u64,
     pub cancelled: u64,
     pub handed_over: u64,
+    pub retried: u64,
+    pub buried: u64,
 }
 
 impl std::ops::AddAssign for Totals {
@@ -104,6 +112,8 @@ impl std::ops::AddAssign for Totals {
         self.failed += other.failed;
         self.cancelled += other.cancelled;
         self.handed_over += other.handed_over;
+        self.retried += other.retried;
+        self.buried += other.buried;
     }
 }
 

@@ -18,20 +18,25 @@ pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Time from `now` to the unix time `at`, at most a day (the timer looks again by then), so
-/// a far-future epoch cannot overflow an `Instant`.
+/// Time from `now` to the unix time `at` (both in milliseconds), at most a day (the timer
+/// looks again by then), so a far-future epoch cannot overflow an `Instant`.
 pub(super) fn until(at: i64, now: i64) -> Duration {
-    Duration::from_secs(at.saturating_sub(now).clamp(0, 86_400) as u64)
+    Duration::from_millis(at.saturating_sub(now).clamp(0, 86_400_000) as u64)
 }
 
 impl Broker {
-    /// Holds a job until its epoch time.
-    pub(super) fn schedule(&mut self, key: JobKey, at: i64, now: i64) {
+    /// Holds a job until its epoch time (Unix seconds).
+    pub(super) fn schedule(&mut self, key: JobKey, at: i64) {
+        self.schedule_ms(key, at.saturating_mul(1000));
+    }
+
+    /// Holds a job until `at`, in Unix milliseconds.
+    pub(super) fn schedule_ms(&mut self, key: JobKey, at: i64) {
         let job = &mut self.jobs[key as usize];
         job.state = JobState::Scheduled;
         self.functions[job.function as usize].scheduled += 1;
         self.scheduled.push(Reverse((at, job.seq, key)));
-        self.arm_timer(Instant::now() + until(at, now));
+        self.arm_timer(Instant::now() + until(at, now_millis()));
     }
 
     pub(super) fn arm_timer(&mut self, deadline: Instant) {
@@ -62,7 +67,7 @@ impl Broker {
                 self.lose_worker(key, Outcome::Timeout, Some(w), started_at);
             }
         }
-        let wall = unix_now();
+        let wall = now_millis();
         while let Some(&Reverse((at, seq, key))) = self.scheduled.peek() {
             if at > wall {
                 break;
@@ -77,7 +82,9 @@ impl Broker {
             match job.state {
                 JobState::Scheduled => {
                     self.functions[job.function as usize].scheduled -= 1;
-                    self.enqueue(key, false);
+                    // A retry goes to the front: it was first in line once.
+                    let retry = job.attempts > 0;
+                    self.enqueue(key, retry);
                 }
                 JobState::Dropped => {
                     self.jobs.remove(key as usize);
@@ -88,7 +95,7 @@ impl Broker {
         if now.duration_since(self.last_sweep) >= WAKE_SWEEP {
             self.last_sweep = now;
             for fid in 0..self.functions.len() as FunctionId {
-                if self.functions[fid as usize].queued_total() > 0 {
+                if self.functions[fid as usize].queued_total() > 0 && self.dispatchable(fid) {
                     self.wake_one(fid);
                 }
             }

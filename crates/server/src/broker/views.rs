@@ -27,6 +27,15 @@ pub struct FunctionView {
     pub cancelled: u64,
     /// Left for other nodes of a cluster.
     pub handed_over: u64,
+    /// Failed attempts given another, and jobs that went to the dead set (counted as failed).
+    pub retried: u64,
+    pub dead: u64,
+    /// Workers get none of its jobs until it is resumed.
+    pub paused: bool,
+    /// At most this many of its jobs run at once; 0 for no limit.
+    pub limit: u32,
+    /// Its retry policy, if any (its own or `*`'s).
+    pub retry: Option<super::RetryPolicy>,
     #[serde(skip)]
     pub counts: FunctionCounts,
 }
@@ -84,6 +93,11 @@ impl Broker {
                     failed: totals.failed,
                     cancelled: totals.cancelled,
                     handed_over: totals.handed_over,
+                    retried: totals.retried,
+                    dead: totals.buried,
+                    paused: f.paused,
+                    limit: f.limit,
+                    retry: self.retry.get(&f.name),
                     counts: f.counts.clone(),
                 }
             })

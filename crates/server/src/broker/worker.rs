@@ -38,6 +38,9 @@ impl Broker {
         let mut best: Option<(usize, u64, FunctionId)> = None;
         for ability in &c.abilities {
             let f = &mut self.functions[ability.function as usize];
+            if f.paused || (f.limit > 0 && f.running >= f.limit) {
+                continue;
+            }
             for p in 0..3 {
                 while let Some(&k) = f.queues[p].front() {
                     if self.jobs[k as usize].state == JobState::Dropped {
@@ -110,7 +113,10 @@ impl Broker {
 
     pub(super) fn pre_sleep(&mut self, conn: ConnId) {
         let c = &self.conns[conn as usize];
-        let has_work = c.abilities.iter().any(|a| self.functions[a.function as usize].queued_total() > 0);
+        let has_work = c
+            .abilities
+            .iter()
+            .any(|a| self.functions[a.function as usize].queued_total() > 0 && self.dispatchable(a.function));
         if has_work && self.may_dispatch() {
             return self.send(conn, T::Noop, &[]);
         }
@@ -144,7 +150,7 @@ impl Broker {
         let f = &mut self.functions[fid as usize];
         f.workers += 1;
         if sleeping {
-            if f.queued_total() > 0 {
+            if f.queued_total() > 0 && !f.paused && (f.limit == 0 || f.running < f.limit) {
                 self.conns[conn as usize].sleeping = false;
                 self.send(conn, T::Noop, &[]);
             } else {
@@ -269,12 +275,17 @@ impl Broker {
             self.log_attempt(key, outcome, worker, Some(started_at), None, Some(error.as_bytes()));
             let job = &self.jobs[key as usize];
             self.functions[job.function as usize].counts.failed[job.priority as usize] += 1;
+            self.slot_freed(job.function);
+            if self.retry_or_bury(key, Some(error.as_bytes())) {
+                return;
+            }
             self.unstore(key);
             self.unindex(key);
             self.jobs.remove(key as usize);
             return;
         }
         self.log_attempt(key, outcome, worker, Some(started_at), None, None);
+        self.slot_freed(self.jobs[key as usize].function);
         if !background && abandoned {
             // Nobody wants the result any more: the job ends without another attempt.
             let job = &self.jobs[key as usize];

@@ -16,6 +16,8 @@ const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 /// Reads a per-function gauge.
 type Gauge = fn(&FunctionView) -> u32;
 /// Reads a per-function counter, by priority.
+/// One of a function's lifecycle counters.
+type Total = fn(&FunctionCounts) -> u64;
 type Counter = fn(&FunctionCounts) -> &[u64; 3];
 
 pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -57,6 +59,22 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
         ),
         ("gearbox_jobs_handed_over_total", "A cluster node's jobs left for other nodes to run.", |c| &c.handed_over),
     ];
+    let lifecycle: [(&str, &str, Total); 2] = [
+        ("gearbox_jobs_retried_total", "Failed attempts of background jobs given another by the retry policy.", |c| {
+            c.retried
+        }),
+        ("gearbox_jobs_dead_total", "Background jobs that failed their last attempt (the dead set).", |c| c.buried),
+    ];
+    for (metric, help, value) in lifecycle {
+        header(&mut out, metric, "counter", help);
+        for (f, name) in functions.iter().zip(&names) {
+            let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {}", value(&f.counts));
+        }
+    }
+    header(&mut out, "gearbox_function_paused", "gauge", "1 while the function is paused.");
+    for (f, name) in functions.iter().zip(&names) {
+        let _ = writeln!(out, "gearbox_function_paused{{function=\"{name}\"}} {}", u8::from(f.paused));
+    }
     for (metric, help, value) in counters {
         header(&mut out, metric, "counter", help);
         for (f, name) in functions.iter().zip(&names) {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::shared::Shared;
 
 mod api;
-mod local;
+pub(crate) mod local;
 mod metrics;
 
 const DASHBOARD: &str = include_str!("dashboard.html");

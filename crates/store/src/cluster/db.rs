@@ -20,14 +20,6 @@ const MAX_TABLE: usize = 56;
 /// Jobs of a retired node made claimable per statement (each its own transaction).
 const FREE_CHUNK: u64 = 5000;
 
-/// A job a claim made this node's (its location is its sequence number).
-#[derive(Clone, Debug)]
-pub struct Claimed {
-    pub job: StoredJob,
-    /// Attempts started so far, on any node.
-    pub attempts: u32,
-}
-
 /// A node whose lease ran out, and how many of its jobs became claimable.
 #[derive(Clone, Debug)]
 pub struct Takeover {
@@ -400,7 +392,7 @@ impl ClusterDb {
         function: &[u8],
         now: i64,
         limit: usize,
-        out: &mut Vec<Claimed>,
+        out: &mut Vec<StoredJob>,
     ) -> Result<Option<usize>> {
         let fence = self.fence_sql();
         let select = self.sql(&format!(
@@ -438,8 +430,9 @@ impl ClusterDb {
                         unique: unique.unwrap_or_default(),
                         data: row.try_get(5)?,
                         loc: Loc(seq as u64),
+                        attempts: attempts.max(0) as u32,
                     };
-                    rows_read.push(Claimed { job, attempts: attempts.max(0) as u32 });
+                    rows_read.push(job);
                 }
                 Ok::<(), sqlx::Error>(())
             })?;
@@ -453,7 +446,7 @@ impl ClusterDb {
                 per_backend!(Tx, &mut tx, t, DB => {
                     let mut q = sqlx::query::<DB>(&sql).bind(node as i64);
                     for c in claimed {
-                        q = q.bind(c.job.seq as i64);
+                        q = q.bind(c.seq as i64);
                     }
                     q.execute(&mut **t).await.map(drop)
                 })?;

@@ -28,7 +28,7 @@ mod db;
 mod schema;
 mod store;
 
-pub use db::{Cancel, Claimed, ClusterDb, Listener, NodeRow, RowStatus, StatusKey, Takeover};
+pub use db::{Cancel, ClusterDb, Listener, NodeRow, RowStatus, StatusKey, Takeover};
 pub(crate) use schema::CLUSTER_TAG;
 pub use store::open_cluster_store;
 

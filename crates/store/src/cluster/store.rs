@@ -169,6 +169,23 @@ async fn write(
     for (change, seqs) in row_changes(batch) {
         update_rows(&mut tx, kind, &table, batch.owner, change, &seqs).await?;
     }
+    // After the marks: a retry's attempts and state are the job's as of this batch.
+    let retry = match kind {
+        Kind::MySql => format!(
+            "UPDATE {} SET run_at = ?, attempts = ?, running = 0 WHERE owner = ? AND seq = ?",
+            self::by_seq(kind, &table)
+        ),
+        Kind::Postgres => {
+            format!("UPDATE {table} SET run_at = $1, attempts = $2, running = 0 WHERE owner = $3 AND seq = $4")
+        }
+    };
+    for r in batch.retries() {
+        let attempts = i32::try_from(r.attempts).unwrap_or(i32::MAX);
+        per_backend!(Tx, &mut tx, t, DB => {
+            sqlx::query::<DB>(&retry).bind(r.job.run_at).bind(attempts).bind(batch.owner as i64).bind(r.job.seq as i64)
+                .execute(&mut **t).await.map(drop)
+        })?;
+    }
     if unowned {
         if let Tx::Postgres(t) = &mut tx {
             sqlx::query("SELECT pg_notify($1, '')").bind(channel(&table)).execute(&mut **t).await?;
@@ -269,7 +286,7 @@ impl QueueStore for ClusterStore {
 
     fn commit(&mut self, batch: &Batch, locs: &mut Vec<Loc>) -> Result<()> {
         locs.clear();
-        locs.extend(batch.adds().map(|a| Loc(a.seq)));
+        locs.extend(batch.adds().map(|a| Loc(a.seq)).chain(batch.retries().map(|r| Loc(r.job.seq))));
         self.coalesced.clear();
         if batch.is_empty() {
             return Ok(());

@@ -360,11 +360,26 @@ impl QueueStore for LogStore {
         locs.clear();
         let mut buf = std::mem::take(&mut self.encode_buf);
         buf.clear();
-        let mut data_offsets = Vec::with_capacity(batch.adds().len());
+        let mut data_offsets = Vec::with_capacity(batch.adds().len() + batch.retries().len());
         for add in batch.adds() {
-            data_offsets.push(record::put_add(&mut buf, &add));
+            data_offsets.push(record::put_add(&mut buf, &add, 0, add.data));
         }
-        let add_bytes = buf.len() as u64;
+        let mut add_bytes = buf.len() as u64;
+        // A retry's record follows the removal of the one it replaces: the last record of a
+        // job decides at load.
+        for retry in batch.retries() {
+            record::put_remove(&mut buf, retry.job.seq, loc_parts(retry.loc).0);
+            let start = buf.len();
+            let read = match retry.carried {
+                true => None,
+                false => {
+                    Some(self.reader.read(retry.loc, retry.data_len).map_err(io("read a payload back for a retry"))?)
+                }
+            };
+            let data = read.as_deref().unwrap_or(retry.job.data);
+            data_offsets.push(record::put_add(&mut buf, &retry.job, retry.attempts.max(1), data));
+            add_bytes += (buf.len() - start) as u64;
+        }
         for &(seq, l) in batch.removes() {
             record::put_remove(&mut buf, seq, loc_parts(l).0);
         }
@@ -376,7 +391,8 @@ impl QueueStore for LogStore {
         head.adds += data_offsets.len() as u64;
         head.add_bytes += add_bytes;
         head.live += data_offsets.len() as u64;
-        for &(_, l) in batch.removes() {
+        let replaced = batch.retries().map(|r| r.loc);
+        for l in batch.removes().iter().map(|&(_, l)| l).chain(replaced) {
             self.count_remove(loc_parts(l).0);
         }
         self.drop_dead_segments();

@@ -4,6 +4,8 @@
 //! little-endian, `len` counting kind and body, the CRC covering them.
 //! - Add: `seq u64 | priority u8 | run_at i64 | flen u16 | ulen u16 | dlen u32 | function |
 //!   unique | data`.
+//! - Retry: an add with `attempts u32` after `run_at`: the record of a job waiting for another
+//!   attempt (written after the removal of its previous record).
 //! - Remove in: `seq u64 | segment u32`, the segment that held the job's add record (so that
 //!   compaction knows how long the removal must be kept).
 //! - Remove (written by earlier versions): `seq u64`; where its add was is not recorded.
@@ -15,6 +17,7 @@ pub(super) const HEADER: usize = 8;
 const KIND_ADD: u8 = 1;
 const KIND_REMOVE: u8 = 2;
 const KIND_REMOVE_IN: u8 = 3;
+const KIND_RETRY: u8 = 4;
 const ADD_FIXED: usize = 8 + 1 + 8 + 2 + 2 + 4;
 /// Bytes of a removal record as this version writes it.
 pub(super) const REMOVE_LEN: usize = HEADER + 1 + 8 + 4;
@@ -47,20 +50,25 @@ fn put_record(buf: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Appends an add record; returns where its payload starts, relative to `buf`.
-pub(super) fn put_add(buf: &mut Vec<u8>, add: &crate::AddView<'_>) -> usize {
-    put_record(buf, KIND_ADD, |b| {
+/// Appends an add record (a retry record when `attempts` > 0) with payload `data`; returns
+/// where its payload starts, relative to `buf`.
+pub(super) fn put_add(buf: &mut Vec<u8>, add: &crate::AddView<'_>, attempts: u32, data: &[u8]) -> usize {
+    let kind = if attempts > 0 { KIND_RETRY } else { KIND_ADD };
+    put_record(buf, kind, |b| {
         b.extend_from_slice(&add.seq.to_le_bytes());
         b.push(add.priority);
         b.extend_from_slice(&add.run_at.to_le_bytes());
+        if attempts > 0 {
+            b.extend_from_slice(&attempts.to_le_bytes());
+        }
         b.extend_from_slice(&(add.function.len() as u16).to_le_bytes());
         b.extend_from_slice(&(add.unique.len() as u16).to_le_bytes());
-        b.extend_from_slice(&(add.data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
         b.extend_from_slice(add.function);
         b.extend_from_slice(add.unique);
-        b.extend_from_slice(add.data);
+        b.extend_from_slice(data);
     });
-    buf.len() - add.data.len()
+    buf.len() - data.len()
 }
 
 /// Appends the removal of job `seq`, whose add record is in `segment`.
@@ -115,17 +123,27 @@ fn parse(body: &[u8], offset: u64, segment: u32) -> Option<Record<'_>> {
     let (&kind, rest) = body.split_first()?;
     let seq = u64::from_le_bytes(rest.get(0..8)?.try_into().ok()?);
     match kind {
-        KIND_ADD if rest.len() >= ADD_FIXED => {
+        KIND_ADD | KIND_RETRY => {
+            // A retry record holds the attempts after run_at; the rest is laid out as an add's.
+            let extra = if kind == KIND_RETRY { 4 } else { 0 };
+            if rest.len() < ADD_FIXED + extra {
+                return None;
+            }
             let priority = rest[8];
             let run_at = i64::from_le_bytes(rest[9..17].try_into().ok()?);
-            let flen = u16::from_le_bytes(rest[17..19].try_into().ok()?) as usize;
-            let ulen = u16::from_le_bytes(rest[19..21].try_into().ok()?) as usize;
-            let dlen = u32::from_le_bytes(rest[21..25].try_into().ok()?) as usize;
-            let vars = &rest[ADD_FIXED..];
+            let attempts = match kind {
+                KIND_RETRY => u32::from_le_bytes(rest[17..21].try_into().ok()?),
+                _ => 0,
+            };
+            let lens = &rest[17 + extra..];
+            let flen = u16::from_le_bytes(lens[0..2].try_into().ok()?) as usize;
+            let ulen = u16::from_le_bytes(lens[2..4].try_into().ok()?) as usize;
+            let dlen = u32::from_le_bytes(lens[4..8].try_into().ok()?) as usize;
+            let vars = &rest[ADD_FIXED + extra..];
             if vars.len() != flen + ulen + dlen {
                 return None;
             }
-            let data_at = HEADER + 1 + ADD_FIXED + flen + ulen;
+            let data_at = HEADER + 1 + ADD_FIXED + extra + flen + ulen;
             let job = LoadedJob {
                 seq,
                 priority,
@@ -134,6 +152,7 @@ fn parse(body: &[u8], offset: u64, segment: u32) -> Option<Record<'_>> {
                 unique: &vars[flen..flen + ulen],
                 data: &vars[flen + ulen..],
                 loc: loc(segment, offset + data_at as u64),
+                attempts,
             };
             Some(Record::Add { job, data_at })
         }

@@ -142,6 +142,7 @@ pub fn job(seq: u64, priority: u8, run_at: i64, function: &[u8], unique: &[u8], 
         unique: unique.to_vec(),
         data: data.to_vec(),
         loc: Loc(seq),
+        attempts: 0,
     }
 }
 

@@ -98,7 +98,7 @@ fn jobs_left_after_a_burst_carry_on_in_a_smaller_table() {
 /// numbering its new jobs in its own block (else they would collide with that node's rows).
 #[test]
 fn claimed_jobs_keep_their_numbers() {
-    use gearbox_store::cluster::{first_seq, Claimed};
+    use gearbox_store::cluster::first_seq;
     let mut b = Broker::new(BrokerConfig::default());
     b.enable_durability(Arc::new(std::sync::Condvar::new()), None, true);
     b.enable_cluster(Arc::new(tokio::sync::Notify::new()));
@@ -112,8 +112,8 @@ fn claimed_jobs_keep_their_numbers() {
         unique: b"u".to_vec(),
         data: b"d".to_vec(),
         loc: gearbox_store::Loc(theirs),
+        attempts: 1,
     };
-    let job = Claimed { job, attempts: 1 };
     assert!(!b.restore_claimed(2, std::slice::from_ref(&job)), "a claim of another incarnation is refused");
     assert!(b.restore_claimed(1, &[job]));
     assert!(b.find_by_seq(theirs).is_some());

@@ -275,12 +275,11 @@ impl Store {
                 && job.function == function
                 && job.run_at <= unix_now_for_tests()
             {
-                let job = gearbox_store::StoredJob { loc: Loc(*seq), ..job.clone() };
-                claimed.push(gearbox_store::cluster::Claimed { job, attempts: 1 });
+                claimed.push(gearbox_store::StoredJob { loc: Loc(*seq), attempts: 1, ..job.clone() });
             }
         }
         for c in &claimed {
-            self.owners.insert(c.job.seq, Some(self.node));
+            self.owners.insert(c.seq, Some(self.node));
         }
         b.restore_claimed(self.node, &claimed);
     }
