@@ -143,7 +143,62 @@ fn not_a_queue_table(base: &str) {
     }
 }
 
-on_both_backends!(roundtrip, big_batch, reconnect_after_session_killed, oversized_job, not_a_queue_table);
+/// A retry updates the job's time and attempts in place; both load back.
+fn retries(base: &str) {
+    let table = Table::new(base);
+    let mut store = open(&table.url());
+    let jobs = [job(1, 1, 0, b"f", b"u1", b"one"), job(2, 1, 0, b"f", b"", b"two")];
+    commit(&mut *store, &batch_of(&jobs.iter().collect::<Vec<_>>(), &[])).expect("commit adds");
+    let mut batch = Batch::default();
+    batch.push_retry(1, Loc(1), 1, 1_800_000_000, 2, (b"f", b"u1"), None, 3, true);
+    let mut locs = Vec::new();
+    store.commit(&batch, &mut locs).expect("commit a retry");
+    assert_eq!(locs, [Loc(1)]);
+    drop(store);
+    let mut store = open(&table.url());
+    let loaded = load(&mut *store);
+    let retried = StoredJob { run_at: 1_800_000_000, attempts: 2, ..jobs[0].clone() };
+    assert_eq!(loaded, [retried, jobs[1].clone()]);
+}
+
+/// A table of schema 1 (before attempts) gains the column at open and keeps its jobs.
+fn migrates_schema_1(base: &str) {
+    let table = Table::new(base);
+    let t = &table.name;
+    let ddl = if is_mysql(base) {
+        format!(
+            "CREATE TABLE {t} (seq BIGINT NOT NULL PRIMARY KEY, priority SMALLINT NOT NULL, run_at BIGINT NOT NULL, \
+             function_name BLOB NOT NULL, unique_key BLOB NOT NULL, data LONGBLOB NOT NULL, \
+             created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB COMMENT='gearbox queue, schema 1'"
+        )
+    } else {
+        format!(
+            "CREATE TABLE {t} (seq BIGINT NOT NULL PRIMARY KEY, priority SMALLINT NOT NULL, run_at BIGINT NOT NULL, \
+             function_name BYTEA NOT NULL, unique_key BYTEA NOT NULL, data BYTEA NOT NULL, \
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now()); COMMENT ON TABLE {t} IS 'gearbox queue, schema 1'"
+        )
+    };
+    let insert = format!(
+        "INSERT INTO {t} (seq, priority, run_at, function_name, unique_key, data) VALUES (7, 1, 0, 'f', 'u', 'd')"
+    );
+    block_on(exec(base, &[&ddl, &insert])).expect("a schema 1 table");
+    let mut store = open(&table.url());
+    assert_eq!(load(&mut *store), [job(7, 1, 0, b"f", b"u", b"d")]);
+    drop(store);
+    // Migrated once: the next open finds schema 2.
+    let mut store = open(&table.url());
+    assert_eq!(load(&mut *store).len(), 1);
+}
+
+on_both_backends!(
+    roundtrip,
+    big_batch,
+    reconnect_after_session_killed,
+    oversized_job,
+    not_a_queue_table,
+    retries,
+    migrates_schema_1
+);
 
 // --- Database restarts, on private instances ---
 

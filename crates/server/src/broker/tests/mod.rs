@@ -128,3 +128,92 @@ fn unix_now_for_tests() -> i64 {
 }
 
 mod model;
+
+/// The packet types the broker sent to `outbox` since the last look.
+fn sent(outbox: &Outbox) -> Vec<gearbox_proto::PacketType> {
+    let mut bytes = bytes::BytesMut::new();
+    outbox.take_into(&mut bytes);
+    let mut types = Vec::new();
+    while let Ok(Some(gearbox_proto::Message::Packet(frame))) = gearbox_proto::Decoder::default().decode(&mut bytes) {
+        types.push(frame.kind);
+    }
+    types
+}
+
+#[test]
+fn a_paused_function_gives_its_sleeping_worker_nothing_until_resumed() {
+    use gearbox_proto::PacketType as T;
+    let mut b = Broker::new(BrokerConfig::default());
+    let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+    let outbox = Arc::new(Outbox::default());
+    let worker = b.connect(outbox.clone(), 1, "test", 2);
+    b.set_paused(b"f", true);
+    submit(&mut b, client, "u", true);
+    b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
+    b.apply(worker, Request::GrabJob(GrabKind::Plain));
+    b.apply(worker, Request::PreSleep);
+    // NO_JOB, and no NOOP after PRE_SLEEP: the worker sleeps instead of asking again at once.
+    assert_eq!(sent(&outbox), [T::NoJob]);
+    b.set_paused(b"f", false);
+    assert_eq!(sent(&outbox), [T::Noop]);
+    b.apply(worker, Request::GrabJob(GrabKind::Plain));
+    assert_eq!(sent(&outbox), [T::JobAssign]);
+}
+
+#[test]
+fn a_limited_function_wakes_a_sleeper_when_a_slot_frees() {
+    use gearbox_proto::PacketType as T;
+    let mut b = Broker::new(BrokerConfig::default());
+    let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+    let (one, two) = (Arc::new(Outbox::default()), Arc::new(Outbox::default()));
+    let first = b.connect(one.clone(), 1, "test", 2);
+    let second = b.connect(two.clone(), 2, "test", 3);
+    b.set_limit(b"f", 1);
+    for w in [first, second] {
+        b.apply(w, Request::CanDo { function: Bytes::from_static(b"f") });
+    }
+    submit(&mut b, client, "a", true);
+    submit(&mut b, client, "b", true);
+    b.apply(first, Request::GrabJob(GrabKind::Plain));
+    b.apply(second, Request::GrabJob(GrabKind::Plain));
+    b.apply(second, Request::PreSleep);
+    assert_eq!(sent(&one), [T::JobAssign]);
+    assert_eq!(sent(&two), [T::NoJob]);
+    let key = b.conns[first as usize].running[0].key;
+    let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+    b.apply(first, Request::WorkComplete { handle, data: Bytes::new() });
+    assert_eq!(sent(&two), [T::Noop], "the freed slot wakes the sleeping worker");
+    b.apply(second, Request::GrabJob(GrabKind::Plain));
+    assert_eq!(sent(&two), [T::JobAssign]);
+}
+
+#[test]
+fn a_failed_background_job_waits_for_its_retry_then_goes_to_the_dead_set() {
+    let mut config = BrokerConfig::default();
+    config.retry.set(b"f", Some(RetryPolicy::parse("1/0s").unwrap()));
+    let mut b = Broker::new(config);
+    let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+    let worker = b.connect(Arc::new(Outbox::default()), 1, "test", 2);
+    b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
+    submit(&mut b, client, "u", true);
+    let fail = |b: &mut Broker| {
+        b.apply(worker, Request::GrabJob(GrabKind::Plain));
+        let key = b.conns[worker as usize].running[0].key;
+        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+        b.apply(worker, Request::WorkFail { handle });
+        key
+    };
+    let key = fail(&mut b);
+    assert_eq!(b.jobs[key as usize].state, JobState::Scheduled, "kept for another attempt");
+    assert_eq!(b.find_by_unique(0, b"u"), Some(key), "with its unique key");
+    b.tick(Instant::now());
+    assert_eq!(fail(&mut b), key);
+    assert!(b.jobs.is_empty());
+    let mut burials = Vec::new();
+    b.take_burials(&mut burials);
+    assert_eq!(burials.len(), 1);
+    let dead = &burials[0].job;
+    assert_eq!((dead.attempts, dead.unique.as_slice(), dead.data.as_slice()), (2, &b"u"[..], &b"payload"[..]));
+    let t = b.totals();
+    assert_eq!((t.retried, t.failed, t.buried), (1, 1, 1), "a retried attempt is not a failed job");
+}

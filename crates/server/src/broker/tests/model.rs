@@ -45,6 +45,10 @@ enum Op {
     TakeOver,
     /// A cluster node claims unowned jobs of a function.
     Claim(u8),
+    /// Pause or resume a function.
+    Pause(u8, bool),
+    /// At most N jobs of a function run at once (0: no limit).
+    Cap(u8, u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -76,6 +80,8 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::LoseLease),
         Just(Op::TakeOver),
         (0..3u8).prop_map(Op::Claim),
+        (0..3u8, any::<bool>()).prop_map(|(f, p)| Op::Pause(f, p)),
+        (0..3u8, 0..3u32).prop_map(|(f, n)| Op::Cap(f, n)),
     ]
 }
 
@@ -103,12 +109,17 @@ fn check(b: &Broker) {
         assert_eq!(f.running as usize, jobs().filter(|j| matches!(j.state, JobState::Running(_))).count());
         assert_eq!(f.scheduled as usize, jobs().filter(|j| j.state == JobState::Scheduled).count());
         assert_eq!(f.pending as usize, jobs().filter(|j| j.state == JobState::Pending).count());
-        // Every acknowledged job is somewhere: waiting, running, or ended one way.
+        if f.limit > 0 {
+            assert!(f.running <= f.limit, "{} running, limit {}", f.running, f.limit);
+        }
+        // Every acknowledged job is somewhere: waiting (a retry whose record is being
+        // rewritten too), running, or ended one way.
         let c = &f.counts;
         for p in 0..3 {
             let waiting = jobs().filter(|j| {
                 j.priority as usize == p
-                    && matches!(j.state, JobState::Queued | JobState::Scheduled | JobState::Running(_))
+                    && (matches!(j.state, JobState::Queued | JobState::Scheduled | JobState::Running(_))
+                        || (j.state == JobState::Pending && b.retry_due.contains_key(&j.seq)))
             });
             assert_eq!(
                 c.submitted[p] + c.restored[p],
@@ -169,6 +180,8 @@ struct Store {
     owners: HashMap<u64, Option<u64>>,
     /// Earlier incarnations whose lease the database still holds.
     leaving: Vec<u64>,
+    /// Handles of the jobs written to the dead set.
+    dead: Vec<String>,
 }
 
 impl Store {
@@ -199,7 +212,11 @@ impl Store {
     fn commit(&mut self, b: &mut Broker, ok: bool) {
         self.take(b);
         let batch = self.writing.take().unwrap();
-        let locs: Vec<Loc> = (1..=batch.adds().len() as u64).map(Loc).collect();
+        let mut burials = Vec::new();
+        b.take_burials(&mut burials);
+        self.dead.extend(burials.into_iter().map(|d| d.job.handle));
+        let written = batch.adds().len() + batch.retries().len();
+        let locs: Vec<Loc> = (1..=written as u64).map(Loc).collect();
         if self.node > 0 {
             return self.commit_cluster(b, batch, locs, ok);
         }
@@ -208,6 +225,11 @@ impl Store {
                 let job = add.to_stored();
                 self.jobs.insert(add.seq, job);
                 self.ever.insert(add.seq);
+            }
+            for r in batch.retries() {
+                if let Some(job) = self.jobs.get_mut(&r.job.seq) {
+                    (job.run_at, job.attempts) = (r.job.run_at, r.attempts);
+                }
             }
             for (seq, _) in batch.removes() {
                 self.jobs.remove(seq);
@@ -239,6 +261,12 @@ impl Store {
             self.jobs.insert(add.seq, job);
             self.ever.insert(add.seq);
             self.owners.insert(add.seq, add.owned.then_some(batch.owner));
+        }
+        for r in batch.retries() {
+            if self.owners.get(&r.job.seq) == Some(&Some(batch.owner)) {
+                let job = self.jobs.get_mut(&r.job.seq).expect("an owned row");
+                (job.run_at, job.attempts) = (r.job.run_at, r.attempts);
+            }
         }
         for &(seq, mark) in batch.marks() {
             if mark == gearbox_store::Mark::Released && self.owners.get(&seq) == Some(&Some(batch.owner)) {
@@ -373,8 +401,15 @@ proptest! {
         durable: bool,
         fetches: bool,
         cluster: bool,
+        retries: bool,
     ) {
-        let mut b = Broker::new(BrokerConfig { job_retries: 3, ..BrokerConfig::default() });
+        let mut config = BrokerConfig { job_retries: 3, ..BrokerConfig::default() };
+        if retries {
+            // f0 gets one retry, f1 two; both at once (their backoff is nothing).
+            config.retry.set(b"f0", Some(RetryPolicy::parse("1/0s").unwrap()));
+            config.retry.set(b"f1", Some(RetryPolicy::parse("2/0s").unwrap()));
+        }
+        let mut b = Broker::new(config);
         // A cluster node: a database store, which reads payloads back in batches.
         let (durable, fetches) = (durable || cluster, fetches || cluster);
         if durable {
@@ -456,6 +491,8 @@ proptest! {
                 Op::Claim(f) if cluster => store.claim(&mut b, &name(f)),
                 Op::TakeOver if cluster => store.take_over(),
                 Op::LoseLease | Op::TakeOver | Op::Claim(_) => {}
+                Op::Pause(f, paused) => b.set_paused(&name(f), paused),
+                Op::Cap(f, n) => b.set_limit(&name(f), n),
             }
             // The database answers status questions about jobs this node does not hold.
             let mut questions = Vec::new();
@@ -518,9 +555,17 @@ proptest! {
         let records = records.lock().unwrap();
         let count = |status: Outcome| records.iter().filter(|r| r.status == status).count() as u64;
         let given_up = records.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("given up"))).count() as u64;
-        let Totals { completed, failed, .. } = b.totals();
+        let Totals { completed, failed, retried, buried, .. } = b.totals();
         prop_assert_eq!(count(Outcome::Complete), completed);
-        prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed);
+        // Each failed attempt ended a job, or was given another.
+        prop_assert_eq!(count(Outcome::Fail) + count(Outcome::Exception) + given_up, failed + retried);
+        // A durable broker's dead jobs went to the store with a batch; and each had failed.
+        if durable {
+            prop_assert_eq!(store.dead.len() as u64, buried);
+        }
+        for handle in &store.dead {
+            prop_assert!(records.iter().any(|r| &r.handle == handle && r.status != Outcome::Complete));
+        }
         // A job a background submission was told is queued is still there, or it ran to
         // an end, or an admin cancelled it, or it ran out of attempts: never dropped.
         let live = background_jobs(&b);
