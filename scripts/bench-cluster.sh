@@ -16,9 +16,9 @@
 #    WORKERS running jobs and the rest of TAKEOVER_JOBS queued; prints per run how long after
 #    the kill the survivors ran the first and the last job, and the medians.
 # After each run, with every server stopped, the table must be empty (a row left is a job
-# the cluster kept after it ran). The tables the script made (TABLE, TABLE_nodes, TABLE_leases) are
-# dropped. On one machine the nodes, the database and the load generator share the cores, so
-# node3 measures the cluster's overhead more than its scaling.
+# the cluster kept after it ran). The tables the script made (TABLE, TABLE_nodes, TABLE_leases,
+# TABLE_dead, TABLE_state) are dropped. On one machine the nodes, the database and the load
+# generator share the cores, so node3 measures the cluster's overhead more than its scaling.
 #
 # Environment: ROUNDS (3), BG_JOBS (100000), TAKEOVER_ROUNDS (3), TAKEOVER_JOBS (10000),
 # NODE_LEASE (e.g. 3s; unset: gearbox's default), CLIENTS (6 client connections, spread over
@@ -75,7 +75,7 @@ sql() {
 # drop_table: drops the run's queue table and its nodes table, if there is a run's table.
 drop_table() {
     [[ -n $TABLE ]] || return 0
-    if ! sql "DROP TABLE IF EXISTS ${TABLE}_nodes; DROP TABLE IF EXISTS ${TABLE}_leases; DROP TABLE IF EXISTS $TABLE" >/dev/null; then
+    if ! sql "DROP TABLE IF EXISTS ${TABLE}_nodes, ${TABLE}_leases, ${TABLE}_dead, ${TABLE}_state, $TABLE" >/dev/null; then
         log "warning: could not drop the table $TABLE"
     fi
     TABLE=

@@ -72,7 +72,7 @@ drop_table() {
     local url=${STORE%%\?*}
     case $url in
     postgres*)
-        psql -q "$url" -c "DROP TABLE IF EXISTS $TABLE" >/dev/null 2>&1 ;;
+        psql -q "$url" -c "DROP TABLE IF EXISTS $TABLE, ${TABLE}_dead, ${TABLE}_state" >/dev/null 2>&1 ;;
     mysql://*)
         # mysql://USER[:PASS]@HOST[:PORT]/DB
         [[ $url =~ ^mysql://([^:@/]+)(:([^@]*))?@([^:/]+)(:([0-9]+))?/(.+)$ ]] ||
@@ -80,7 +80,7 @@ drop_table() {
         local client
         client=$(command -v mariadb || command -v mysql) || { log "no mariadb/mysql client"; return 1; }
         MYSQL_PWD=${BASH_REMATCH[3]} "$client" -u "${BASH_REMATCH[1]}" -h "${BASH_REMATCH[4]}" \
-            -P "${BASH_REMATCH[6]:-3306}" -e "DROP TABLE IF EXISTS $TABLE" "${BASH_REMATCH[7]}" ;;
+            -P "${BASH_REMATCH[6]:-3306}" -e "DROP TABLE IF EXISTS $TABLE, ${TABLE}_dead, ${TABLE}_state" "${BASH_REMATCH[7]}" ;;
     esac
 }
 

@@ -37,10 +37,7 @@ impl PgTable {
 impl Drop for PgTable {
     fn drop(&mut self) {
         use sqlx::Connection;
-        let drop = format!(
-            "DROP TABLE IF EXISTS {0}_nodes; DROP TABLE IF EXISTS {0}_leases; DROP TABLE IF EXISTS {0}",
-            self.0
-        );
+        let drop = format!("DROP TABLE IF EXISTS {0}_nodes, {0}_leases, {0}_dead, {0}_state, {0}", self.0);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             if let Ok(mut c) = sqlx::PgConnection::connect(POSTGRES).await {

@@ -283,6 +283,8 @@ fn postgres_store_keeps_a_coalesced_background_request() {
 }
 
 fn drop_table(tool: &str, args: &[&str], table: &str) {
-    let status = std::process::Command::new(tool).args(args).arg(format!("DROP TABLE {table}")).status().unwrap();
+    // The lifecycle's tables (dead set, paused functions) sit beside the queue's.
+    let sql = format!("DROP TABLE {table}; DROP TABLE IF EXISTS {table}_dead, {table}_state");
+    let status = std::process::Command::new(tool).args(args).arg(sql).status().unwrap();
     assert!(status.success());
 }

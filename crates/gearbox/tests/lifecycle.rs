@@ -7,12 +7,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::gear::Conn;
+use common::gear::{Conn, Outcome, TestWorker};
 use common::{temp_data_dir, wait_for, Server};
 use gearbox_proto::{GrabKind, Request, Response};
 use serde_json::Value;
@@ -47,95 +47,6 @@ fn admin(addr: SocketAddr, line: &str) -> String {
         reply.extend_from_slice(&buf[..n]);
     }
     String::from_utf8(reply).unwrap()
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Outcome {
-    Complete,
-    Fail,
-    Exception,
-}
-
-/// A job a test worker was given.
-#[derive(Clone, Debug)]
-struct Attempt {
-    handle: String,
-    unique: String,
-    data: String,
-    at: Instant,
-}
-
-/// A worker thread that takes jobs of one function and ends each after `work` with the
-/// outcome `decide` picks (given the attempts of that handle so far, this one included).
-struct TestWorker {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TestWorker {
-    fn start(
-        addr: SocketAddr,
-        function: &str,
-        work: Duration,
-        attempts: Arc<Mutex<Vec<Attempt>>>,
-        decide: impl Fn(usize) -> Outcome + Send + 'static,
-    ) -> TestWorker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let function = function.to_string();
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || {
-                let mut conn = Conn::connect(addr).unwrap();
-                conn.send(&Request::CanDo { function: function.into_bytes().into() }).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    conn.send(&Request::GrabJob(GrabKind::Uniq)).unwrap();
-                    let job = loop {
-                        match conn.recv(Duration::from_secs(5)) {
-                            Ok(Some(Response::JobAssignUniq { handle, unique, data, .. })) => {
-                                break Some((handle, unique, data))
-                            }
-                            Ok(Some(Response::NoJob)) | Ok(None) => break None,
-                            Ok(Some(_)) => continue,
-                            Err(_) => return,
-                        }
-                    };
-                    let Some((handle, unique, data)) = job else {
-                        conn.send(&Request::PreSleep).unwrap();
-                        let _ = conn.recv(Duration::from_millis(200));
-                        continue;
-                    };
-                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                    let n = {
-                        let mut log = attempts.lock().unwrap();
-                        log.push(Attempt {
-                            handle: text(&handle),
-                            unique: text(&unique),
-                            data: text(&data),
-                            at: Instant::now(),
-                        });
-                        log.iter().filter(|a| a.handle.as_bytes() == &handle[..]).count()
-                    };
-                    std::thread::sleep(work);
-                    let reply = match decide(n) {
-                        Outcome::Complete => Request::WorkComplete { handle, data: Default::default() },
-                        Outcome::Fail => Request::WorkFail { handle },
-                        Outcome::Exception => Request::WorkException { handle, data: "disk full".into() },
-                    };
-                    conn.send(&reply).unwrap();
-                }
-            }
-        });
-        TestWorker { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn log_records(server: &Server, handle: &str) -> Vec<Value> {

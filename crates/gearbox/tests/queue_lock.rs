@@ -60,6 +60,7 @@ fn mariadb_server_waits_for_a_held_lock() {
         assert_eq!(released, 1);
     });
     rt.block_on(conn.execute(format!("DROP TABLE {table}").as_str())).unwrap();
+    rt.block_on(conn.execute(format!("DROP TABLE IF EXISTS {table}_dead, {table}_state").as_str())).unwrap();
 }
 
 /// SIGTERM while the server waits for the lock stops it then, not when the wait ends.
@@ -98,4 +99,5 @@ fn postgres_server_waits_for_a_held_lock() {
         assert!(released);
     });
     rt.block_on(conn.execute(format!("DROP TABLE {table}").as_str())).unwrap();
+    rt.block_on(conn.execute(format!("DROP TABLE IF EXISTS {table}_dead, {table}_state").as_str())).unwrap();
 }

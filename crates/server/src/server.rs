@@ -106,6 +106,9 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || store.paused()).await.expect("no panic").map_err(ServeError::Lifecycle)?
     };
     broker.set_keep_dead(options.lifecycle.keep_dead);
+    if !matches!(options.queue, QueueSpec::Cluster { .. }) {
+        crate::lifecycle::forget_dead_still_queued(&lifecycle, &broker).await.map_err(ServeError::Lifecycle)?;
+    }
     for function in &paused {
         broker.set_paused(function, true);
     }

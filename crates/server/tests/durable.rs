@@ -186,8 +186,10 @@ impl Table {
 impl Drop for Table {
     fn drop(&mut self) {
         let (program, args) = self.drop_with;
-        let _ =
-            std::process::Command::new(program).args(args).arg(format!("DROP TABLE IF EXISTS {}", self.name)).status();
+        let _ = std::process::Command::new(program)
+            .args(args)
+            .arg(format!("DROP TABLE IF EXISTS {0}, {0}_dead, {0}_state", self.name))
+            .status();
     }
 }
 

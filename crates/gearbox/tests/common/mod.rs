@@ -1,6 +1,7 @@
 //! The `gearbox` binary run as a child process, and the tools the tests drive it with.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod cluster;
 pub mod gear;
 pub mod proxy;
 

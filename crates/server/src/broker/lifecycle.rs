@@ -215,6 +215,11 @@ impl Broker {
         self.burials = burials;
     }
 
+    /// Whether the job `handle` names is here (queued, scheduled, running or pending).
+    pub fn holds(&self, handle: &[u8]) -> bool {
+        self.find_by_handle(handle).is_some()
+    }
+
     pub fn has_burials(&self) -> bool {
         !self.burials.is_empty()
     }

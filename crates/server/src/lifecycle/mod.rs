@@ -168,6 +168,26 @@ pub(crate) async fn set_paused(shared: &Shared, function: Vec<u8>, paused: bool)
     Ok(())
 }
 
+/// Removes from the dead set the jobs the queue still holds: a crash between writing a dead
+/// job and removing its record leaves it in both, and the queue runs it again.
+pub(crate) async fn forget_dead_still_queued(
+    lifecycle: &Arc<dyn Lifecycle>,
+    broker: &crate::broker::Broker,
+) -> gearbox_store::Result<()> {
+    let store = lifecycle.clone();
+    let dead = tokio::task::spawn_blocking(move || store.dead_list(&DeadFilter::default())).await.expect("no panic")?;
+    let queued: Vec<String> = dead.into_iter().map(|e| e.handle).filter(|h| broker.holds(h.as_bytes())).collect();
+    if queued.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        "dead set: {} jobs are queued again (the server stopped before their records were removed)",
+        queued.len()
+    );
+    let store = lifecycle.clone();
+    tokio::task::spawn_blocking(move || store.dead_remove(&queued)).await.expect("no panic").map(drop)
+}
+
 /// Starts the lifecycle task: see the module's description. Ends with `shared.shutdown`.
 pub(crate) fn spawn(shared: Arc<Shared>, options: LifecycleOptions, memory_queue: bool) {
     let schedules = shared.schedules.clone();
