@@ -107,7 +107,9 @@ pub async fn serve(
     };
     broker.set_keep_dead(options.lifecycle.keep_dead);
     if !matches!(options.queue, QueueSpec::Cluster { .. }) {
-        crate::lifecycle::forget_dead_still_queued(&lifecycle, &broker).await.map_err(ServeError::Lifecycle)?;
+        let dead = crate::lifecycle::dead_handles(&lifecycle).await.map_err(ServeError::Lifecycle)?;
+        let queued: Vec<String> = dead.into_iter().filter(|h| broker.holds(h.as_bytes())).collect();
+        crate::lifecycle::forget_dead_still_queued(&lifecycle, queued).await.map_err(ServeError::Lifecycle)?;
     }
     for function in &paused {
         broker.set_paused(function, true);

@@ -144,6 +144,14 @@ impl Broker {
                 let counts = &mut self.functions[job.function as usize].counts;
                 counts.failed[job.priority as usize] -= 1;
                 counts.retried += 1;
+                // Foreground clients that joined it have had their WORK_FAIL: the job is done
+                // for them.
+                let clients = self.jobs[key as usize].extra.as_mut().map(|e| std::mem::take(&mut e.clients));
+                for c in clients.unwrap_or_default() {
+                    if let Some(conn) = self.conns.get_mut(c as usize) {
+                        conn.waiting.remove(&key);
+                    }
+                }
                 self.schedule_retry(key, due);
                 true
             }

@@ -168,15 +168,19 @@ pub(crate) async fn set_paused(shared: &Shared, function: Vec<u8>, paused: bool)
     Ok(())
 }
 
-/// Removes from the dead set the jobs the queue still holds: a crash between writing a dead
-/// job and removing its record leaves it in both, and the queue runs it again.
-pub(crate) async fn forget_dead_still_queued(
-    lifecycle: &Arc<dyn Lifecycle>,
-    broker: &crate::broker::Broker,
-) -> gearbox_store::Result<()> {
+/// Every handle in the dead set.
+pub(crate) async fn dead_handles(lifecycle: &Arc<dyn Lifecycle>) -> gearbox_store::Result<Vec<String>> {
     let store = lifecycle.clone();
     let dead = tokio::task::spawn_blocking(move || store.dead_list(&DeadFilter::default())).await.expect("no panic")?;
-    let queued: Vec<String> = dead.into_iter().map(|e| e.handle).filter(|h| broker.holds(h.as_bytes())).collect();
+    Ok(dead.into_iter().map(|e| e.handle).collect())
+}
+
+/// Removes from the dead set the jobs the queue still holds (`queued`): a crash between
+/// writing a dead job and removing its record leaves it in both, and the queue runs it again.
+pub(crate) async fn forget_dead_still_queued(
+    lifecycle: &Arc<dyn Lifecycle>,
+    queued: Vec<String>,
+) -> gearbox_store::Result<()> {
     if queued.is_empty() {
         return Ok(());
     }
