@@ -10,13 +10,29 @@
 // Env: FUNCTION, CHROMIUM (default /usr/bin/chromium), SCREENSHOT (a PNG path to save the
 // page to at the end), EXPECT_ERROR (text of a failed job's error that the job-log view must
 // show in full, without scrolling sideways), EXPECT_NODES (on a cluster node: the cluster panel
-// must list this many nodes, this one marked). Exits 0 on success, 1 with a message otherwise.
+// must list this many nodes, this one marked).
+// The job lifecycle, each part when its variables are set:
+//   DEAD_FUNCTION, DEAD_RETRY, DEAD_DELETE, DEAD_OTHER, DEAD_PAYLOAD: on the Dead jobs page the
+//     dead jobs DEAD_RETRY and DEAD_DELETE (of DEAD_FUNCTION) and DEAD_OTHER (of another function)
+//     are listed; filtering by DEAD_FUNCTION leaves DEAD_OTHER out; DEAD_RETRY's details show
+//     DEAD_PAYLOAD; DEAD_RETRY is retried from its row's button and DEAD_DELETE deleted through
+//     its checkbox and "Delete selected" (armed, then confirmed); both rows leave.
+//   PAUSE_FUNCTION, HANDSHAKE_DIR: the function's Pause button pauses it (its row shows
+//     "paused"); the script then writes HANDSHAKE_DIR/paused and waits for the caller to write
+//     HANDSHAKE_DIR/checked before it resumes the function with the same button.
+//   EXPECT_RETRY_BADGE (a function: its row shows a retry-policy badge), EXPECT_LIMIT
+//     (FUNCTION=N: its row shows "limit N").
+//   EXPECT_SCHEDULE, EXPECT_SCHEDULE_NEXT: the Schedules panel lists that schedule, with its
+//     next run at that Unix second.
+// Exits 0 on success, 1 with a message otherwise.
+import { existsSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
 const url = process.argv[2];
 const FUNCTION = process.env.FUNCTION || 'browser_probe';
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const OVERALL_TIMEOUT_MS = 60_000;
+const OVERALL_TIMEOUT_MS = 90_000;
 const QUEUE_DEADLINE_MS = 15_000;
 
 const say = (msg) => console.log(`dashboard.mjs: ${msg}`);
@@ -187,11 +203,113 @@ async function run() {
     say(`job-log view rendered with ${rows} record(s)`);
   }
 
+  await lifecycle(page);
+
   if (process.env.SCREENSHOT) {
     await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
     say(`screenshot saved to ${process.env.SCREENSHOT}`);
   }
   noProblems('end of test');
+}
+
+// The job lifecycle's parts of the page (see the variables at the top).
+async function lifecycle(page) {
+  const env = process.env;
+  const waitFor = (fn, arg, what) => guard(page.waitForFunction(fn, arg, { polling: 100, timeout: QUEUE_DEADLINE_MS }))
+    .catch((e) => { throw e.name === 'TimeoutError' ? new Error(`timed out waiting for ${what}`) : e; });
+  const rowOf = (handle) => `#dead-table tbody tr[data-handle="${handle}"]`;
+
+  if (env.EXPECT_SCHEDULE) {
+    await page.click('#tab-overview');
+    const row = `#schedules-table tr[data-schedule="${env.EXPECT_SCHEDULE}"]`;
+    await waitFor((sel) => !!document.querySelector(sel), row, `the schedule ${env.EXPECT_SCHEDULE} in the Schedules panel`);
+    const next = await page.locator(`${row} td.next`).getAttribute('data-next');
+    const text = (await page.locator(`${row} td.next`).textContent()).trim();
+    if (env.EXPECT_SCHEDULE_NEXT) check(next === env.EXPECT_SCHEDULE_NEXT, `the schedule's next run is ${next}, expected ${env.EXPECT_SCHEDULE_NEXT}`);
+    check(/in \d/.test(text), `the schedule's next run reads "${text}"`);
+    say(`Schedules panel lists ${env.EXPECT_SCHEDULE}, next run ${text}`);
+  }
+
+  const fnRow = (name) => `#functions-table tr[data-function="${name}"]`;
+  if (env.EXPECT_RETRY_BADGE) {
+    await page.click('#tab-overview');
+    await waitFor((sel) => !!document.querySelector(sel), `${fnRow(env.EXPECT_RETRY_BADGE)} .b-retry`, `a retry badge on ${env.EXPECT_RETRY_BADGE}`);
+    say(`${env.EXPECT_RETRY_BADGE} shows "${(await page.locator(`${fnRow(env.EXPECT_RETRY_BADGE)} .b-retry`).textContent()).trim()}"`);
+  }
+  if (env.EXPECT_LIMIT) {
+    const [name, n] = env.EXPECT_LIMIT.split('=');
+    await waitFor(([sel, want]) => document.querySelector(sel)?.textContent === want, [`${fnRow(name)} .b-limit`, `limit ${n}`], `"limit ${n}" on ${name}`);
+    say(`${name} shows "limit ${n}"`);
+  }
+
+  if (env.PAUSE_FUNCTION) {
+    const name = env.PAUSE_FUNCTION, dir = env.HANDSHAKE_DIR;
+    check(dir, 'PAUSE_FUNCTION needs HANDSHAKE_DIR');
+    await page.click('#tab-overview');
+    const button = `${fnRow(name)} button.pause`;
+    await waitFor((sel) => document.querySelector(sel)?.dataset.action === 'pause', button, `a Pause button on ${name}`);
+    await page.click(button);
+    await waitFor(([row, sel]) => !!document.querySelector(`${row} .b-paused`) && document.querySelector(sel)?.dataset.action === 'resume',
+      [fnRow(name), button], `${name} to show as paused`);
+    check(!(await page.locator(fnRow(name)).getAttribute('class')).includes('selected'), 'the Pause button also selected the row');
+    say(`paused ${name} from its button`);
+    writeFileSync(join(dir, 'paused'), name);
+    const deadline = Date.now() + 30_000;
+    while (!existsSync(join(dir, 'checked'))) {
+      check(Date.now() < deadline, 'the test did not confirm the pause within 30 s');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    // The page keeps polling meanwhile: the function is still shown paused.
+    await waitFor((sel) => document.querySelector(sel)?.dataset.action === 'resume', button, `${name} still paused`);
+    await page.click(button);
+    await waitFor(([row, sel]) => !document.querySelector(`${row} .b-paused`) && document.querySelector(sel)?.dataset.action === 'pause',
+      [fnRow(name), button], `${name} to show as resumed`);
+    say(`resumed ${name}`);
+  }
+
+  if (env.DEAD_FUNCTION) {
+    const fn = env.DEAD_FUNCTION;
+    await page.click('#tab-dead');
+    await page.locator('#view-dead').waitFor({ state: 'visible' });
+    const all = [env.DEAD_RETRY, env.DEAD_DELETE, env.DEAD_OTHER].filter(Boolean);
+    await waitFor((sels) => sels.every((s) => document.querySelector(s)), all.map(rowOf), `the dead jobs ${all.join(', ')}`);
+    const tab = (await page.locator('#dead-tab-count').textContent()).trim();
+    check(Number(tab) >= all.length, `the Dead jobs tab counts "${tab}"`);
+    say(`Dead jobs page lists ${await page.locator('#dead-table tbody tr[data-handle]').count()} jobs (tab: ${tab})`);
+
+    await page.selectOption('#dead-function', fn);
+    await waitFor(([f, other]) => {
+      const rows = [...document.querySelectorAll('#dead-table tbody tr[data-handle]')];
+      return rows.length > 0 && rows.every((r) => r.dataset.function === f) && !(other && document.querySelector(other));
+    }, [fn, env.DEAD_OTHER ? rowOf(env.DEAD_OTHER) : null], `only ${fn}'s dead jobs`);
+    say(`filtered by ${fn}: ${await page.locator('#dead-table tbody tr[data-handle]').count()} jobs`);
+
+    if (env.DEAD_RETRY) {
+      await page.click(`${rowOf(env.DEAD_RETRY)} td.mono`);
+      await guard(page.locator('#dead-details-body dl.fields').waitFor());
+      if (env.DEAD_PAYLOAD) {
+        await waitFor((want) => [...document.querySelectorAll('#dead-details-body pre')].some((p) => p.textContent === want),
+          env.DEAD_PAYLOAD, `the payload "${env.DEAD_PAYLOAD}" in the details`);
+      }
+      await page.click(`${rowOf(env.DEAD_RETRY)} button.retry`);
+      await guard(page.locator('#dead-msg', { hasText: `Retried ${env.DEAD_RETRY} as` }).waitFor());
+      await waitFor((sel) => !document.querySelector(sel), rowOf(env.DEAD_RETRY), `${env.DEAD_RETRY} to leave the list`);
+      await guard(page.locator('#dead-details-body', { hasText: 'No longer in the dead set' }).waitFor());
+      say(`retried ${env.DEAD_RETRY}: ${(await page.locator('#dead-msg').textContent()).trim()}`);
+    }
+    if (env.DEAD_DELETE) {
+      await page.check(`${rowOf(env.DEAD_DELETE)} input.pick`);
+      await waitFor(() => !document.querySelector('#dead-delete-selected').disabled, null, 'Delete selected to be enabled');
+      await page.click('#dead-delete-selected');
+      await waitFor(() => document.querySelector('#dead-delete-selected').textContent.startsWith('Sure?'), null, 'Delete selected to ask');
+      check(await page.locator(rowOf(env.DEAD_DELETE)).count() === 1, 'the first click deleted already');
+      await page.click('#dead-delete-selected');
+      await guard(page.locator('#dead-msg', { hasText: 'Deleted 1 dead job.' }).waitFor());
+      await waitFor((sel) => !document.querySelector(sel), rowOf(env.DEAD_DELETE), `${env.DEAD_DELETE} to leave the list`);
+      say(`deleted ${env.DEAD_DELETE} through its checkbox`);
+    }
+    noProblems('dead jobs');
+  }
 }
 
 let code = 0;

@@ -32,6 +32,7 @@ pub(crate) fn routes() -> Router<super::AppState> {
         .route("/log", get(log))
         .route("/jobs", axum::routing::post(submit))
         .route("/jobs/{handle}", get(job).delete(cancel))
+        .merge(super::lifecycle::routes())
 }
 
 pub(crate) struct ApiError {
@@ -40,7 +41,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, message: message.into() }
     }
 
@@ -48,7 +49,7 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 }
@@ -59,7 +60,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(super) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 #[derive(Serialize)]
 struct JobLogStatus {

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::shared::Shared;
 
 mod api;
+mod lifecycle;
 pub(crate) mod local;
 mod metrics;
 

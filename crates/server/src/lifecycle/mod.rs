@@ -25,6 +25,9 @@ pub(crate) use schedule::Schedules;
 /// Dead jobs an operation on "all" takes per round.
 const PAGE: usize = 1000;
 
+/// The error of a [`Retried`] whose handle is not in the dead set.
+pub(crate) const NOT_DEAD: &str = "not in the dead set";
+
 /// Which dead jobs an operation acts on.
 #[derive(Clone, Debug)]
 pub enum Selection {
@@ -120,7 +123,7 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
         let mut submitted = Vec::new();
         for handle in handles {
             let Some(job) = dead_get(shared, handle.clone()).await? else {
-                out.push(Retried { handle, new_handle: None, error: Some("not in the dead set".into()) });
+                out.push(Retried { handle, new_handle: None, error: Some(NOT_DEAD.into()) });
                 continue;
             };
             let priority = match job.priority {
@@ -164,7 +167,13 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
 pub(crate) async fn set_paused(shared: &Shared, function: Vec<u8>, paused: bool) -> Result<(), String> {
     let name = function.clone();
     blocking(shared, move |s| s.set_paused(&name, paused)).await?;
-    shared.broker.lock().unwrap().set_paused(&function, paused);
+    let mut broker = shared.broker.lock().unwrap();
+    // Called from no connection's packets (the HTTP API; an admin connection after its
+    // await): without this, the NOOP a resume sends to the connection whose packets were
+    // applied last (often a worker that has just sent PRE_SLEEP) would not wake its task, and
+    // that worker would sleep on with jobs queued.
+    broker.begin_external();
+    broker.set_paused(&function, paused);
     Ok(())
 }
 
@@ -209,7 +218,11 @@ pub(crate) fn spawn(shared: Arc<Shared>, options: LifecycleOptions, memory_queue
             }
             if shared.cluster.is_some() {
                 match blocking(&shared, |s| s.paused()).await {
-                    Ok(paused) => shared.broker.lock().unwrap().sync_paused(&paused),
+                    Ok(paused) => {
+                        let mut broker = shared.broker.lock().unwrap();
+                        broker.begin_external();
+                        broker.sync_paused(&paused);
+                    }
                     Err(e) => tracing::warn!("lifecycle store: reading paused functions: {e}"),
                 }
             }
