@@ -10,11 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{block_on, node, signal, wait_until, Table, LEASE, MYSQL, POSTGRES};
+use common::cluster::{node, signal, wait_until, Table, LEASE, MYSQL, POSTGRES};
 use common::gear::{Conn, Taken, Worker};
 use common::proxy::Proxy;
 use common::{temp_data_dir, Server};
-use sqlx::Connection;
 
 fn db_addr(base: &str) -> SocketAddr {
     if base.starts_with("mysql") {
