@@ -104,7 +104,7 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
             let header = ["HANDLE", "FUNCTION", "UNIQUE", "ATTEMPTS", "DIED", "ERROR"].map(String::from).to_vec();
             let rows = records.iter().map(|r| {
                 let died = r["died_at"].as_i64().map(rfc3339).unwrap_or_default();
-                let error: String = field(r, "error").chars().take(60).collect();
+                let error: String = field(r, "error").replace('\n', " ").chars().take(60).collect();
                 vec![field(r, "handle"), field(r, "function"), field(r, "unique"), field(r, "attempts"), died, error]
             });
             print_table(&std::iter::once(header).chain(rows).collect::<Vec<_>>())
