@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gearbox_store::{log::LogStore, Batch, QueueStore, StoreError};
 
@@ -143,25 +143,36 @@ const GROUP_WINDOW: Duration = Duration::from_millis(2);
 const GROUP_FULL: usize = 256;
 /// Removals alone are written this long after the first of them.
 const REMOVE_DELAY: Duration = Duration::from_millis(100);
+/// After the lifecycle store refused dead jobs, they are tried again after this, doubling...
+const BURY_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// ...up to this.
+const BURY_RETRY_MAX: Duration = Duration::from_secs(30);
 
 fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBool) {
     let mut batch = Batch::default();
     let mut locs = Vec::new();
     let mut fetch = Fetch::default();
     let mut burials = Vec::new();
+    // While the lifecycle store refuses dead jobs: when to try again, and the next delay.
+    let (mut bury_at, mut bury_delay): (Option<Instant>, Duration) = (None, BURY_RETRY_FIRST);
     loop {
         let took = {
             let mut broker = shared.broker.lock().unwrap();
             loop {
                 let stopping = stop.load(Ordering::Relaxed);
                 let state = broker.pending_state();
+                let bury_due = broker.has_burials() && bury_at.is_none_or(|at| Instant::now() >= at);
                 let wait = match (state.jobs_since, state.changes_since) {
-                    _ if stopping || broker.wants_payloads() || broker.has_burials() => None,
+                    _ if stopping || broker.wants_payloads() || bury_due => None,
                     // Group commit: one sync for many submissions costs far less than one each.
                     (Some(since), _) if state.jobs < GROUP_FULL => Some(GROUP_WINDOW.saturating_sub(since.elapsed())),
                     (Some(_), _) => None,
                     (None, Some(since)) => Some(REMOVE_DELAY.saturating_sub(since.elapsed())),
                     (None, None) => Some(Duration::MAX),
+                };
+                let wait = match bury_at.filter(|_| broker.has_burials()) {
+                    Some(at) => wait.map(|w| w.min(at.saturating_duration_since(Instant::now()))),
+                    None => wait,
                 };
                 match wait {
                     Some(left) if left == Duration::MAX => broker = shared.store_wake.wait(broker).unwrap(),
@@ -171,7 +182,9 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
                     _ => break,
                 }
             }
-            if stop.load(Ordering::Relaxed) && !broker.has_pending() && !broker.has_burials() {
+            // At shutdown, dead jobs the lifecycle store keeps refusing stay queued (their
+            // removals are held back), to run again after the restart.
+            if stop.load(Ordering::Relaxed) && !broker.has_pending() && (!broker.has_burials() || bury_at.is_some()) {
                 return;
             }
             batch.clear();
@@ -185,20 +198,32 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
         if took {
             let started = std::time::Instant::now();
             // Dead jobs first: a crash before the batch removes their records leaves them in
-            // both places, never in neither.
-            let buried = bury(store.as_mut(), shared, &mut burials);
-            if buried.is_err() {
-                shared.broker.lock().unwrap().unwritten_burials(std::mem::take(&mut burials));
+            // both places, never in neither. If they cannot be written, their removals wait
+            // with them and the rest of the batch goes ahead.
+            let mut held = Vec::new();
+            if !burials.is_empty() {
+                let due = bury_at.is_none_or(|at| Instant::now() >= at);
+                match due.then(|| bury(store.as_mut(), shared, &mut burials)) {
+                    Some(Ok(())) => (bury_at, bury_delay) = (None, BURY_RETRY_FIRST),
+                    failed => {
+                        if let Some(Err(e)) = failed {
+                            tracing::error!("dead jobs not written ({e}); trying again in {bury_delay:?}");
+                            bury_at = Some(Instant::now() + bury_delay);
+                            bury_delay = (bury_delay * 2).min(BURY_RETRY_MAX);
+                        }
+                        let seqs: std::collections::HashSet<u64> = burials.iter().map(|b| b.seq).collect();
+                        held = batch.take_removes(|seq| seqs.contains(&seq));
+                        shared.broker.lock().unwrap().unwritten_burials(std::mem::take(&mut burials));
+                    }
+                }
             }
-            let outcome = match buried {
-                Ok(()) => store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
+            let outcome = store.commit(&batch, &mut locs).map(|()| &locs[..]).map_err(|e| e.to_string());
             burials.clear();
             let took = started.elapsed();
             let mut broker = shared.broker.lock().unwrap();
             broker.observe_commit(took);
             broker.committed(&batch, outcome, store.coalesced());
+            broker.hold_removes(&held);
             drop(broker);
             if let Err(e) = compact(store.as_mut(), shared) {
                 tracing::error!("queue store compaction failed: {e}");
@@ -281,8 +306,8 @@ impl Fetch {
 /// Lets the store move the jobs still queued out of space it wants to reclaim.
 fn compact(store: &mut dyn QueueStore, shared: &Shared) -> Result<(), StoreError> {
     let Some(candidates) = store.compaction_candidates()? else { return Ok(()) };
-    let live = shared.broker.lock().unwrap().live_stored(&candidates);
-    let moved = store.compact(&live)?;
+    let (live, elsewhere) = shared.broker.lock().unwrap().live_stored(&candidates);
+    let moved = store.compact(&live, &elsewhere)?;
     shared.broker.lock().unwrap().relocate(&moved);
     Ok(())
 }

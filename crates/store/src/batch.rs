@@ -140,6 +140,13 @@ impl Batch {
         self.retries.push(Retry { add, loc, attempts, data_len, carried: data.is_some() });
     }
 
+    /// The record job `seq`'s retry replaces is now at `loc` (compaction moved it).
+    pub fn retarget_retry(&mut self, seq: u64, loc: Loc) {
+        for r in self.retries.iter_mut().filter(|r| r.add.seq == seq) {
+            r.loc = loc;
+        }
+    }
+
     pub fn retries(&self) -> impl ExactSizeIterator<Item = RetryView<'_>> + '_ {
         self.retries.iter().map(|r| RetryView {
             job: self.view(&r.add),
@@ -191,6 +198,13 @@ impl Batch {
 
     pub fn adds(&self) -> impl ExactSizeIterator<Item = AddView<'_>> + '_ {
         self.adds.iter().map(|a| self.view(a))
+    }
+
+    /// Takes out the removals of the jobs `which` names (they wait for a later batch).
+    pub fn take_removes(&mut self, which: impl Fn(u64) -> bool) -> Vec<(u64, Loc)> {
+        let (taken, kept) = self.removes.drain(..).partition(|&(seq, _)| which(seq));
+        self.removes = kept;
+        taken
     }
 
     pub fn removes(&self) -> &[(u64, Loc)] {

@@ -6,7 +6,7 @@ use super::{admin_line, print_table, runtime, Servers};
 
 #[derive(clap::Subcommand, Clone)]
 enum DeadCommand {
-    /// Dead jobs, newest first
+    /// Dead jobs, newest first (at most 1,000)
     List {
         /// Only this function's
         #[arg(long, short = 'f')]
@@ -72,7 +72,7 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
         }
     };
     // The dead set is shared by a cluster's nodes, and kept per server otherwise: the first
-    // server that answers is asked.
+    // server named is asked.
     let server = args.servers.servers.first().expect("a default server");
     let reply = runtime()?.block_on(admin_line(server, line.trim()))?;
     if let Some(err) = reply.strip_prefix("ERR ") {

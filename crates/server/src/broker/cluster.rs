@@ -116,10 +116,15 @@ impl Broker {
         c.reclaimed.clear();
         self.current = None;
         // Dropped jobs (cancelled, waiting for their queue to reach them) are gone already.
+        // Retries whose rewrite is pending or being written are the old incarnation's rows too.
+        let retry_due = std::mem::take(&mut self.retry_due);
         let held: Vec<JobKey> = self
             .jobs
             .iter()
-            .filter(|(_, j)| j.stored == Stored::Yes && j.state != JobState::Dropped)
+            .filter(|(_, j)| {
+                (j.stored == Stored::Yes && j.state != JobState::Dropped)
+                    || (j.state == JobState::Pending && retry_due.contains_key(&j.seq))
+            })
             .map(|(k, _)| k as JobKey)
             .collect();
         for &key in &held {
@@ -145,7 +150,8 @@ impl Broker {
         }
         self.unindex(key);
         let f = &mut self.functions[fid];
-        if matches!(state, JobState::Queued | JobState::Scheduled | JobState::Running(_)) {
+        // Pending here: a retry being written (a new job's add is never stored yet).
+        if matches!(state, JobState::Queued | JobState::Scheduled | JobState::Running(_) | JobState::Pending) {
             f.counts.handed_over[p] += 1;
         }
         match state {
@@ -167,7 +173,11 @@ impl Broker {
                 self.take_running(w.get(), key);
                 self.jobs.remove(key as usize);
             }
-            JobState::Pending | JobState::Dropped => {}
+            JobState::Pending => {
+                f.pending -= 1;
+                self.jobs.remove(key as usize);
+            }
+            JobState::Dropped => {}
         }
     }
 
@@ -270,10 +280,19 @@ impl Broker {
                 .iter()
                 .filter(|&&(c, e)| self.conns.get(c as usize).is_some_and(|c| c.sleeping && c.sleep_epoch == e))
                 .count();
+            // A function at its limit starts nothing more here: its idle workers wait.
+            if f.limit > 0 && f.running >= f.limit {
+                continue;
+            }
             if idle > 0 || f.starved {
                 f.starved = false;
                 // Enough to keep the workers busy for a while: a claim is a round trip or three.
-                out.push((f.name.clone(), (32 * idle.max(f.workers as usize)).clamp(64, 1000)));
+                // A limited function's jobs wait behind its limit: no more than it can start.
+                let mut want = (32 * idle.max(f.workers as usize)).clamp(64, 1000);
+                if f.limit > 0 {
+                    want = want.min((f.limit - f.running) as usize);
+                }
+                out.push((f.name.clone(), want));
             }
         }
     }
@@ -308,7 +327,10 @@ impl Broker {
             }
             self.restore(job.as_loaded());
             let Some(key) = self.find_by_seq(job.seq) else { continue };
-            if job_retries > 0 && job.attempts >= job_retries {
+            // Its node died running it: a lost worker, which a retry policy with attempts left
+            // forgives past `-j` as it does for a worker lost here.
+            let retry_left = self.retry.get(&job.function).is_some_and(|p| job.attempts <= p.retries);
+            if job_retries > 0 && job.attempts >= job_retries && !retry_left {
                 self.give_up_claimed(key, job.attempts, job_retries);
             }
         }

@@ -174,7 +174,7 @@ impl Broker {
 
     /// Records a removal. Nobody waits for one: it is written with the next jobs, or after
     /// a short delay (a crash before then runs the job again: at-least-once).
-    fn pending_remove(&mut self, seq: u64, loc: Loc) {
+    pub(super) fn pending_remove(&mut self, seq: u64, loc: Loc) {
         let d = self.durable.as_mut().expect("durable store enabled");
         if d.change_since.is_none() {
             d.change_since = Some(Instant::now());
@@ -492,17 +492,19 @@ impl Broker {
     }
 
     /// Which of the store's compaction `candidates` (sequence number, location) are stored
-    /// jobs whose current record is at that location.
-    pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> Vec<u64> {
-        let current =
-            // A job whose record is being rewritten (a retry) keeps its old location meanwhile.
-            |&&(seq, loc): &&(u64, Loc)| {
-                self.find_by_seq(seq).is_some_and(|k| {
-                    let job = &self.jobs[k as usize];
-                    job.loc == loc && job.stored == Stored::Yes
-                })
-            };
-        candidates.iter().filter(current).map(|&(seq, _)| seq).collect()
+    /// jobs whose current record is at that location; and which are stored jobs whose
+    /// current record is another (they were retried), with its location.
+    pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> (Vec<u64>, Vec<(u64, Loc)>) {
+        let (mut live, mut elsewhere) = (Vec::new(), Vec::new());
+        for &(seq, loc) in candidates {
+            let Some(key) = self.find_by_seq(seq) else { continue };
+            match self.jobs[key as usize].loc {
+                at if at == loc => live.push(seq),
+                Loc::NONE => {}
+                at => elsewhere.push((seq, at)),
+            }
+        }
+        (live, elsewhere)
     }
 
     /// Records where the store moved jobs. A job that ended while it was being moved gets
@@ -510,7 +512,14 @@ impl Broker {
     pub fn relocate(&mut self, moved: &[(u64, Loc)]) {
         for &(seq, loc) in moved {
             match self.find_by_seq(seq) {
-                Some(key) => self.jobs[key as usize].loc = loc,
+                Some(key) => {
+                    self.jobs[key as usize].loc = loc;
+                    // A retry waiting to be written replaces the record where it is now.
+                    // (Compaction runs between commits: the retry is pending, not in flight.)
+                    if self.retry_due.contains_key(&seq) {
+                        self.durable.as_mut().expect("durable store enabled").pending.retarget_retry(seq, loc);
+                    }
+                }
                 None => self.pending_remove(seq, loc),
             }
         }

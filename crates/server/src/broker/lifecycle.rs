@@ -57,6 +57,8 @@ pub mod defaults {
     pub const BASE: Duration = Duration::from_secs(15);
     /// The longest wait when a policy names none.
     pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+    /// The longest wait any policy can ask for (longer ones are cut to it).
+    pub const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 }
 
 impl RetryPolicy {
@@ -74,14 +76,16 @@ impl RetryPolicy {
         Ok(RetryPolicy { retries, backoff: Backoff::Exponential, base, max_delay: defaults::MAX_DELAY.max(base) })
     }
 
-    /// The wait after the `attempt`-th attempt failed (1 for the first).
+    /// The wait after the `attempt`-th attempt failed (1 for the first); never more than
+    /// [`defaults::LONGEST`].
     pub fn delay(&self, attempt: u32) -> Duration {
+        let max = self.max_delay.min(defaults::LONGEST);
         match self.backoff {
-            Backoff::Fixed => self.base,
+            Backoff::Fixed => self.base.min(defaults::LONGEST),
             Backoff::Exponential => {
                 let doubled = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
-                let capped = doubled.min(self.max_delay).as_secs_f64();
-                Duration::from_secs_f64((capped * (0.9 + 0.2 * fastrand::f64())).min(self.max_delay.as_secs_f64()))
+                let capped = doubled.min(max).as_secs_f64();
+                Duration::from_secs_f64((capped * (0.9 + 0.2 * fastrand::f64())).min(max.as_secs_f64()))
             }
         }
     }
@@ -116,6 +120,8 @@ impl RetryPolicies {
 /// A dead job waiting to be written, and where to read its payload back from if the job
 /// did not hold it in memory.
 pub struct Burial {
+    /// The job's sequence number: its record's removal waits for this entry's write.
+    pub seq: u64,
     pub job: DeadJob,
     pub read_back: Option<(u64, Loc, u32)>,
 }
@@ -205,7 +211,7 @@ impl Broker {
             died_at: now_millis(),
         };
         self.functions[job.function as usize].counts.buried += 1;
-        self.burials.push(Burial { job: entry, read_back });
+        self.burials.push(Burial { seq: job.seq, job: entry, read_back });
         if let Some(d) = self.durable.as_ref() {
             d.wake.notify_one();
         }
@@ -226,6 +232,13 @@ impl Broker {
     /// Whether the job `handle` names is here (queued, scheduled, running or pending).
     pub fn holds(&self, handle: &[u8]) -> bool {
         self.find_by_handle(handle).is_some()
+    }
+
+    /// Removals held back with dead jobs that could not be written: with the next batch.
+    pub fn hold_removes(&mut self, removes: &[(u64, Loc)]) {
+        for &(seq, loc) in removes {
+            self.pending_remove(seq, loc);
+        }
     }
 
     pub fn has_burials(&self) -> bool {
@@ -249,13 +262,28 @@ impl Broker {
     /// Pauses or resumes `function` (created if unknown): a paused function accepts jobs,
     /// and its workers get NO_JOB for it.
     pub fn set_paused(&mut self, function: &[u8], paused: bool) {
+        self.pause_changes += 1;
+        self.apply_paused(function, paused);
+    }
+
+    fn apply_paused(&mut self, function: &[u8], paused: bool) {
         let fid = self.function_id(function);
         self.functions[fid as usize].paused = paused;
         self.wake_dispatchable(fid);
     }
 
-    /// Makes exactly `paused` the paused functions (a cluster's shared state).
-    pub fn sync_paused(&mut self, paused: &[Vec<u8>]) {
+    /// How many times [`Broker::set_paused`] was called: see [`Broker::sync_paused`].
+    pub fn pause_changes(&self) -> u64 {
+        self.pause_changes
+    }
+
+    /// Makes exactly `paused` the paused functions (a cluster's shared state, read when
+    /// [`Broker::pause_changes`] said `changes`): unless a pause or resume here came since,
+    /// which the list may not show yet.
+    pub fn sync_paused(&mut self, paused: &[Vec<u8>], changes: u64) {
+        if changes != self.pause_changes {
+            return;
+        }
         let now: hashbrown::HashSet<&[u8]> = paused.iter().map(Vec::as_slice).collect();
         let changed: Vec<Bytes> = self
             .functions
@@ -265,11 +293,11 @@ impl Broker {
             .collect();
         for name in changed {
             let paused = now.contains(&name[..]);
-            self.set_paused(&name, paused);
+            self.apply_paused(&name, paused);
         }
         for name in paused {
             if !self.function_ids.contains_key(&name[..]) {
-                self.set_paused(name, true);
+                self.apply_paused(name, true);
             }
         }
     }
@@ -300,7 +328,7 @@ impl Broker {
     /// A job of a limited function stopped running: one more may start.
     pub(super) fn slot_freed(&mut self, fid: FunctionId) {
         let f = &self.functions[fid as usize];
-        if f.limit > 0 && f.queued_total() > 0 {
+        if f.limit > 0 && !f.paused && f.queued_total() > 0 {
             self.wake_one(fid);
         }
     }

@@ -151,6 +151,8 @@ pub struct Broker {
     /// Dead jobs not yet written (see `lifecycle`).
     burials: Vec<Burial>,
     keep_dead: bool,
+    /// Pauses and resumes made here (see [`Broker::sync_paused`]).
+    pause_changes: u64,
 }
 
 impl Broker {
@@ -188,6 +190,7 @@ impl Broker {
             retry_due: HashMap::new(),
             burials: Vec::new(),
             keep_dead: true,
+            pause_changes: 0,
         }
     }
 

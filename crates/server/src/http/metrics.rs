@@ -16,9 +16,9 @@ const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 /// Reads a per-function gauge.
 type Gauge = fn(&FunctionView) -> u32;
 /// Reads a per-function counter, by priority.
-/// One of a function's lifecycle counters.
-type Total = fn(&FunctionCounts) -> u64;
 type Counter = fn(&FunctionCounts) -> &[u64; 3];
+/// Reads one of a function's lifecycle counters.
+type Total = fn(&FunctionCounts) -> u64;
 
 pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let (functions, connections, commits) = {

@@ -69,6 +69,9 @@ impl From<DeadJob> for DeadView {
     }
 }
 
+/// Most dead jobs `dead list` shows (the newest).
+const LISTED: usize = 1000;
+
 fn err(code: &str, msg: &str) -> String {
     format!("ERR {code} {}\r\n", msg.replace(' ', "+"))
 }
@@ -115,7 +118,7 @@ pub(crate) async fn dead(shared: &Arc<Shared>, words: &[Bytes]) -> String {
     let Some((verb, rest)) = words.split_first() else { return usage() };
     let answer = match (verb.to_ascii_lowercase().as_slice(), rest) {
         (b"list", [] | [_]) => {
-            let filter = DeadFilter { function: rest.first().map(|f| f.to_vec()), limit: 0, offset: 0 };
+            let filter = DeadFilter { function: rest.first().map(|f| f.to_vec()), limit: LISTED, offset: 0 };
             super::dead_list(shared, filter).await.map(|list| json_lines(list.into_iter().map(DeadView::from)))
         }
         (b"show", [handle]) => match super::dead_get(shared, text(handle)).await {

@@ -22,7 +22,7 @@ pub use schedule::validate as validate_schedules;
 pub use schedule::ScheduleView;
 pub(crate) use schedule::Schedules;
 
-/// Dead jobs an operation on "all" takes per round.
+/// Dead jobs an operation acts on per round trip to the lifecycle store.
 const PAGE: usize = 1000;
 
 /// The error of a [`Retried`] whose handle is not in the dead set.
@@ -77,32 +77,24 @@ pub(crate) async fn dead_get(shared: &Shared, handle: String) -> Result<Option<D
     blocking(shared, move |s| s.dead_get(&handle)).await
 }
 
-/// The handles a selection names, a page at a time (`All` reads the set again each round,
-/// since the previous round removed what it acted on).
-async fn next_handles(shared: &Shared, selection: &Selection, done: &mut bool) -> Result<Vec<String>, String> {
+/// The handles a selection names, read once: jobs that die meanwhile (a retried job
+/// failing again) are not taken up again.
+async fn selected(shared: &Shared, selection: Selection) -> Result<Vec<String>, String> {
     match selection {
-        Selection::Handles(handles) => {
-            *done = true;
-            Ok(handles.clone())
-        }
+        Selection::Handles(handles) => Ok(handles),
         Selection::All { function } => {
-            let filter = DeadFilter { function: function.clone(), limit: PAGE, offset: 0 };
-            let page = dead_list(shared, filter).await?;
-            *done = page.len() < PAGE;
-            Ok(page.into_iter().map(|e| e.handle).collect())
+            let filter = DeadFilter { function, limit: 0, offset: 0 };
+            Ok(dead_list(shared, filter).await?.into_iter().map(|e| e.handle).collect())
         }
     }
 }
 
 /// Removes the selected dead jobs; returns how many there were.
 pub(crate) async fn dead_delete(shared: &Shared, selection: Selection) -> Result<u64, String> {
-    let (mut removed, mut done) = (0, false);
-    while !done {
-        let handles = next_handles(shared, &selection, &mut done).await?;
-        if handles.is_empty() {
-            break;
-        }
-        removed += blocking(shared, move |s| s.dead_remove(&handles)).await?;
+    let mut removed = 0;
+    for page in selected(shared, selection).await?.chunks(PAGE) {
+        let page = page.to_vec();
+        removed += blocking(shared, move |s| s.dead_remove(&page)).await?;
     }
     Ok(removed)
 }
@@ -110,20 +102,21 @@ pub(crate) async fn dead_delete(shared: &Shared, selection: Selection) -> Result
 /// Runs the selected dead jobs again: each is submitted as a new background job with its
 /// function, unique key, priority and payload (a job already queued under that unique key
 /// takes it over, as any submission would), then leaves the dead set once the server has
-/// acknowledged it. Handles not in the dead set are reported with an error.
+/// acknowledged it. Handles not in the dead set are reported with an error. A page of jobs
+/// is submitted at once, so their acknowledgements share commits.
 pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Result<Vec<Retried>, String> {
     let mut out = Vec::new();
-    let mut done = false;
     let mut conn = LocalConn::open(shared);
-    while !done {
-        let handles = next_handles(shared, &selection, &mut done).await?;
-        if handles.is_empty() {
-            break;
-        }
-        let mut submitted = Vec::new();
-        for handle in handles {
-            let Some(job) = dead_get(shared, handle.clone()).await? else {
-                out.push(Retried { handle, new_handle: None, error: Some(NOT_DEAD.into()) });
+    for page in selected(shared, selection).await?.chunks(PAGE) {
+        let page = page.to_vec();
+        let jobs = blocking(shared, move |s| {
+            page.into_iter().map(|h| s.dead_get(&h).map(|job| (h, job))).collect::<gearbox_store::Result<Vec<_>>>()
+        })
+        .await?;
+        let mut sent = Vec::new();
+        for (handle, job) in jobs {
+            let Some(job) = job else {
+                out.push(Retried { handle, new_handle: None, error: Some("not in the dead set".into()) });
                 continue;
             };
             let priority = match job.priority {
@@ -138,6 +131,10 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
                 priority,
                 background: true,
             });
+            sent.push(handle);
+        }
+        let mut submitted = Vec::new();
+        for handle in sent {
             match conn.recv().await {
                 Response::JobCreated { handle: new } => {
                     submitted.push(handle.clone());
@@ -152,12 +149,7 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
                 other => out.push(Retried { handle, new_handle: None, error: Some(format!("unexpected {other:?}")) }),
             }
         }
-        let stuck = submitted.is_empty();
         blocking(shared, move |s| s.dead_remove(&submitted)).await?;
-        // Every job of this page failed to submit: another round would meet them again.
-        if stuck {
-            break;
-        }
     }
     Ok(out)
 }
@@ -203,7 +195,7 @@ pub(crate) async fn forget_dead_still_queued(
 
 /// Starts the lifecycle task: see the module's description. Ends with `shared.shutdown`.
 pub(crate) fn spawn(shared: Arc<Shared>, options: LifecycleOptions, memory_queue: bool) {
-    let schedules = shared.schedules.clone();
+    spawn_schedules(shared.clone());
     tokio::spawn(async move {
         let mut expired_at = tokio::time::Instant::now();
         let mut second = tokio::time::interval(Duration::from_secs(1));
@@ -217,11 +209,13 @@ pub(crate) fn spawn(shared: Arc<Shared>, options: LifecycleOptions, memory_queue
                 write_burials(&shared).await;
             }
             if shared.cluster.is_some() {
+                // A pause or resume here while the list is read makes the list stale.
+                let changes = shared.broker.lock().unwrap().pause_changes();
                 match blocking(&shared, |s| s.paused()).await {
                     Ok(paused) => {
                         let mut broker = shared.broker.lock().unwrap();
                         broker.begin_external();
-                        broker.sync_paused(&paused);
+                        broker.sync_paused(&paused, changes);
                     }
                     Err(e) => tracing::warn!("lifecycle store: reading paused functions: {e}"),
                 }
@@ -230,7 +224,22 @@ pub(crate) fn spawn(shared: Arc<Shared>, options: LifecycleOptions, memory_queue
                 expired_at = tokio::time::Instant::now();
                 expire(&shared, &options).await;
             }
-            schedules.fire_due(&shared).await;
+        }
+    });
+}
+
+/// Fires the schedules' ticks, on a task of their own: the lifecycle task can wait seconds
+/// for a database.
+fn spawn_schedules(shared: Arc<Shared>) {
+    let schedules = shared.schedules.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tick.tick() => schedules.fire_due(&shared).await,
+            }
         }
     });
 }

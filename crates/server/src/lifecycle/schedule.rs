@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use chrono::{TimeZone, Utc};
+use chrono::{Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use gearbox_proto::{Priority, Request, Response};
@@ -77,10 +77,32 @@ fn parse(s: &Schedule) -> Result<(Cron, Tz, Priority), String> {
     Ok((cron, tz, priority))
 }
 
-/// The first tick of `cron` after `after` (Unix seconds).
+/// The first tick of `cron` after `after` (Unix seconds). The cron crate reckons in local
+/// time, which repeats an hour when daylight saving ends and skips one when it starts: where
+/// the UTC offset changes before its answer, the seconds up to it are looked at one by one.
 fn next_after(cron: &Cron, tz: Tz, after: i64) -> Option<i64> {
-    let time = tz.from_utc_datetime(&Utc.timestamp_opt(after, 0).single()?.naive_utc());
-    cron.find_next_occurrence(&time, false).ok().map(|t| t.timestamp())
+    const DAY: i64 = 86_400;
+    let at = |t: i64| Some(Utc.timestamp_opt(t, 0).single()?.with_timezone(&tz));
+    let offset = |t: i64| at(t).map(|d| d.offset().fix());
+    let matches = |t: i64| at(t).is_some_and(|d| cron.is_time_matching(&d).unwrap_or(false));
+    let mut from = after;
+    for _ in 0..8 {
+        let fast = cron.find_next_occurrence(&at(from)?, false).ok()?.timestamp();
+        if fast > from && offset(fast) == offset(from) {
+            return Some(fast);
+        }
+        if fast > from + DAY {
+            // Nothing fires before it in local time: look only at its last day.
+            from = fast - DAY;
+            continue;
+        }
+        let end = if fast > from { fast } else { from + DAY };
+        if let Some(t) = (from + 1..=end).find(|&t| matches(t)) {
+            return Some(t);
+        }
+        from = end;
+    }
+    None
 }
 
 /// The server's schedules; clones share them.
@@ -168,5 +190,49 @@ async fn fire(shared: &Arc<Shared>, spec: &Schedule, priority: Priority, tick: i
             Err(format!("{}: {}", String::from_utf8_lossy(&code), String::from_utf8_lossy(&text)))
         }
         other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cron(expr: &str) -> Cron {
+        Cron::new(expr).with_seconds_optional().parse().unwrap()
+    }
+
+    /// Unix seconds of a UTC time on 2024-10-27, when Berlin's clocks went back from 03:00
+    /// CEST (01:00 UTC) to 02:00 CET.
+    fn utc(h: u32, m: u32) -> i64 {
+        Utc.with_ymd_and_hms(2024, 10, 27, h, m, 0).unwrap().timestamp()
+    }
+
+    #[test]
+    fn quarter_hours_go_on_through_the_repeated_hour() {
+        let (c, berlin) = (cron("0 */15 * * * *"), Tz::Europe__Berlin);
+        let mut t = utc(0, 30);
+        let mut ticks = Vec::new();
+        while t < utc(2, 30) {
+            t = next_after(&c, berlin, t).unwrap();
+            ticks.push(t);
+        }
+        let every_15: Vec<i64> = (0..8).map(|i| utc(0, 45) + i * 900).collect();
+        assert_eq!(ticks, every_15, "no quarter hour skipped or repeated across the change");
+        // From inside the repeated hour, the next tick is still ahead.
+        assert_eq!(next_after(&c, berlin, utc(1, 10)), Some(utc(1, 15)));
+    }
+
+    #[test]
+    fn utc_schedules_take_the_cron_crate_at_its_word() {
+        let c = cron("0 0 3 * * *");
+        assert_eq!(next_after(&c, Tz::UTC, utc(2, 0)), Some(utc(3, 0)));
+        let every_second = cron("* * * * * *");
+        assert_eq!(next_after(&every_second, Tz::UTC, 1_700_000_000), Some(1_700_000_001));
+        // A yearly schedule across a change of offset is found without looking at every second.
+        let yearly = cron("0 0 0 1 1 *");
+        let started = std::time::Instant::now();
+        let next = next_after(&yearly, Tz::Europe__Berlin, utc(12, 0)).unwrap();
+        assert_eq!(next, Utc.with_ymd_and_hms(2024, 12, 31, 23, 0, 0).unwrap().timestamp());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }

@@ -144,8 +144,12 @@ fn scan(
             Next::End => return Ok((offset as u64, add_bytes)),
             Next::Record { len, record } => {
                 let (seq, removal) = match record {
-                    Record::Add { job, .. } => {
+                    Record::Add { job, replaces, .. } => {
                         add_bytes += len as u64;
+                        if replaces.is_some() {
+                            // A retry record: the removal of the job's earlier records first.
+                            events.push((job.seq, position(id, offset as u64, false) - 1));
+                        }
                         (job.seq, false)
                     }
                     Record::Remove { seq, .. } => (seq, true),

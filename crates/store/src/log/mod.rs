@@ -362,13 +362,12 @@ impl QueueStore for LogStore {
         buf.clear();
         let mut data_offsets = Vec::with_capacity(batch.adds().len() + batch.retries().len());
         for add in batch.adds() {
-            data_offsets.push(record::put_add(&mut buf, &add, 0, add.data));
+            data_offsets.push(record::put_add(&mut buf, &add, None, add.data));
         }
         let mut add_bytes = buf.len() as u64;
-        // A retry's record follows the removal of the one it replaces: the last record of a
-        // job decides at load.
+        // A retry's record stands for the removal of the job's earlier records as well (one
+        // record: a torn write keeps the old one or the new, never neither).
         for retry in batch.retries() {
-            record::put_remove(&mut buf, retry.job.seq, loc_parts(retry.loc).0);
             let start = buf.len();
             let read = match retry.carried {
                 true => None,
@@ -377,7 +376,8 @@ impl QueueStore for LogStore {
                 }
             };
             let data = read.as_deref().unwrap_or(retry.job.data);
-            data_offsets.push(record::put_add(&mut buf, &retry.job, retry.attempts.max(1), data));
+            let replaced = loc_parts(retry.loc).0;
+            data_offsets.push(record::put_add(&mut buf, &retry.job, Some((retry.attempts, replaced)), data));
             add_bytes += (buf.len() - start) as u64;
         }
         for &(seq, l) in batch.removes() {
@@ -407,8 +407,8 @@ impl QueueStore for LogStore {
         compact::candidates(self)
     }
 
-    fn compact(&mut self, live: &[u64]) -> Result<Vec<(u64, Loc)>> {
-        compact::copy_forward(self, live)
+    fn compact(&mut self, live: &[u64], elsewhere: &[(u64, Loc)]) -> Result<Vec<(u64, Loc)>> {
+        compact::copy_forward(self, live, elsewhere)
     }
 }
 

@@ -4,8 +4,11 @@
 //! little-endian, `len` counting kind and body, the CRC covering them.
 //! - Add: `seq u64 | priority u8 | run_at i64 | flen u16 | ulen u16 | dlen u32 | function |
 //!   unique | data`.
-//! - Retry: an add with `attempts u32` after `run_at`: the record of a job waiting for another
-//!   attempt (written after the removal of its previous record).
+//! - Retry: an add with `attempts u32 | replaced u32` after `run_at`: the record of a job
+//!   waiting for another attempt. It also removes the job's earlier records, the one it
+//!   replaces being in segment `replaced` (load reads it as a removal then an add; compaction
+//!   keeps the removal while that segment exists), so that one record, which a torn write
+//!   keeps whole or not at all, replaces them.
 //! - Remove in: `seq u64 | segment u32`, the segment that held the job's add record (so that
 //!   compaction knows how long the removal must be kept).
 //! - Remove (written by earlier versions): `seq u64`; where its add was is not recorded.
@@ -33,8 +36,9 @@ pub(super) fn loc_parts(l: Loc) -> (u32, u64) {
 
 /// A decoded record, borrowing its bytes.
 pub(super) enum Record<'a> {
-    /// A job, whose payload starts `data_at` bytes after the record's start.
-    Add { job: LoadedJob<'a>, data_at: usize },
+    /// A job, whose payload starts `data_at` bytes after the record's start; a retry record
+    /// names the segment of the record it `replaces` (and removes).
+    Add { job: LoadedJob<'a>, data_at: usize, replaces: Option<u32> },
     /// A job's removal; `segment` held its add (0: not recorded).
     Remove { seq: u64, segment: u32 },
 }
@@ -50,16 +54,17 @@ fn put_record(buf: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Appends an add record (a retry record when `attempts` > 0) with payload `data`; returns
-/// where its payload starts, relative to `buf`.
-pub(super) fn put_add(buf: &mut Vec<u8>, add: &crate::AddView<'_>, attempts: u32, data: &[u8]) -> usize {
-    let kind = if attempts > 0 { KIND_RETRY } else { KIND_ADD };
+/// Appends an add record with payload `data`, or with `retry` (attempts, and the segment of
+/// the record it replaces) a retry record; returns where its payload starts, relative to `buf`.
+pub(super) fn put_add(buf: &mut Vec<u8>, add: &crate::AddView<'_>, retry: Option<(u32, u32)>, data: &[u8]) -> usize {
+    let kind = if retry.is_some() { KIND_RETRY } else { KIND_ADD };
     put_record(buf, kind, |b| {
         b.extend_from_slice(&add.seq.to_le_bytes());
         b.push(add.priority);
         b.extend_from_slice(&add.run_at.to_le_bytes());
-        if attempts > 0 {
+        if let Some((attempts, replaced)) = retry {
             b.extend_from_slice(&attempts.to_le_bytes());
+            b.extend_from_slice(&replaced.to_le_bytes());
         }
         b.extend_from_slice(&(add.function.len() as u16).to_le_bytes());
         b.extend_from_slice(&(add.unique.len() as u16).to_le_bytes());
@@ -125,15 +130,18 @@ fn parse(body: &[u8], offset: u64, segment: u32) -> Option<Record<'_>> {
     match kind {
         KIND_ADD | KIND_RETRY => {
             // A retry record holds the attempts after run_at; the rest is laid out as an add's.
-            let extra = if kind == KIND_RETRY { 4 } else { 0 };
+            let extra = if kind == KIND_RETRY { 8 } else { 0 };
             if rest.len() < ADD_FIXED + extra {
                 return None;
             }
             let priority = rest[8];
             let run_at = i64::from_le_bytes(rest[9..17].try_into().ok()?);
-            let attempts = match kind {
-                KIND_RETRY => u32::from_le_bytes(rest[17..21].try_into().ok()?),
-                _ => 0,
+            let (attempts, replaces) = match kind {
+                KIND_RETRY => (
+                    u32::from_le_bytes(rest[17..21].try_into().ok()?),
+                    Some(u32::from_le_bytes(rest[21..25].try_into().ok()?)),
+                ),
+                _ => (0, None),
             };
             let lens = &rest[17 + extra..];
             let flen = u16::from_le_bytes(lens[0..2].try_into().ok()?) as usize;
@@ -154,7 +162,7 @@ fn parse(body: &[u8], offset: u64, segment: u32) -> Option<Record<'_>> {
                 loc: loc(segment, offset + data_at as u64),
                 attempts,
             };
-            Some(Record::Add { job, data_at })
+            Some(Record::Add { job, data_at, replaces })
         }
         KIND_REMOVE if rest.len() == 8 => Some(Record::Remove { seq, segment: 0 }),
         KIND_REMOVE_IN if rest.len() == 12 => {

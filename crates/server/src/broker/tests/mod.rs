@@ -217,3 +217,63 @@ fn a_failed_background_job_waits_for_its_retry_then_goes_to_the_dead_set() {
     let t = b.totals();
     assert_eq!((t.retried, t.failed, t.buried), (1, 1, 1), "a retried attempt is not a failed job");
 }
+
+/// A cluster node that loses its lease while a retry's rewrite waits (or is being written)
+/// forgets the job: its row is the old incarnation's, which another node takes over.
+#[test]
+fn a_lost_lease_forgets_retries_waiting_for_their_rewrite() {
+    let mut config = BrokerConfig::default();
+    config.retry.set(b"f", Some(RetryPolicy::parse("3/0s").unwrap()));
+    let mut b = Broker::new(config);
+    b.enable_durability(Arc::new(std::sync::Condvar::new()), None, true);
+    b.enable_cluster(Arc::new(tokio::sync::Notify::new()));
+    b.join_cluster(1, Instant::now() + Duration::from_secs(3600));
+    let client = b.connect(Arc::new(Outbox::default()), 0, "test", 1);
+    let worker = b.connect(Arc::new(Outbox::default()), 1, "test", 2);
+    b.apply(worker, Request::CanDo { function: Bytes::from_static(b"f") });
+    submit(&mut b, client, "u", true);
+    let mut batch = gearbox_store::Batch::default();
+    b.take_pending(&mut batch);
+    let locs: Vec<Loc> = batch.adds().map(|a| Loc(a.seq)).collect();
+    b.committed(&batch, Ok(&locs), &[]);
+    for in_flight in [false, true] {
+        if in_flight {
+            submit(&mut b, client, "v", true);
+            let mut batch = gearbox_store::Batch::default();
+            b.take_pending(&mut batch);
+            let locs: Vec<Loc> = batch.adds().map(|a| Loc(a.seq)).collect();
+            b.committed(&batch, Ok(&locs), &[]);
+        }
+        b.apply(worker, Request::GrabJob(GrabKind::Plain));
+        let key = b.conns[worker as usize].running[0].key;
+        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+        b.apply(worker, Request::WorkFail { handle });
+        assert_eq!(b.jobs[key as usize].state, JobState::Pending);
+        let mut writing = gearbox_store::Batch::default();
+        if in_flight {
+            b.take_pending(&mut writing);
+            assert_eq!(writing.retries().len(), 1);
+        }
+        b.leave_cluster();
+        assert!(b.jobs.is_empty(), "the retried job is forgotten");
+        assert!(b.retry_due.is_empty());
+        assert_eq!(b.functions[0].pending, 0);
+        let node = if in_flight { 3 } else { 2 };
+        b.join_cluster(node, Instant::now() + Duration::from_secs(3600));
+        if in_flight {
+            b.committed(&writing, Err("lease ended".into()), &[]);
+            assert!(b.jobs.is_empty(), "the stale batch brings nothing back");
+        }
+        // A new submission with the unique key is a job of its own, and runs.
+        submit(&mut b, client, if in_flight { "v" } else { "u" }, true);
+        let mut batch = gearbox_store::Batch::default();
+        b.take_pending(&mut batch);
+        let locs: Vec<Loc> = batch.adds().map(|a| Loc(a.seq)).collect();
+        b.committed(&batch, Ok(&locs), &[]);
+        assert_eq!(b.functions[0].queued_total(), 1);
+        b.apply(worker, Request::GrabJob(GrabKind::Plain));
+        let key = b.conns[worker as usize].running[0].key;
+        let handle = Bytes::copy_from_slice(&b.handle(b.jobs[key as usize].seq));
+        b.apply(worker, Request::WorkComplete { handle, data: Bytes::new() });
+    }
+}
