@@ -51,10 +51,13 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc
     let mut closing = false;
     loop {
         if wbuf.is_empty() {
-            outbox.take_into(&mut wbuf);
             // A closing connection leaves once it has sent everything, acknowledgements the
-            // store has yet to commit included (within CLOSE_FLUSH).
-            if wbuf.is_empty() && closing && !shared.broker.lock().unwrap().holds_replies(id) {
+            // store has yet to commit included (within CLOSE_FLUSH). Whether replies are
+            // held is asked first: a commit that releases them puts them in the outbox in
+            // the same turn of the lock, so the outbox read after holds them.
+            let held = closing && shared.broker.lock().unwrap().holds_replies(id);
+            outbox.take_into(&mut wbuf);
+            if wbuf.is_empty() && closing && !held {
                 return Ok(());
             }
         }

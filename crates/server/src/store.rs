@@ -153,8 +153,10 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
     let mut locs = Vec::new();
     let mut fetch = Fetch::default();
     let mut burials = Vec::new();
-    // While the lifecycle store refuses dead jobs: when to try again, and the next delay.
+    // While the lifecycle store refuses dead jobs: when to try again, the next delay, and the
+    // removals of their records, held back until they are written.
     let (mut bury_at, mut bury_delay): (Option<Instant>, Duration) = (None, BURY_RETRY_FIRST);
+    let mut held: Vec<(u64, gearbox_store::Loc)> = Vec::new();
     loop {
         let took = {
             let mut broker = shared.broker.lock().unwrap();
@@ -183,7 +185,7 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
                 }
             }
             // At shutdown, dead jobs the lifecycle store keeps refusing stay queued (their
-            // removals are held back), to run again after the restart.
+            // removals are not written), to run again after the restart.
             if stop.load(Ordering::Relaxed) && !broker.has_pending() && (!broker.has_burials() || bury_at.is_some()) {
                 return;
             }
@@ -192,6 +194,9 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
             let took = broker.has_pending() || !burials.is_empty();
             if took {
                 broker.take_pending(&mut batch);
+                for (seq, loc) in held.drain(..) {
+                    batch.push_remove(seq, loc);
+                }
             }
             took
         };
@@ -200,7 +205,6 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
             // Dead jobs first: a crash before the batch removes their records leaves them in
             // both places, never in neither. If they cannot be written, their removals wait
             // with them and the rest of the batch goes ahead.
-            let mut held = Vec::new();
             if !burials.is_empty() {
                 let due = bury_at.is_none_or(|at| Instant::now() >= at);
                 match due.then(|| bury(store.as_mut(), shared, &mut burials)) {
@@ -223,10 +227,13 @@ fn commit_loop(mut store: Box<dyn QueueStore>, shared: &Shared, stop: &AtomicBoo
             let mut broker = shared.broker.lock().unwrap();
             broker.observe_commit(took);
             broker.committed(&batch, outcome, store.coalesced());
-            broker.hold_removes(&held);
             drop(broker);
-            if let Err(e) = compact(store.as_mut(), shared) {
-                tracing::error!("queue store compaction failed: {e}");
+            // Not while dead jobs wait: their records, no longer the broker's, would not be
+            // copied, and their payloads are read back from there.
+            if held.is_empty() {
+                if let Err(e) = compact(store.as_mut(), shared) {
+                    tracing::error!("queue store compaction failed: {e}");
+                }
             }
         }
         fetch.run(store.as_mut(), shared);
@@ -306,8 +313,8 @@ impl Fetch {
 /// Lets the store move the jobs still queued out of space it wants to reclaim.
 fn compact(store: &mut dyn QueueStore, shared: &Shared) -> Result<(), StoreError> {
     let Some(candidates) = store.compaction_candidates()? else { return Ok(()) };
-    let (live, elsewhere) = shared.broker.lock().unwrap().live_stored(&candidates);
-    let moved = store.compact(&live, &elsewhere)?;
+    let live = shared.broker.lock().unwrap().live_stored(&candidates);
+    let moved = store.compact(&live)?;
     shared.broker.lock().unwrap().relocate(&moved);
     Ok(())
 }

@@ -191,9 +191,8 @@ pub trait QueueStore: Send {
     }
 
     /// Rewrites the `live` jobs among the last candidates (a subsequence of them, in their
-    /// order) and returns their new locations. `elsewhere` names the candidates still queued
-    /// whose current record is another (a later one: the job was retried), and where.
-    fn compact(&mut self, _live: &[u64], _elsewhere: &[(u64, Loc)]) -> Result<Vec<(u64, Loc)>> {
+    /// order) and returns their new locations.
+    fn compact(&mut self, _live: &[u64]) -> Result<Vec<(u64, Loc)>> {
         Ok(Vec::new())
     }
 }

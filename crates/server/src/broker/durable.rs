@@ -492,19 +492,11 @@ impl Broker {
     }
 
     /// Which of the store's compaction `candidates` (sequence number, location) are stored
-    /// jobs whose current record is at that location; and which are stored jobs whose
-    /// current record is another (they were retried), with its location.
-    pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> (Vec<u64>, Vec<(u64, Loc)>) {
-        let (mut live, mut elsewhere) = (Vec::new(), Vec::new());
-        for &(seq, loc) in candidates {
-            let Some(key) = self.find_by_seq(seq) else { continue };
-            match self.jobs[key as usize].loc {
-                at if at == loc => live.push(seq),
-                Loc::NONE => {}
-                at => elsewhere.push((seq, at)),
-            }
-        }
-        (live, elsewhere)
+    /// jobs whose current record is at that location.
+    pub fn live_stored(&self, candidates: &[(u64, Loc)]) -> Vec<u64> {
+        let current =
+            |&&(seq, loc): &&(u64, Loc)| self.find_by_seq(seq).is_some_and(|k| self.jobs[k as usize].loc == loc);
+        candidates.iter().filter(current).map(|&(seq, _)| seq).collect()
     }
 
     /// Records where the store moved jobs. A job that ended while it was being moved gets

@@ -234,13 +234,6 @@ impl Broker {
         self.find_by_handle(handle).is_some()
     }
 
-    /// Removals held back with dead jobs that could not be written: with the next batch.
-    pub fn hold_removes(&mut self, removes: &[(u64, Loc)]) {
-        for &(seq, loc) in removes {
-            self.pending_remove(seq, loc);
-        }
-    }
-
     pub fn has_burials(&self) -> bool {
         !self.burials.is_empty()
     }

@@ -113,6 +113,7 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
             page.into_iter().map(|h| s.dead_get(&h).map(|job| (h, job))).collect::<gearbox_store::Result<Vec<_>>>()
         })
         .await?;
+        // Answers in the order of the selection; the submitted ones' come back in order.
         let mut sent = Vec::new();
         for (handle, job) in jobs {
             let Some(job) = job else {
@@ -131,22 +132,22 @@ pub(crate) async fn dead_retry(shared: &Arc<Shared>, selection: Selection) -> Re
                 priority,
                 background: true,
             });
-            sent.push(handle);
+            sent.push(out.len());
+            out.push(Retried { handle, new_handle: None, error: None });
         }
         let mut submitted = Vec::new();
-        for handle in sent {
+        for i in sent {
+            let answer = &mut out[i];
             match conn.recv().await {
                 Response::JobCreated { handle: new } => {
-                    submitted.push(handle.clone());
-                    let new_handle = Some(String::from_utf8_lossy(&new).into_owned());
-                    out.push(Retried { handle, new_handle, error: None });
+                    submitted.push(answer.handle.clone());
+                    answer.new_handle = Some(String::from_utf8_lossy(&new).into_owned());
                 }
-                Response::Error { code, text } => out.push(Retried {
-                    handle,
-                    new_handle: None,
-                    error: Some(format!("{}: {}", String::from_utf8_lossy(&code), String::from_utf8_lossy(&text))),
-                }),
-                other => out.push(Retried { handle, new_handle: None, error: Some(format!("unexpected {other:?}")) }),
+                Response::Error { code, text } => {
+                    let why = format!("{}: {}", String::from_utf8_lossy(&code), String::from_utf8_lossy(&text));
+                    answer.error = Some(why);
+                }
+                other => answer.error = Some(format!("unexpected {other:?}")),
             }
         }
         blocking(shared, move |s| s.dead_remove(&submitted)).await?;

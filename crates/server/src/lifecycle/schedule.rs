@@ -100,6 +100,10 @@ fn next_after(cron: &Cron, tz: Tz, after: i64) -> Option<i64> {
         if let Some(t) = (from + 1..=end).find(|&t| matches(t)) {
             return Some(t);
         }
+        if fast > from {
+            // A time the clocks skipped: the cron crate's answer is the first that exists.
+            return Some(fast);
+        }
         from = end;
     }
     None
@@ -220,6 +224,15 @@ mod tests {
         assert_eq!(ticks, every_15, "no quarter hour skipped or repeated across the change");
         // From inside the repeated hour, the next tick is still ahead.
         assert_eq!(next_after(&c, berlin, utc(1, 10)), Some(utc(1, 15)));
+    }
+
+    #[test]
+    fn a_time_the_clocks_skip_runs_when_they_have_gone_forward() {
+        // 2024-03-31: Berlin went from 02:00 CET (01:00 UTC) to 03:00 CEST.
+        let c = cron("0 30 2 * * *");
+        let before = Utc.with_ymd_and_hms(2024, 3, 30, 23, 0, 0).unwrap().timestamp();
+        let next = next_after(&c, Tz::Europe__Berlin, before).unwrap();
+        assert_eq!(next, Utc.with_ymd_and_hms(2024, 3, 31, 1, 0, 0).unwrap().timestamp(), "03:00 CEST that day");
     }
 
     #[test]

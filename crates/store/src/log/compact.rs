@@ -9,11 +9,11 @@
 //! segment is deleted after the next commit (by then the server has recorded where its jobs
 //! went). A crash part-way leaves both copies of some jobs; the loader keeps the later one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
-use super::record::{loc, loc_parts, next_record, Next, Record, HEADER, MAGIC};
+use super::record::{loc, next_record, Next, Record, HEADER, MAGIC};
 use super::{io, LogStore};
 use crate::{Loc, Result, StoreError};
 
@@ -29,8 +29,8 @@ pub(super) struct Compaction {
     next: u64,
     chunk: Vec<u8>,
     adds: Vec<ChunkAdd>,
-    /// Removals of the chunk (its removal records, and its retry records, which remove the
-    /// record they replace): the job and the segment of the add removed (0: not recorded).
+    /// The chunk's removal records: the job and the segment of the add removed (0: not
+    /// recorded).
     removes: Vec<(u64, u32)>,
 }
 
@@ -39,8 +39,6 @@ struct ChunkAdd {
     loc: Loc,
     record: Range<usize>,
     data_at: usize,
-    /// A retry record: the segment of the record it replaces.
-    replaces: Option<u32>,
 }
 
 /// Starts or continues a compaction; returns the jobs of its next chunk.
@@ -95,9 +93,8 @@ fn read_chunk(file: &std::fs::File, c: &mut Compaction, size: u64, budget: usize
         match next_record(&c.chunk[at..], c.offset + at as u64, c.segment) {
             Next::Record { len, record } => {
                 match record {
-                    Record::Add { job, data_at, replaces } => {
-                        let (seq, loc, record) = (job.seq, job.loc, at..at + len);
-                        c.adds.push(ChunkAdd { seq, loc, record, data_at, replaces })
+                    Record::Add { job, data_at, .. } => {
+                        c.adds.push(ChunkAdd { seq: job.seq, loc: job.loc, record: at..at + len, data_at })
                     }
                     Record::Remove { seq, segment } => c.removes.push((seq, segment)),
                 }
@@ -125,7 +122,7 @@ fn read_chunk(file: &std::fs::File, c: &mut Compaction, size: u64, budget: usize
 
 /// Copies the chunk's `live` jobs and its removals still needed to the current segment;
 /// deletes the segment after its last chunk. Returns the jobs' new locations.
-pub(super) fn copy_forward(store: &mut LogStore, live: &[u64], elsewhere: &[(u64, Loc)]) -> Result<Vec<(u64, Loc)>> {
+pub(super) fn copy_forward(store: &mut LogStore, live: &[u64]) -> Result<Vec<(u64, Loc)>> {
     let Some(c) = store.compaction.take() else { return Ok(Vec::new()) };
     let mut buf = std::mem::take(&mut store.encode_buf);
     buf.clear();
@@ -136,31 +133,14 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64], elsewhere: &[(u64
     let mut seen = HashSet::new();
     let mut is_live: Vec<bool> = c.adds.iter().rev().map(|a| wanted.contains(&a.seq) && seen.insert(a.seq)).collect();
     is_live.reverse();
-    // Removals first: one that a retry record made stands before any later record of its
-    // job copied here.
+    // Removals first (they are of ended jobs; a retried job's later records are copied after).
+    // A retry record's own removal of the record it replaced needs no copy: its segment is
+    // compacted only once that record's segment is gone (`Segment::copied_from`).
     let mut kept = Vec::new();
-    let mut pins = Vec::new();
-    let current: HashMap<u64, Loc> = elsewhere.iter().copied().collect();
-    let copied_here: HashSet<u64> = c.adds.iter().zip(&is_live).filter(|(_, &l)| l).map(|(a, _)| a.seq).collect();
-    let retried = c.adds.iter().zip(&is_live).filter_map(|(a, &live)| a.replaces.map(|t| (a.seq, t, live)));
-    let removes = c.removes.iter().map(|&(seq, t)| (seq, t, false)).chain(retried);
-    for (seq, target, live) in removes {
-        if !needed(target) {
-            continue;
-        }
-        match current.get(&seq) {
-            // A live retry record's copy removes the record it replaces itself, and the
-            // records an earlier retry record here replaced.
-            _ if live || copied_here.contains(&seq) => kept.push(target),
-            // The job lives on in a later retry record, which removes every earlier record of
-            // it at load: a removal written here, after that record, would remove the job. The
-            // later record's segment stands for this removal instead, so it stays while the
-            // target does.
-            Some(&at) => pins.push((loc_parts(at).0, target)),
-            None => {
-                super::record::put_remove(&mut buf, seq, target);
-                kept.push(target);
-            }
+    for &(seq, target) in &c.removes {
+        if needed(target) {
+            super::record::put_remove(&mut buf, seq, target);
+            kept.push(target);
         }
     }
     let removal_bytes = buf.len();
@@ -187,11 +167,6 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64], elsewhere: &[(u64
             head.copied_from.push(c.segment);
         }
         moved.extend(copied.into_iter().map(|(seq, at)| (seq, loc(id, base + at as u64))));
-    }
-    for (holder, target) in pins {
-        if let Some(seg) = store.segment_mut(holder).filter(|seg| seg.id != target) {
-            *seg.tombstones.entry(target).or_default() += 1;
-        }
     }
     let segment = store.segment_mut(c.segment);
     match segment {

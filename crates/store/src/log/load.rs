@@ -96,6 +96,14 @@ pub(super) fn load(store: &mut LogStore, each: &mut dyn FnMut(LoadedJob<'_>)) ->
                 current = None;
             } else {
                 seg.adds += 1;
+                // A later record of a job (a compaction copy, a retry) outlives the segments
+                // of its earlier ones, whether the job is queued or ended: its removal names
+                // the latest, and must outlast them all (as at runtime).
+                for &source in adds.iter().filter(|&&s| s != id) {
+                    if !seg.copied_from.contains(&source) {
+                        seg.copied_from.push(source);
+                    }
+                }
                 adds.push(id);
                 current = Some((id, offset));
             }
@@ -103,11 +111,6 @@ pub(super) fn load(store: &mut LogStore, each: &mut dyn FnMut(LoadedJob<'_>)) ->
         let Some((id, offset)) = current else { continue };
         let seg = store.segment_mut(id).expect("an old segment");
         seg.live += 1;
-        for &source in adds.iter().filter(|&&s| s != id) {
-            if !seg.copied_from.contains(&source) {
-                seg.copied_from.push(source);
-            }
-        }
         let bytes = maps.get(&id).map_or(&[][..], |m| &m[offset as usize..]);
         match checked_record(bytes, offset, id) {
             Next::Record { record: Record::Add { job, .. }, .. } => each(job),

@@ -395,6 +395,16 @@ impl QueueStore for LogStore {
         for l in batch.removes().iter().map(|&(_, l)| l).chain(replaced) {
             self.count_remove(loc_parts(l).0);
         }
+        // A retried job's new record outlives the segment of its old one, as a compaction
+        // copy does (see `Segment::copied_from`): the job's final removal names the newest,
+        // and must outlast every earlier record of the job.
+        let head = self.head().id;
+        for r in batch.retries() {
+            let old = loc_parts(r.loc).0;
+            if old != head && self.exists(old) && !self.head().copied_from.contains(&old) {
+                self.head_mut().copied_from.push(old);
+            }
+        }
         self.drop_dead_segments();
         Ok(())
     }
@@ -407,8 +417,8 @@ impl QueueStore for LogStore {
         compact::candidates(self)
     }
 
-    fn compact(&mut self, live: &[u64], elsewhere: &[(u64, Loc)]) -> Result<Vec<(u64, Loc)>> {
-        compact::copy_forward(self, live, elsewhere)
+    fn compact(&mut self, live: &[u64]) -> Result<Vec<(u64, Loc)>> {
+        compact::copy_forward(self, live)
     }
 }
 

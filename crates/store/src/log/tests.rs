@@ -228,11 +228,7 @@ impl Driver {
         for &seq in &retried {
             self.push_retry(&mut pending, seq);
         }
-        let elsewhere: Vec<(u64, Loc)> = candidates
-            .iter()
-            .filter_map(|&(s, l)| self.queued.get(&s).filter(|&&at| at != l).map(|&at| (s, at)))
-            .collect();
-        for (seq, l) in self.store().compact(&live, &elsewhere).unwrap() {
+        for (seq, l) in self.store().compact(&live).unwrap() {
             self.copied += 1;
             match self.queued.get_mut(&seq) {
                 Some(at) => {
@@ -255,7 +251,14 @@ impl Driver {
         let mut store = LogStore::open(dir, segment_bytes).unwrap();
         let jobs = load_all(&mut store);
         let seqs: Vec<u64> = jobs.iter().map(|j| j.seq).collect();
-        assert_eq!(seqs, self.queued.keys().copied().collect::<Vec<_>>(), "loaded jobs");
+        let expected: Vec<u64> = self.queued.keys().copied().collect();
+        let extra: Vec<&u64> = seqs.iter().filter(|s| !self.queued.contains_key(s)).collect();
+        let missing: Vec<&u64> = expected.iter().filter(|s| !seqs.contains(s)).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "loaded jobs: {} extra {extra:?}, missing {missing:?}",
+            seqs.len()
+        );
         let reader = store.payload_reader().unwrap();
         self.store = Some(store);
         for job in jobs {
@@ -308,9 +311,17 @@ fn jobs_left_behind_are_copied_forward_and_files_stay_bounded() {
 /// always loads exactly the queued jobs, and its files stay within a bound of them.
 #[test]
 fn random_histories_load_exactly_the_queued_jobs() {
+    // Retries make histories whose troubles need more than one seed to show.
+    for seed in [0x9e37_79b9_7f4a_7c15, 0x0000_3141_5926, 0x0000_dead_beef] {
+        random_history(seed);
+    }
+}
+
+fn random_history(seed: u64) {
     let dir = temp_dir("random");
     let seg = 8192;
     let mut d = Driver::new(&dir, seg);
+    d.rng = seed;
     for step in 0..3000 {
         match d.random(12) {
             0..=3 => {
@@ -372,7 +383,7 @@ fn payloads_stay_readable_until_relocated() {
         let Some(candidates) = d.store().compaction_candidates().unwrap() else { continue };
         let live: Vec<u64> = candidates.iter().filter(|(s, l)| d.queued.get(s) == Some(l)).map(|&(s, _)| s).collect();
         let old: Vec<(u64, Loc)> = live.iter().map(|s| (*s, d.queued[s])).collect();
-        let moved = d.store().compact(&live, &[]).unwrap();
+        let moved = d.store().compact(&live).unwrap();
         let reader = d.store().payload_reader().unwrap();
         for &(seq, l) in &old {
             if let Err(e) = reader.read(l, payload(seq).len() as u32) {
