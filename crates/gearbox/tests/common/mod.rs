@@ -97,13 +97,14 @@ impl Server {
         let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Logged before it is announced: a test that saw the address sees the line.
+                lines.lock().unwrap().push(line.clone());
                 if let Some(addr) = line.split("listening on ").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
                 if let Some(addr) = line.split("API on http://").nth(1) {
                     let _ = tx.send(addr.trim().trim_end_matches('/').to_string());
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let addr = SocketAddr::from(([0, 0, 0, 0], 0)); // until announced
