@@ -122,6 +122,10 @@ impl Schedules {
             .filter_map(|spec| {
                 let (cron, tz, priority) = parse(spec).ok()?;
                 let next = next_after(&cron, tz, now);
+                match next.and_then(|t| Utc.timestamp_opt(t, 0).single()) {
+                    Some(at) => tracing::info!(schedule = %spec.name, function = %spec.function, "next run at {at}"),
+                    None => tracing::warn!(schedule = %spec.name, "its cron expression never fires"),
+                }
                 Some(Entry { spec: spec.clone(), cron, tz, priority, next, last_fired: None })
             })
             .collect();
