@@ -330,3 +330,70 @@ fn retry_policies_change_at_runtime() {
     assert!(!admin(server.addr, "retry").contains("mail"));
     assert!(admin(server.addr, "retry mail lots").starts_with("ERR INVALID_ARGUMENTS"));
 }
+
+/// Runs SQL statements on the test machine's MariaDB.
+fn mariadb(statements: &[String]) -> Vec<i64> {
+    use sqlx::Connection;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = sqlx::MySqlConnection::connect("mysql://root@127.0.0.1:3306/test").await.unwrap();
+        let mut counts = Vec::new();
+        for s in statements {
+            if s.starts_with("SELECT") {
+                counts.push(sqlx::query_scalar(s).fetch_one(&mut c).await.unwrap());
+            } else {
+                sqlx::query(s).execute(&mut c).await.unwrap();
+            }
+        }
+        counts
+    })
+}
+
+/// When the dead set cannot be written (here its table is gone), a job that died stays in
+/// the queue while other jobs go on; after a restart, with the table back, it runs again and
+/// lands in the dead set. Nothing is lost.
+/// Drops a queue table and the lifecycle's tables beside it, at the end of a test.
+struct Tables(String);
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        let t = &self.0;
+        mariadb(&[format!("DROP TABLE IF EXISTS {t}, {t}_dead, {t}_state")]);
+    }
+}
+
+#[test]
+fn a_dead_job_the_dead_set_refuses_stays_queued() {
+    let table = format!("lc_refused_{}", std::process::id());
+    let _tables = Tables(table.clone());
+    let url = format!("mysql://root@127.0.0.1:3306/test?table={table}");
+    let dir = temp_data_dir();
+    let mut server = Server::start_in(dir.clone(), &["--queue", &url]);
+    mariadb(&[format!("DROP TABLE {table}_dead")]);
+    let (failed, done) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let failing = TestWorker::start(server.addr, "doomed", Duration::ZERO, failed.clone(), |_| Outcome::Fail);
+    let fine = TestWorker::start(server.addr, "fine", Duration::ZERO, done.clone(), |_| Outcome::Complete);
+    let mut client = Conn::connect(server.addr).unwrap();
+    client.submit_background("doomed", "d1", "keep me").unwrap();
+    wait_for("the failure", || !failed.lock().unwrap().is_empty());
+    wait_for("the refusal in the log", || !server.logged("dead jobs not written").is_empty());
+    for i in 0..20 {
+        client.submit_background("fine", &format!("f{i}"), "").unwrap();
+    }
+    wait_for("the other jobs", || done.lock().unwrap().len() == 20);
+    let rows =
+        |function: &str| mariadb(&[format!("SELECT COUNT(*) FROM {table} WHERE function_name = '{function}'")])[0];
+    wait_for("the other jobs' rows to go", || rows("fine") == 0);
+    assert_eq!(rows("doomed"), 1, "the dead job's row stays while the dead set refuses it");
+    drop((failing, fine));
+    server.terminate();
+    std::mem::forget(server);
+
+    // The restart creates the dead set's table again; the job runs and dies once more.
+    let server = Server::start_in(dir, &["--queue", &url]);
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let _failing = TestWorker::start(server.addr, "doomed", Duration::ZERO, failed.clone(), |_| Outcome::Fail);
+    wait_for("the dead set", || dead_list(&server, "doomed").len() == 1);
+    assert_eq!(failed.lock().unwrap()[0].data, "keep me");
+    wait_for("its row to go", || rows("doomed") == 0);
+}
