@@ -5,31 +5,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::admin;
 use common::cluster::{node_with, wait_until, Table, MYSQL, POSTGRES};
 use common::gear::{Conn, Outcome, TestWorker};
 use gearbox_proto::{GrabKind, Request, Response};
-
-fn admin(addr: SocketAddr, line: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !(reply.ends_with(b"\n")
-        && (reply.starts_with(b"OK") || reply.starts_with(b"ERR") || reply.ends_with(b".\n")))
-    {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before the reply to {line:?} ended");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(reply).unwrap()
-}
 
 fn dead_handles(addr: SocketAddr) -> Vec<String> {
     let reply = admin(addr, "dead list doomed");

@@ -4,51 +4,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::gear::Conn;
-use common::{get_json, request, wait_for, Server};
+use common::{admin, get_json, request, request_with, wait_for, Server};
 use gearbox_proto::{GrabKind, Request, Response};
 use serde_json::{json, Value};
-
-/// One admin line and its whole reply.
-fn admin(addr: SocketAddr, line: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !(reply.ends_with(b"\n")
-        && (reply.starts_with(b"OK") || reply.starts_with(b"ERR") || reply.ends_with(b".\n")))
-    {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before the reply to {line:?} ended");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(reply).unwrap()
-}
-
-/// A request with this content type (or none) and body; the status and the body.
-fn request_typed(addr: SocketAddr, method: &str, path: &str, content_type: Option<&str>, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let content_type = content_type.map(|t| format!("Content-Type: {t}\r\n")).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("a complete HTTP reply");
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_owned())
-}
 
 /// A request with a JSON body (or none, still saying `Content-Type: application/json`); the
 /// status and the reply as JSON (`null` if empty).
@@ -242,9 +207,9 @@ fn the_dead_set_is_listed_shown_retried_and_deleted_over_http() {
     }
     // A cross-site form cannot send JSON: without it nothing changes.
     let form = Some("application/x-www-form-urlencoded");
-    assert_eq!(request_typed(http, "POST", "/api/dead/delete", form, "all=true").0, 400);
-    assert_eq!(request_typed(http, "POST", "/api/dead/delete", Some("text/plain"), r#"{"all":true}"#).0, 400);
-    assert_eq!(request_typed(http, "POST", "/api/dead/H:nowhere:1/retry", form, "").0, 400);
+    assert_eq!(request_with(http, "POST", "/api/dead/delete", form, "all=true").0, 400);
+    assert_eq!(request_with(http, "POST", "/api/dead/delete", Some("text/plain"), r#"{"all":true}"#).0, 400);
+    assert_eq!(request_with(http, "POST", "/api/dead/H:nowhere:1/retry", form, "").0, 400);
 }
 
 #[test]
@@ -276,8 +241,8 @@ fn functions_are_paused_limited_and_given_retry_policies_over_http() {
     assert_eq!(call(http, "POST", "/api/functions/a%20b%2Fc/resume", None).0, 200);
     // A cross-site form post (or a request of no type) changes nothing.
     let form = Some("application/x-www-form-urlencoded");
-    assert_eq!(request_typed(http, "POST", "/api/functions/reports/pause", form, "x=1").0, 400);
-    assert_eq!(request_typed(http, "POST", "/api/functions/reports/pause", None, "").0, 400);
+    assert_eq!(request_with(http, "POST", "/api/functions/reports/pause", form, "x=1").0, 400);
+    assert_eq!(request_with(http, "POST", "/api/functions/reports/pause", None, "").0, 400);
     assert!(!admin(server.addr, "limit").contains("reports"));
     assert_eq!(call(http, "GET", "/api/functions/reports/pause", None).0, 405);
 
@@ -291,7 +256,7 @@ fn functions_are_paused_limited_and_given_retry_policies_over_http() {
     for bad in [json!({"limit": -1}), json!({"limit": "two"}), json!({}), json!({"limit": 1, "burst": 2})] {
         assert_eq!(call(http, "PUT", "/api/functions/slow/limit", Some(bad.clone())).0, 400, "{bad}");
     }
-    assert_eq!(request_typed(http, "PUT", "/api/functions/slow/limit", Some("text/plain"), r#"{"limit":1}"#).0, 400);
+    assert_eq!(request_with(http, "PUT", "/api/functions/slow/limit", Some("text/plain"), r#"{"limit":1}"#).0, 400);
 
     // Retry policies: the default from the command line, others set and removed at runtime.
     let default = json!({"retries": 4, "backoff": "exponential", "base_ms": 1000, "max_delay_ms": 86_400_000});

@@ -7,10 +7,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use bytes::BytesMut;
-use common::{get_json, request, temp_data_dir, wait_for, Server};
+use common::{gearbox, get_json, request, temp_data_dir, wait_for, Server};
 use gearbox_proto::{Decoder, GrabKind, Message, Priority, Request, Response};
 use serde_json::Value;
 
@@ -74,16 +74,6 @@ impl Peer {
             }
         }
     }
-}
-
-fn gearbox(server: &Server, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gearbox"))
-        .args(args)
-        .env("GEARBOX_SERVERS", server.addr.to_string())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 fn log_json(server: &Server, filters: &[&str]) -> Vec<Value> {

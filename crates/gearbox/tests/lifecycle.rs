@@ -4,49 +4,20 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::gear::{Conn, Outcome, TestWorker};
-use common::{temp_data_dir, wait_for, Server};
+use common::{admin, gearbox, temp_data_dir, wait_for, Server};
 use gearbox_proto::{GrabKind, Request, Response};
 use serde_json::Value;
-
-fn gearbox(server: &Server, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gearbox"))
-        .args(args)
-        .env("GEARBOX_SERVERS", server.addr.to_string())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn json_lines(out: &Output) -> Vec<Value> {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-/// One admin line and its whole reply.
-fn admin(addr: SocketAddr, line: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !(reply.ends_with(b"\n")
-        && (reply.starts_with(b"OK") || reply.starts_with(b"ERR") || reply.ends_with(b".\n")))
-    {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before the reply to {line:?} ended");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(reply).unwrap()
 }
 
 fn log_records(server: &Server, handle: &str) -> Vec<Value> {

@@ -220,13 +220,26 @@ impl Drop for ChildGuard {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns the status, the content type and the body.
+/// One HTTP/1.1 request on a fresh connection, with a JSON body if any; returns the status,
+/// the content type and the body.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String, String) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    request_with(addr, method, path, Some("application/json"), &body)
+}
+
+/// [`request`] with this content type (or none) and body.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let content_type = content_type.map(|t| format!("Content-Type: {t}\r\n")).unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -240,6 +253,34 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&serde_j
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_owned))
         .unwrap_or_default();
     (status, content_type, body.to_owned())
+}
+
+/// One admin line and its whole reply (a line, or a listing ending in `.`).
+pub fn admin(addr: SocketAddr, line: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(reply.ends_with(b"\n")
+        && (reply.starts_with(b"OK") || reply.starts_with(b"ERR") || reply.ends_with(b".\n")))
+    {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the reply to {line:?} ended");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(reply).unwrap()
+}
+
+/// Runs the `gearbox` binary's client commands against `server`.
+pub fn gearbox(server: &Server, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(args)
+        .env("GEARBOX_SERVERS", server.addr.to_string())
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
