@@ -16,25 +16,33 @@ enum DeadCommand {
     Show { handle: String },
     /// Run dead jobs again (a new background job each, with the original function, unique
     /// key, priority and payload); they leave the dead set once the server has the new job
-    Retry {
-        /// Handles of dead jobs
-        #[arg(required_unless_present = "all")]
-        handles: Vec<String>,
-        /// Every dead job (of --function, if given)
-        #[arg(long, conflicts_with = "handles")]
-        all: bool,
-        #[arg(long, short = 'f', requires = "all")]
-        function: Option<String>,
-    },
+    Retry(Chosen),
     /// Remove dead jobs for good
-    Delete {
-        #[arg(required_unless_present = "all")]
-        handles: Vec<String>,
-        #[arg(long, conflicts_with = "handles")]
-        all: bool,
-        #[arg(long, short = 'f', requires = "all")]
-        function: Option<String>,
-    },
+    Delete(Chosen),
+}
+
+/// Which dead jobs: handles, or all (of a function).
+#[derive(clap::Args, Clone)]
+struct Chosen {
+    /// Handles of dead jobs
+    #[arg(required_unless_present = "all")]
+    handles: Vec<String>,
+    /// Every dead job (of --function, if given)
+    #[arg(long, conflicts_with = "handles")]
+    all: bool,
+    #[arg(long, short = 'f', requires = "all")]
+    function: Option<String>,
+}
+
+impl Chosen {
+    /// As the admin command takes it: `HANDLE…`, `all` or `all FUNCTION`.
+    fn words(&self) -> String {
+        match (self.all, &self.function) {
+            (true, Some(f)) => format!("all {f}"),
+            (true, None) => "all".into(),
+            (false, _) => self.handles.join(" "),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -54,22 +62,12 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn selection(handles: &[String], all: bool, function: &Option<String>) -> String {
-    match (all, function) {
-        (true, Some(f)) => format!("all {f}"),
-        (true, None) => "all".into(),
-        (false, _) => handles.join(" "),
-    }
-}
-
 pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
     let line = match &args.command {
         DeadCommand::List { function } => format!("dead list {}", function.as_deref().unwrap_or_default()),
         DeadCommand::Show { handle } => format!("dead show {handle}"),
-        DeadCommand::Retry { handles, all, function } => format!("dead retry {}", selection(handles, *all, function)),
-        DeadCommand::Delete { handles, all, function } => {
-            format!("dead delete {}", selection(handles, *all, function))
-        }
+        DeadCommand::Retry(chosen) => format!("dead retry {}", chosen.words()),
+        DeadCommand::Delete(chosen) => format!("dead delete {}", chosen.words()),
     };
     // The dead set is shared by a cluster's nodes, and kept per server otherwise: the first
     // server named is asked.
@@ -78,7 +76,7 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
     if let Some(err) = reply.strip_prefix("ERR ") {
         bail!("{server}: {}", err.trim().replace('+', " "));
     }
-    if let DeadCommand::Delete { .. } = args.command {
+    if let DeadCommand::Delete(_) = args.command {
         let n = reply.trim().trim_start_matches("OK").trim();
         match args.json {
             true => println!("{{\"deleted\":{n}}}"),
@@ -119,7 +117,7 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeadCommand::Retry { .. } => {
+        DeadCommand::Retry(_) => {
             let mut failed = 0;
             for r in &records {
                 match r.get("new_handle").and_then(|h| h.as_str()) {
@@ -135,6 +133,6 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeadCommand::Delete { .. } => unreachable!("answered above"),
+        DeadCommand::Delete(_) => unreachable!("answered above"),
     }
 }

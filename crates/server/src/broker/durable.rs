@@ -51,28 +51,16 @@ impl Durability {
         self.batch
     }
 
-    /// Rewrites a stored job for its next attempt (see [`Batch::push_retry`]), with the next
-    /// batch: the job waits for it as a new job does.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn push_retry(
-        &mut self,
-        seq: u64,
-        loc: Loc,
-        priority: u8,
-        run_at: i64,
-        attempts: u32,
-        names: (&[u8], &[u8]),
-        data: Option<&[u8]>,
-        data_len: u32,
-        owned: bool,
-    ) {
+    /// The pending batch, for a change that a commit must follow soon, as a new job's does
+    /// (a retry: see [`Batch::push_retry`]).
+    pub(super) fn pending_soon(&mut self) -> &mut Batch {
         if self.add_since.is_none() {
             let now = Instant::now();
             self.add_since = Some(now);
             self.change_since.get_or_insert(now);
             self.wake.notify_one();
         }
-        self.pending.push_retry(seq, loc, priority, run_at, attempts, names, data, data_len, owned);
+        &mut self.pending
     }
 
     /// Forgets pending removals and marks: they name rows of an incarnation that lost its

@@ -189,7 +189,7 @@ impl Broker {
         self.functions[fid as usize].pending += 1;
         let data = in_ram.then(|| job.data());
         // In a cluster the node keeps the job: a takeover frees it with its time.
-        d.push_retry(seq, loc, priority, run_at, attempts, (&name, job.unique()), data, len, true);
+        d.pending_soon().push_retry(seq, loc, priority, run_at, attempts, (&name, job.unique()), data, len, true);
         self.retry_due.insert(seq, due);
     }
 

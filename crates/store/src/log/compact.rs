@@ -9,7 +9,6 @@
 //! segment is deleted after the next commit (by then the server has recorded where its jobs
 //! went). A crash part-way leaves both copies of some jobs; the loader keeps the later one.
 
-use std::collections::HashSet;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
@@ -128,10 +127,10 @@ pub(super) fn copy_forward(store: &mut LogStore, live: &[u64]) -> Result<Vec<(u6
     buf.clear();
     let older_exists = store.segments[0].id < c.segment;
     let needed = |target: u32| if target == 0 { older_exists } else { target != c.segment && store.exists(target) };
-    // A job retried twice may have two records here: the later one is its current record.
-    let wanted: HashSet<u64> = live.iter().copied().collect();
-    let mut seen = HashSet::new();
-    let mut is_live: Vec<bool> = c.adds.iter().rev().map(|a| wanted.contains(&a.seq) && seen.insert(a.seq)).collect();
+    // `live` follows the candidates' order. A job retried twice may have two records here,
+    // the later one current: matched from the end, the later one takes the job's entry.
+    let mut wanted = live.iter().rev().peekable();
+    let mut is_live: Vec<bool> = c.adds.iter().rev().map(|a| wanted.next_if_eq(&&a.seq).is_some()).collect();
     is_live.reverse();
     // Removals first (they are of ended jobs; a retried job's later records are copied after).
     // A retry record's own removal of the record it replaced needs no copy: its segment is
