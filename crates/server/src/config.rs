@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::broker::BrokerConfig;
 use crate::http::HttpSpec;
+use crate::security::{HttpAuthOptions, SecurityOptions, TlsFiles, VerifyClient};
 use crate::server::ServeOptions;
 use crate::store::QueueSpec;
 
@@ -118,6 +119,68 @@ pub struct Settings {
     #[arg(long, env = "GEARBOX_HTTP")]
     pub http: Option<String>,
 
+    /// Make every Gearman listener TLS-only, as gearmand's --ssl does (needs
+    /// --ssl-certificate and --ssl-key); implies --http-ssl
+    #[arg(long, env = "GEARBOX_SSL", num_args = 0..=1, default_missing_value = "true")]
+    pub ssl: Option<bool>,
+
+    /// Also listen for TLS on this port, beside the plaintext one, so clients can move over
+    /// one by one
+    #[arg(long, env = "GEARBOX_SSL_PORT")]
+    pub ssl_port: Option<u16>,
+
+    /// PEM file with the server's certificate (and any intermediates)
+    #[arg(long, env = "GEARBOX_SSL_CERTIFICATE")]
+    pub ssl_certificate: Option<PathBuf>,
+
+    /// PEM file with the server's private key
+    #[arg(long, env = "GEARBOX_SSL_KEY")]
+    pub ssl_key: Option<PathBuf>,
+
+    /// PEM file with the CA(s) that sign client certificates; the certificate's subject CN is
+    /// the connection's identity
+    #[arg(long, env = "GEARBOX_SSL_CA_FILE")]
+    pub ssl_ca_file: Option<PathBuf>,
+
+    /// Client certificates with --ssl-ca-file: required, optional, or none (not asked for, as
+    /// gearmand) [default: required]
+    #[arg(long, env = "GEARBOX_SSL_VERIFY_CLIENT")]
+    pub ssl_verify_client: Option<String>,
+
+    /// TOML file of identities and what each may submit, work on and administer (see README,
+    /// "Securing gearbox"); reloaded on SIGHUP [default: everyone may do everything]
+    #[arg(long, env = "GEARBOX_ACL")]
+    pub acl: Option<PathBuf>,
+
+    /// Token the HTTP side asks for (Authorization: Bearer, or the dashboard's login); may
+    /// do everything
+    #[arg(long, env = "GEARBOX_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+
+    /// File holding the HTTP admin token (its first line)
+    #[arg(long, env = "GEARBOX_HTTP_TOKEN_FILE")]
+    pub http_token_file: Option<PathBuf>,
+
+    /// Token that may only read over HTTP (dashboard, GET /api/…, /metrics)
+    #[arg(long, env = "GEARBOX_HTTP_READ_TOKEN", hide_env_values = true)]
+    pub http_read_token: Option<String>,
+
+    /// File holding the HTTP read-only token (its first line)
+    #[arg(long, env = "GEARBOX_HTTP_READ_TOKEN_FILE")]
+    pub http_read_token_file: Option<PathBuf>,
+
+    /// Serve HTTP on a non-loopback address without a token
+    #[arg(long, env = "GEARBOX_HTTP_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub http_insecure: Option<bool>,
+
+    /// Serve the HTTP side over TLS with --ssl-certificate and --ssl-key
+    #[arg(long, env = "GEARBOX_HTTP_SSL", num_args = 0..=1, default_missing_value = "true")]
+    pub http_ssl: Option<bool>,
+
+    /// Let /metrics be read without a token (for Prometheus scrapers)
+    #[arg(long, env = "GEARBOX_HTTP_OPEN_METRICS", num_args = 0..=1, default_missing_value = "true")]
+    pub http_open_metrics: Option<bool>,
+
     /// Retry failed background jobs of FUNCTION (`*`: every function) up to RETRIES more
     /// times, waiting BASE × 2^n (±10%) between attempts, e.g. `resize=5/2s`; repeatable
     /// [default: no retries; BASE 15s]. In the config file: `[retry.FUNCTION]` tables
@@ -169,6 +232,8 @@ pub enum ConfigError {
     JobLog(String),
     #[error("{0}")]
     Lifecycle(String),
+    #[error("{0}")]
+    Security(String),
 }
 
 /// Settings with every source applied.
@@ -185,6 +250,12 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     pub log_file: Option<PathBuf>,
     pub http: HttpSpec,
+    /// `--ssl`: every Gearman listener speaks TLS only.
+    pub tls_only: bool,
+    /// `--ssl-port`: a TLS listener on each address beside the plaintext one.
+    pub ssl_port: Option<u16>,
+    /// `--http-insecure`: HTTP may listen on a non-loopback address without a token.
+    pub http_insecure: bool,
     pub serve: ServeOptions,
 }
 
@@ -223,6 +294,20 @@ impl Settings {
             dead_max_age: self.dead_max_age.or(other.dead_max_age),
             dead_max_jobs: self.dead_max_jobs.or(other.dead_max_jobs),
             schedule: self.schedule.or(other.schedule),
+            ssl: self.ssl.or(other.ssl),
+            ssl_port: self.ssl_port.or(other.ssl_port),
+            ssl_certificate: self.ssl_certificate.or(other.ssl_certificate),
+            ssl_key: self.ssl_key.or(other.ssl_key),
+            ssl_ca_file: self.ssl_ca_file.or(other.ssl_ca_file),
+            ssl_verify_client: self.ssl_verify_client.or(other.ssl_verify_client),
+            acl: self.acl.or(other.acl),
+            http_token: self.http_token.or(other.http_token),
+            http_token_file: self.http_token_file.or(other.http_token_file),
+            http_read_token: self.http_read_token.or(other.http_read_token),
+            http_read_token_file: self.http_read_token_file.or(other.http_read_token_file),
+            http_insecure: self.http_insecure.or(other.http_insecure),
+            http_ssl: self.http_ssl.or(other.http_ssl),
+            http_open_metrics: self.http_open_metrics.or(other.http_open_metrics),
         }
     }
 
@@ -233,6 +318,8 @@ impl Settings {
             None => Settings::default(),
         };
         let s = self.or(file);
+        let tls_only = s.ssl.unwrap_or(false);
+        let security = security(&s, tls_only)?;
         let verbose = s.verbose.unwrap_or_else(|| "INFO".into());
         let log_level = parse_level(&verbose).ok_or_else(|| ConfigError::Verbose(verbose.clone()))?;
         let cluster = s.cluster.unwrap_or(false);
@@ -291,6 +378,9 @@ impl Settings {
         let lifecycle =
             crate::lifecycle::LifecycleOptions { limits, keep_dead, dead_max_age, dead_max_jobs, schedules };
         Ok(Config {
+            tls_only,
+            ssl_port: s.ssl_port,
+            http_insecure: s.http_insecure.unwrap_or(false),
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
             backlog: s.backlog.unwrap_or(1024),
@@ -314,9 +404,60 @@ impl Settings {
                 queue_lock_wait,
                 job_log,
                 lifecycle,
+                security,
+                reload: Default::default(),
             },
         })
     }
+}
+
+/// The TLS files, the ACL and the HTTP tokens, checked for what can be checked before start.
+fn security(s: &Settings, tls_only: bool) -> Result<SecurityOptions, ConfigError> {
+    let err = |m: &str| ConfigError::Security(m.into());
+    let wants_tls = tls_only || s.ssl_port.is_some() || s.http_ssl == Some(true);
+    let tls = match (&s.ssl_certificate, &s.ssl_key) {
+        (Some(certificate), Some(key)) => {
+            let verify_client = match s.ssl_verify_client.as_deref() {
+                Some(v) => v.parse().map_err(|e: String| err(&e))?,
+                None if s.ssl_ca_file.is_some() => VerifyClient::Required,
+                None => VerifyClient::None,
+            };
+            if verify_client != VerifyClient::None && s.ssl_ca_file.is_none() {
+                return Err(err("--ssl-verify-client required or optional needs --ssl-ca-file"));
+            }
+            Some(TlsFiles { certificate: certificate.clone(), key: key.clone(), ca: s.ssl_ca_file.clone(), verify_client })
+        }
+        (None, None) if !wants_tls => None,
+        _ => return Err(err("TLS (--ssl, --ssl-port, --http-ssl) needs both --ssl-certificate and --ssl-key")),
+    };
+    if tls.is_some() && !wants_tls {
+        return Err(err("--ssl-certificate and --ssl-key are set but nothing uses them: add --ssl (TLS only) or --ssl-port PORT (TLS beside plaintext)"));
+    }
+    let token = |value: &Option<String>, file: &Option<PathBuf>, flag: &str| -> Result<Vec<String>, ConfigError> {
+        let mut tokens = Vec::new();
+        if let Some(t) = value {
+            tokens.push(t.trim().to_string());
+        }
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(&format!("cannot read {flag} {}: {e}", path.display())))?;
+            tokens.push(text.lines().next().unwrap_or("").trim().to_string());
+        }
+        if tokens.iter().any(|t| t.len() < 16) {
+            return Err(err(&format!("{flag}: use a token of 16 characters or more (`gearbox token` makes one)")));
+        }
+        Ok(tokens)
+    };
+    Ok(SecurityOptions {
+        tls,
+        acl: s.acl.clone(),
+        http: HttpAuthOptions {
+            admin_tokens: token(&s.http_token, &s.http_token_file, "--http-token")?,
+            read_tokens: token(&s.http_read_token, &s.http_read_token_file, "--http-read-token")?,
+            tls: tls_only || s.http_ssl.unwrap_or(false),
+            open_metrics: s.http_open_metrics.unwrap_or(false),
+        },
+    })
 }
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {

@@ -12,6 +12,7 @@
 //! - [`http`]: the dashboard, Prometheus metrics and the JSON API.
 //! - [`fd_limit`]: the open-files limit, raised at start so connections are not capped at 1,024.
 
+mod accept;
 pub mod broker;
 mod cluster;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod fd_limit;
 pub mod http;
 pub mod lifecycle;
 pub mod outbox;
+pub mod security;
 pub mod server;
 mod session;
 mod shared;
@@ -26,7 +28,7 @@ pub mod store;
 
 pub use config::{Config, ConfigError, Settings};
 pub use gearbox_store::StoreError;
-pub use server::{serve, ServeError, ServeOptions};
+pub use server::{serve, serve_on, Listeners, ServeError, ServeOptions};
 pub use store::QueueSpec;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -38,6 +40,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     // Installed before anything else: a signal that arrives early must not kill the process.
     use tokio::signal::unix::{signal, SignalKind};
     let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let mut hangup = signal(SignalKind::hangup())?;
     match fd_limit::set(config.file_descriptors) {
         Ok((before, now)) if before < now => tracing::info!("open files limit: {now} (raised from {before})"),
         Ok((before, now)) if before > now => tracing::info!("open files limit: {now} (lowered from {before})"),
@@ -48,17 +51,28 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         }
         Err(e) => return Err(e),
     }
-    let mut listeners = Vec::new();
+    let mut listeners = Listeners::default();
     for addr in &config.listen {
-        listeners.push(listen(addr, config.port, config.backlog).await?);
+        let listener = listen(addr, config.port, config.backlog).await?;
+        if config.tls_only { &mut listeners.tls } else { &mut listeners.gearman }.push(listener);
+        if let Some(port) = config.ssl_port {
+            listeners.tls.push(listen(addr, port, config.backlog).await?);
+        }
     }
-    let http = config.http.bind().await?;
+    listeners.http = config.http.bind().await?;
     if let Some(path) = &config.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(signals, shutdown.clone()));
-    serve(listeners, http, config.serve, shutdown).await.map_err(std::io::Error::other)?;
+    let reload = config.serve.reload.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the TLS certificate and the ACL");
+            reload.notify_one();
+        }
+    });
+    serve_on(listeners, config.serve, shutdown).await.map_err(std::io::Error::other)?;
     if let Some(path) = &config.pid_file {
         let _ = std::fs::remove_file(path);
     }

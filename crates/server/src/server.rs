@@ -1,6 +1,5 @@
 //! Accepting connections, the timer task, and orderly shutdown.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,6 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::accept_loop;
 use crate::broker::{AdminInfo, Broker, BrokerConfig, JobLogInfo};
 use crate::cluster::{ClusterShared, ClusterThread};
 use crate::shared::Shared;
@@ -24,6 +24,19 @@ pub enum ServeError {
     Cluster(String),
     #[error("lifecycle store (dead set, paused functions, schedules): {0}")]
     Lifecycle(gearbox_store::StoreError),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
+}
+
+/// The sockets a server serves on, bound by the caller.
+#[derive(Default)]
+pub struct Listeners {
+    /// Plaintext Gearman listeners.
+    pub gearman: Vec<TcpListener>,
+    /// TLS Gearman listeners (`--ssl`, `--ssl-port`).
+    pub tls: Vec<TcpListener>,
+    /// The dashboard, metrics and API.
+    pub http: Option<TcpListener>,
 }
 
 /// Settings of a running server that are not about sockets or processes.
@@ -40,6 +53,9 @@ pub struct ServeOptions {
     /// `None` records nothing.
     pub job_log: Option<gearbox_joblog::Options>,
     pub lifecycle: crate::lifecycle::LifecycleOptions,
+    pub security: crate::security::SecurityOptions,
+    /// Notified on SIGHUP: the TLS files and the ACL are read again.
+    pub reload: Arc<tokio::sync::Notify>,
 }
 
 impl Default for ServeOptions {
@@ -53,6 +69,8 @@ impl Default for ServeOptions {
             queue_lock_wait: gearbox_store::DEFAULT_LOCK_WAIT,
             job_log: None,
             lifecycle: Default::default(),
+            security: Default::default(),
+            reload: Default::default(),
         }
     }
 }
@@ -70,6 +88,14 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    serve_on(Listeners { gearman: listeners, tls: Vec::new(), http }, options, shutdown).await
+}
+
+/// [`serve`] with TLS listeners beside (or instead of) plaintext ones.
+pub async fn serve_on(listeners: Listeners, options: ServeOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let Listeners { gearman: listeners, tls: tls_listeners, http } = listeners;
+    // Read first: a bad certificate or ACL stops the server before it opens its store.
+    let security = Arc::new(crate::security::Security::open(&options.security)?);
     let store_wake = Arc::new(Condvar::new());
     let opening =
         crate::store::open(&options.queue, options.queue_lock_wait, Broker::new(options.broker), store_wake.clone());
@@ -124,7 +150,7 @@ pub async fn serve(
             broker.enable_cluster(wake.clone());
             Some(Arc::new(ClusterShared {
                 lease: *lease,
-                address: node_address(&listeners),
+                address: node_address(if listeners.is_empty() { &tls_listeners } else { &listeners }),
                 view: Default::default(),
                 counters: Default::default(),
                 wake,
@@ -148,6 +174,7 @@ pub async fn serve(
         cluster,
         lifecycle: Some(lifecycle),
         schedules: crate::lifecycle::Schedules::new(&options.lifecycle.schedules),
+        security: security.clone(),
     });
     crate::lifecycle::spawn(shared.clone(), options.lifecycle.clone(), options.queue == QueueSpec::Memory);
     let store_thread = store.map(|store| StoreThread::start(store, shared.clone()));
@@ -169,14 +196,26 @@ pub async fn serve(
             tracing::info!("listening on {addr}");
         }
     }
+    for listener in &tls_listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("listening for TLS on {addr}");
+        }
+    }
+    if let Some(acl) = &options.security.acl {
+        tracing::info!("access list {} in force", acl.display());
+    }
     let tasks = TaskTracker::new();
+    tasks.spawn(reload_on(options.reload.clone(), security, shutdown.clone()));
 
     tasks.spawn(run_timer(shared.clone(), timer));
     if let Some(listener) = http {
         tasks.spawn(crate::http::serve(listener, shared.clone(), shutdown.clone()));
     }
     for listener in listeners {
-        tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone()));
+        tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone(), false));
+    }
+    for listener in tls_listeners {
+        tasks.spawn(accept_loop(listener, shared.clone(), tasks.clone(), true));
     }
     shutdown.cancelled().await;
     shared.broker.lock().unwrap().close_all();
@@ -210,46 +249,15 @@ fn node_address(listeners: &[TcpListener]) -> String {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
-    let mut backoff = Duration::from_millis(5);
+/// Reads the certificates and the ACL again whenever `reload` is notified (SIGHUP).
+async fn reload_on(reload: Arc<tokio::sync::Notify>, security: Arc<crate::security::Security>, shutdown: CancellationToken) {
     loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(5);
-                let _ = stream.set_nodelay(true);
-                tasks.spawn(crate::session::run(stream, shared.clone()));
-            }
-            Err(e) => {
-                warn_accept_failed(&e);
-                // Typically EMFILE: wait for connections to close rather than spin.
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = reload.notified() => {}
         }
-    }
-}
-
-/// Logs a failed accept. Running out of file descriptors is said once, with what to do about
-/// it; while it lasts, every retry fails the same way, so the rest go to DEBUG.
-fn warn_accept_failed(e: &std::io::Error) {
-    static OUT_OF_FILES_WARNED: AtomicBool = AtomicBool::new(false);
-    let out_of_files = match e.raw_os_error() {
-        Some(libc::EMFILE) => format!(
-            "the open-files limit ({}) caps connections; raise it with --file-descriptors \
-             (above the hard limit as root, or raise the hard limit: systemd's LimitNOFILE=)",
-            crate::fd_limit::current()
-        ),
-        Some(libc::ENFILE) => "the system's open-files table is full (fs.file-max)".to_string(),
-        _ => return tracing::warn!("accept failed: {e}"),
-    };
-    if OUT_OF_FILES_WARNED.swap(true, Ordering::Relaxed) {
-        tracing::debug!("accept failed: {e}");
-    } else {
-        tracing::warn!("accept failed: {e}: {out_of_files}; new connections wait until others close");
+        let security = security.clone();
+        let _ = tokio::task::spawn_blocking(move || security.reload()).await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! One task per connection: read and decode, apply to the broker, write what the outbox holds.
 
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::Arc;
@@ -7,10 +8,12 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use gearbox_proto::{AdminCommand, DecodeError, Decoder, Message, Request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
-use crate::broker::{AdminEffect, ConnId};
+use crate::broker::{AdminEffect, Broker, ConnId};
+use crate::security::{Access, Refused};
 use crate::outbox::{Fate, Outbox};
 use crate::shared::Shared;
 
@@ -26,20 +29,60 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// How long a closing connection may take to flush its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
+pub(crate) async fn run_plain(mut stream: TcpStream, shared: Arc<Shared>) {
     let peer = stream.peer_addr().ok();
-    let ip = peer.map_or_else(|| "-".into(), |a| a.ip().to_string());
     let fd = stream.as_raw_fd();
+    let (rd, wr) = stream.split();
+    run(rd, wr, Link { peer, fd, tls: false, identity: None }, shared).await;
+}
+
+pub(crate) async fn run_tls(stream: TlsStream<TcpStream>, identity: Option<String>, shared: Arc<Shared>) {
+    let peer = stream.get_ref().0.peer_addr().ok();
+    let fd = stream.get_ref().0.as_raw_fd();
+    let (rd, wr) = tokio::io::split(stream);
+    run(rd, wr, Link { peer, fd, tls: true, identity }, shared).await;
+}
+
+/// What a session knows of its transport.
+struct Link {
+    peer: Option<SocketAddr>,
+    fd: i32,
+    tls: bool,
+    /// The client certificate's subject CN.
+    identity: Option<String>,
+}
+
+async fn run<R, W>(rd: R, wr: W, link: Link, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ip = link.peer.map_or_else(|| "-".into(), |a| a.ip().to_string());
     let outbox = Arc::new(Outbox::default());
-    let id = shared.broker.lock().unwrap().connect(outbox.clone(), fd, &ip, peer.map_or(0, |a| a.port()));
-    if let Err(e) = drive(&mut stream, id, &outbox, &shared).await {
+    let id = shared.broker.lock().unwrap().connect(outbox.clone(), link.fd, &ip, link.peer.map_or(0, |a| a.port()));
+    let mut guard = Guard {
+        access: Access::new(&shared.security, link.identity),
+        peer: link.peer.map_or_else(|| "-".into(), |a| a.to_string()),
+    };
+    if let Err(e) = drive(rd, wr, link.tls, id, &outbox, &mut guard, &shared).await {
         tracing::debug!(%ip, "connection ended: {e}");
     }
     shared.broker.lock().unwrap().disconnect(id);
 }
 
-async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc<Shared>) -> std::io::Result<()> {
-    let (mut rd, mut wr) = stream.split();
+async fn drive<R, W>(
+    mut rd: R,
+    mut wr: W,
+    tls: bool,
+    id: ConnId,
+    outbox: &Outbox,
+    guard: &mut Guard,
+    shared: &Arc<Shared>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let decoder = Decoder::new(shared.max_packet);
     let mut rbuf = BytesMut::with_capacity(READ_SMALL);
     let mut large = false;
@@ -49,6 +92,9 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc
     let mut woken = pin!(outbox.notify().notified());
     let mut close_timer = pin!(tokio::time::sleep(Duration::MAX / 4));
     let mut closing = false;
+    // TLS buffers what it is given; it is flushed once everything is written.
+    let mut unflushed = false;
+    let mut first_read = true;
     loop {
         if wbuf.is_empty() {
             // A closing connection leaves once it has sent everything, acknowledgements the
@@ -57,7 +103,7 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc
             // the same turn of the lock, so the outbox read after holds them.
             let held = closing && shared.broker.lock().unwrap().holds_replies(id);
             outbox.take_into(&mut wbuf);
-            if wbuf.is_empty() && closing && !held {
+            if wbuf.is_empty() && closing && !held && !unflushed {
                 return Ok(());
             }
         }
@@ -83,17 +129,27 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc
         let reading = !closing && wbuf.len() < WRITE_HIGH_WATER;
         tokio::select! {
             biased;
-            written = wr.write(&wbuf), if !wbuf.is_empty() => {
-                wbuf.advance(written?);
-            }
+            written = write_or_flush(&mut wr, &wbuf), if !wbuf.is_empty() || unflushed => match written? {
+                Some(n) => {
+                    wbuf.advance(n);
+                    unflushed = tls;
+                }
+                None => unflushed = false,
+            },
             read = rd.read_buf(&mut rbuf), if reading => {
                 if read? == 0 {
                     outbox.close();
                     continue;
                 }
                 large |= rbuf.len() == rbuf.capacity();
+                if std::mem::take(&mut first_read) && !tls && rbuf.first() == Some(&crate::accept::TLS_HANDSHAKE) {
+                    let peer = &guard.peer;
+                    shared.security.audit.refused(Refused::TlsOnPlain, "-", peer, "TLS ClientHello on a plaintext port");
+                    return Ok(());
+                }
+                guard.access.refresh(&shared.security);
                 loop {
-                    match process(&mut rbuf, &decoder, id, shared) {
+                    match process(&mut rbuf, &decoder, id, guard, shared) {
                         Processed::All => break,
                         Processed::Close => {
                             outbox.close();
@@ -125,6 +181,15 @@ async fn drive(stream: &mut TcpStream, id: ConnId, outbox: &Outbox, shared: &Arc
     }
 }
 
+/// Writes what it can of `buf`; with nothing to write, flushes (TLS records still buffered).
+async fn write_or_flush<W: AsyncWrite + Unpin>(wr: &mut W, buf: &[u8]) -> std::io::Result<Option<usize>> {
+    if buf.is_empty() {
+        wr.flush().await.map(|()| None)
+    } else {
+        wr.write(buf).await.map(Some)
+    }
+}
+
 enum Processed {
     /// Every complete message was applied.
     All,
@@ -138,18 +203,23 @@ enum Processed {
 }
 
 /// Applies the complete messages in `rbuf`.
-fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, shared: &Shared) -> Processed {
+fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, guard: &mut Guard, shared: &Shared) -> Processed {
     let mut broker = shared.broker.lock().unwrap();
     broker.begin(id);
     loop {
         match decoder.decode(rbuf) {
             Ok(None) => return Processed::All,
             Ok(Some(Message::Packet(frame))) => match Request::parse(&frame) {
-                Ok(req) => broker.apply(id, req),
+                Ok(req) => {
+                    if guard.allows(&req, &broker, id, shared) {
+                        broker.apply(id, req)
+                    }
+                }
                 // The framing is intact, so the connection can go on.
                 Err(e) => broker.send_error(id, e.code(), &e.to_string()),
             },
             Ok(Some(Message::AdminLine(line))) => match AdminCommand::parse(&line) {
+                Ok(cmd) if !guard.allows_admin(&cmd, &broker, id, shared) => {}
                 Ok(AdminCommand::Log { query }) if shared.job_log.is_some() => return Processed::LogQuery(query),
                 Ok(cmd @ (AdminCommand::Pause { .. } | AdminCommand::Dead { .. })) if shared.lifecycle.is_some() => {
                     return Processed::Lifecycle(cmd)
@@ -205,5 +275,77 @@ async fn log_query(shared: &Shared, query: &str) -> String {
             tracing::warn!("job log query failed: {e}");
             format!("ERR JOB_LOG_UNAVAILABLE {}\r\n", escape(e.to_string()))
         }
+    }
+}
+
+/// A connection's identity and the checks of the access list (`--acl`) on what it sends.
+struct Guard {
+    access: Access,
+    /// `IP:PORT`, for the audit log.
+    peer: String,
+}
+
+impl Guard {
+    /// Whether `req` may be applied; a refusal has been answered (or, for CAN_DO, which has
+    /// no reply, only logged, as OpenStack's gear does) and audited.
+    fn allows(&mut self, req: &Request, broker: &Broker, id: ConnId, shared: &Shared) -> bool {
+        if let Request::OptionReq { option } = req {
+            if let Some(token) = option.strip_prefix(b"auth=") {
+                if self.access.authenticate(&shared.security, token) {
+                    return true;
+                }
+                self.refuse(Refused::Token, "auth", shared);
+                broker.send_error(id, "PERMISSION_DENIED", "unknown token");
+                return false;
+            }
+        }
+        let Some(grant) = self.access.grant() else { return true };
+        let (refused, function) = match req {
+            Request::SubmitJob { function, .. }
+            | Request::SubmitJobEpoch { function, .. }
+            | Request::SubmitJobSched { function, .. }
+            | Request::SubmitReduceJob { function, .. } => {
+                if grant.may_submit(function) {
+                    return true;
+                }
+                (Refused::Submit, function)
+            }
+            Request::CanDo { function } | Request::CanDoTimeout { function, .. } => {
+                if grant.may_work(function) {
+                    return true;
+                }
+                let function = String::from_utf8_lossy(function).into_owned();
+                self.refuse(Refused::Work, &function, shared);
+                return false;
+            }
+            Request::GetStatus { .. } | Request::GetStatusUnique { .. } if !grant.may_ask_status() => {
+                self.refuse(Refused::Status, "GET_STATUS", shared);
+                broker.send_error(id, "PERMISSION_DENIED", &format!("{} may not ask for job status", self.access.identity()));
+                return false;
+            }
+            _ => return true,
+        };
+        let function = String::from_utf8_lossy(function).into_owned();
+        self.refuse(refused, &function, shared);
+        broker.send_error(id, "PERMISSION_DENIED", &format!("{} may not submit {function}", self.access.identity()));
+        false
+    }
+
+    /// Whether an admin command may run; a refusal gets `ERR PERMISSION_DENIED`.
+    fn allows_admin(&mut self, cmd: &AdminCommand, broker: &Broker, id: ConnId, shared: &Shared) -> bool {
+        let Some(grant) = self.access.grant() else { return true };
+        if grant.may_admin(cmd) {
+            return true;
+        }
+        let needed = crate::security::acl::needed(cmd);
+        self.refuse(Refused::Admin, &format!("{cmd:?}"), shared);
+        let identity = self.access.identity().replace(' ', "+");
+        let text = format!("{identity}+may+not+run+this+command+(it+needs+admin+{})", needed.label());
+        broker.send_text(id, &format!("ERR PERMISSION_DENIED {text}\r\n"));
+        false
+    }
+
+    fn refuse(&self, action: Refused, what: &str, shared: &Shared) {
+        shared.security.audit.refused(action, self.access.identity(), &self.peer, what);
     }
 }

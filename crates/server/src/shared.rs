@@ -24,4 +24,6 @@ pub(crate) struct Shared {
     pub lifecycle: Option<Arc<dyn gearbox_store::lifecycle::Lifecycle>>,
     /// The periodic jobs, for the API and the dashboard.
     pub schedules: crate::lifecycle::Schedules,
+    /// TLS, the access list and the audit of refusals.
+    pub security: Arc<crate::security::Security>,
 }

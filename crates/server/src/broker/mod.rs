@@ -282,6 +282,10 @@ impl Broker {
                 if option.eq_ignore_ascii_case(b"exceptions") {
                     self.conns[conn as usize].exceptions = true;
                     self.send(conn, T::OptionRes, &[&option]);
+                } else if option.starts_with(b"auth=") {
+                    // The session has checked the token against the ACL (`security::Access`);
+                    // the reply names the option, never the token.
+                    self.send(conn, T::OptionRes, &[b"auth"]);
                 } else {
                     self.send_error(conn, "UNKNOWN_OPTION", "Server does not recognize given option");
                 }

@@ -96,6 +96,11 @@ pub(crate) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoRespon
 
     header(&mut out, "gearbox_connections", "gauge", "Open Gearman connections (clients, workers, admin).");
     let _ = writeln!(out, "gearbox_connections {connections}");
+    let metric = "gearbox_refused_total";
+    header(&mut out, metric, "counter", "Actions refused by TLS, the ACL or the HTTP tokens, by action.");
+    for (action, count) in shared.security.audit.counts() {
+        let _ = writeln!(out, "{metric}{{action=\"{}\"}} {count}", action.label());
+    }
     let metric = "gearbox_store_commit_seconds";
     header(&mut out, metric, "histogram", "Time one durable-store commit (write and sync) took.");
     histogram(&mut out, metric, "", &commits);
