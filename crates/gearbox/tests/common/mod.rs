@@ -1,6 +1,7 @@
 //! The `gearbox` binary run as a child process, and the tools the tests drive it with.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod certs;
 pub mod cluster;
 pub mod gear;
 pub mod proxy;
@@ -17,7 +18,10 @@ use gearbox_proto::{Decoder, Message, Request, Response};
 
 pub struct Server {
     pub child: Child,
+    /// The plaintext Gearman address (the TLS one under `--ssl`).
     pub addr: SocketAddr,
+    /// The TLS Gearman address (`--ssl`, `--ssl-port`).
+    pub tls: Option<SocketAddr>,
     /// The dashboard, metrics and API address, when the server serves HTTP.
     pub http: Option<SocketAddr>,
     /// The server's own data directory, removed on drop.
@@ -30,7 +34,10 @@ pub struct Server {
 pub struct Starting {
     server: Server,
     announced: Receiver<String>,
+    announced_tls: Receiver<String>,
     wants_http: bool,
+    wants_tls: bool,
+    wants_plain: bool,
 }
 
 impl Starting {
@@ -46,9 +53,11 @@ impl Starting {
 
     /// Waits (up to 30 s) for the server to announce its addresses.
     pub fn ready(self) -> Server {
-        let Starting { mut server, announced, wants_http } = self;
+        let Starting { mut server, announced, announced_tls, wants_http, wants_tls, wants_plain } = self;
         let next = |what: &str| announced.recv_timeout(Duration::from_secs(30)).expect(what).parse().unwrap();
-        server.addr = next("server announces its address");
+        let tls = |what: &str| announced_tls.recv_timeout(Duration::from_secs(30)).expect(what).parse().unwrap();
+        server.tls = wants_tls.then(|| tls("server announces its TLS address"));
+        server.addr = if wants_plain { next("server announces its address") } else { server.tls.unwrap() };
         server.http = wants_http.then(|| next("server announces its HTTP address"));
         server
     }
@@ -92,6 +101,7 @@ impl Server {
         let mut child = command.spawn().expect("start gearbox");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (tls_tx, tls_rx) = std::sync::mpsc::channel();
         let wants_http = extra.iter().any(|a| a.starts_with("--http")) && !extra.contains(&"off");
         let log: Arc<Mutex<Vec<String>>> = Arc::default();
         let lines = log.clone();
@@ -102,13 +112,25 @@ impl Server {
                 if let Some(addr) = line.split("listening on ").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
+                if let Some(addr) = line.split("listening for TLS on ").nth(1) {
+                    let _ = tls_tx.send(addr.trim().to_string());
+                }
                 if let Some(addr) = line.split("API on http://").nth(1) {
                     let _ = tx.send(addr.trim().trim_end_matches('/').to_string());
                 }
             }
         });
         let addr = SocketAddr::from(([0, 0, 0, 0], 0)); // until announced
-        Starting { server: Server { child, addr, http: None, data_dir, log }, announced: rx, wants_http }
+        let wants_tls = extra.iter().any(|a| *a == "--ssl" || *a == "--ssl-port");
+        let wants_plain = !extra.contains(&"--ssl");
+        Starting {
+            server: Server { child, addr, tls: None, http: None, data_dir, log },
+            announced: rx,
+            announced_tls: tls_rx,
+            wants_http,
+            wants_tls,
+            wants_plain,
+        }
     }
 
     /// The lines logged so far that contain `text`.
