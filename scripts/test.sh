@@ -96,6 +96,15 @@ fi
 command -v npm >/dev/null 2>&1 || install nodejs npm
 [ -d tests/browser/node_modules ] || (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
+# --- OpenStack's gear (PyPI), a Gearman client and worker that speak TLS (tests/tls.rs) ---
+gear_venv=$PWD/target/gear-venv
+if ! "$gear_venv/bin/python" -c 'import gear' >/dev/null 2>&1; then
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || install python3-venv
+    python3 -m venv "$gear_venv"
+    "$gear_venv/bin/pip" install -q --disable-pip-version-check gear==0.16.0
+fi
+export GEARBOX_TEST_PYTHON=$gear_venv/bin/python
+
 # --- A MongoDB-wire test server for the job log's MongoDB sink (crates/joblog/tests/mongo.rs) ---
 # Started only when nothing listens on 27017, and then stopped at the end; the tool installs
 # what it needs. Data under target/, so `cargo clean` removes it.

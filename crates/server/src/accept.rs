@@ -110,4 +110,3 @@ fn warn_accept_failed(e: &std::io::Error) {
         tracing::warn!("accept failed: {e}: {out_of_files}; new connections wait until others close");
     }
 }
-

@@ -425,7 +425,12 @@ fn security(s: &Settings, tls_only: bool) -> Result<SecurityOptions, ConfigError
             if verify_client != VerifyClient::None && s.ssl_ca_file.is_none() {
                 return Err(err("--ssl-verify-client required or optional needs --ssl-ca-file"));
             }
-            Some(TlsFiles { certificate: certificate.clone(), key: key.clone(), ca: s.ssl_ca_file.clone(), verify_client })
+            Some(TlsFiles {
+                certificate: certificate.clone(),
+                key: key.clone(),
+                ca: s.ssl_ca_file.clone(),
+                verify_client,
+            })
         }
         (None, None) if !wants_tls => None,
         _ => return Err(err("TLS (--ssl, --ssl-port, --http-ssl) needs both --ssl-certificate and --ssl-key")),

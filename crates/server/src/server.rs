@@ -92,7 +92,11 @@ pub async fn serve(
 }
 
 /// [`serve`] with TLS listeners beside (or instead of) plaintext ones.
-pub async fn serve_on(listeners: Listeners, options: ServeOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve_on(
+    listeners: Listeners,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let Listeners { gearman: listeners, tls: tls_listeners, http } = listeners;
     // Read first: a bad certificate or ACL stops the server before it opens its store.
     let security = Arc::new(crate::security::Security::open(&options.security)?);
@@ -250,7 +254,11 @@ fn node_address(listeners: &[TcpListener]) -> String {
 }
 
 /// Reads the certificates and the ACL again whenever `reload` is notified (SIGHUP).
-async fn reload_on(reload: Arc<tokio::sync::Notify>, security: Arc<crate::security::Security>, shutdown: CancellationToken) {
+async fn reload_on(
+    reload: Arc<tokio::sync::Notify>,
+    security: Arc<crate::security::Security>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::broker::{AdminEffect, Broker, ConnId};
-use crate::security::{Access, Refused};
 use crate::outbox::{Fate, Outbox};
+use crate::security::{Access, Refused};
 use crate::shared::Shared;
 
 /// A connection's read buffer starts with room for the packets of a typical client or worker,
@@ -320,7 +320,11 @@ impl Guard {
             }
             Request::GetStatus { .. } | Request::GetStatusUnique { .. } if !grant.may_ask_status() => {
                 self.refuse(Refused::Status, "GET_STATUS", shared);
-                broker.send_error(id, "PERMISSION_DENIED", &format!("{} may not ask for job status", self.access.identity()));
+                broker.send_error(
+                    id,
+                    "PERMISSION_DENIED",
+                    &format!("{} may not ask for job status", self.access.identity()),
+                );
                 return false;
             }
             _ => return true,

@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 
 struct Authority {
@@ -53,8 +52,7 @@ impl Certs {
         let authority = Authority::new("gearbox test CA");
         let stranger = Authority::new("some other CA");
         let ca = write(&dir, "ca.pem", &authority.cert.pem());
-        let (cert, key) =
-            authority.issue("gearbox", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (cert, key) = authority.issue("gearbox", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
         let server_cert = write(&dir, "server.pem", &cert);
         let server_key = write(&dir, "server.key", &key);
         Certs { dir, ca, server_cert, server_key, authority, stranger }

@@ -127,9 +127,7 @@ pub fn needed(command: &AdminCommand) -> AdminRight {
         | A::Cluster
         | A::LimitList
         | A::RetryList => AdminRight::Read,
-        A::Dead { words } if matches!(words.first().map(|w| w.as_ref()), Some(b"list" | b"show")) => {
-            AdminRight::Read
-        }
+        A::Dead { words } if matches!(words.first().map(|w| w.as_ref()), Some(b"list" | b"show")) => AdminRight::Read,
         A::MaxQueue { .. }
         | A::CancelJob { .. }
         | A::CreateFunction { .. }
@@ -240,7 +238,9 @@ mod tests {
         let web = acl.grant(Some("web"));
         assert!(web.may_submit(b"resize") && web.may_submit(b"mail.send"));
         assert!(!web.may_submit(b"resize2") && !web.may_submit(b"payments") && !web.may_work(b"resize"));
-        assert!(web.may_admin(&AdminCommand::Status) && !web.may_admin(&AdminCommand::CancelJob { handle: "H".into() }));
+        assert!(
+            web.may_admin(&AdminCommand::Status) && !web.may_admin(&AdminCommand::CancelJob { handle: "H".into() })
+        );
         let resizer = acl.grant(Some("resizer"));
         assert!(resizer.may_work(b"thumb-1") && !resizer.may_work(b"thumb-10") && !resizer.may_submit(b"resize"));
         assert!(!resizer.may_admin(&AdminCommand::Status) && !resizer.may_ask_status());

@@ -81,7 +81,11 @@ impl Audit {
             Some(w) if now.duration_since(w.started) < LOG_WINDOW => w,
             _ => {
                 if let Some(w) = window.take().filter(|w| w.suppressed > 0) {
-                    tracing::warn!("{} more refusals were not logged in the last {}s", w.suppressed, LOG_WINDOW.as_secs());
+                    tracing::warn!(
+                        "{} more refusals were not logged in the last {}s",
+                        w.suppressed,
+                        LOG_WINDOW.as_secs()
+                    );
                 }
                 window.insert(Window { started: now, logged: 0, suppressed: 0 })
             }
