@@ -345,3 +345,47 @@ fn bad_tls_settings_stop_the_server_at_start_with_a_clear_error() {
     let out = starts(&["--acl", s(&acl)]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("hashed"), "{out:?}");
 }
+
+/// An admin line over TLS without a client certificate (rustls); the reply, or the error
+/// that ended the connection.
+fn admin_without_certificate(addr: SocketAddr, certs: &Certs, line: &str) -> Result<String, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&certs.ca).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(format!("{line}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(reply.ends_with(b".\n") || (reply.starts_with(b"ERR") && reply.ends_with(b"\n"))) {
+        match tls.read(&mut buf) {
+            Ok(0) => return Err("closed".into()),
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+#[test]
+fn optional_client_certificates_make_the_certificateless_anonymous() {
+    let certs = Certs::new();
+    let acl = write_acl(&certs.dir, ACL);
+    let optional = tls_server(&certs, &["--ssl", "--ssl-verify-client", "optional", "--acl", s(&acl)]);
+    let reply = admin_without_certificate(optional.addr, &certs, "status").unwrap();
+    assert!(reply.ends_with(".\n"), "anonymous may read: {reply}");
+    let reply = admin_without_certificate(optional.addr, &certs, "shutdown").unwrap();
+    assert!(reply.starts_with("ERR PERMISSION_DENIED anonymous"), "{reply}");
+    // The default with a CA file: a certificate is required.
+    let required = tls_server(&certs, &["--ssl", "--acl", s(&acl)]);
+    let err = admin_without_certificate(required.addr, &certs, "status").unwrap_err();
+    assert!(err.contains("CertificateRequired") || err.contains("certificate"), "{err}");
+}
