@@ -7,6 +7,9 @@
 // or HTTP error answer, checks that the page renders, submits 3 background jobs for $FUNCTION
 // (default browser_probe; one through the page's form, two through fetch from inside the page)
 // and waits until the functions table shows them queued, then opens the job-log view.
+// With TOKEN (a server with --http-token), the page must first be the login page: the script
+// logs in through its form and checks the session cookie; at the end, it drops the cookie (the
+// page must go back to the login page), logs in again and logs out with the page's button.
 // Env: FUNCTION, CHROMIUM (default /usr/bin/chromium), SCREENSHOT (a PNG path to save the
 // page to at the end), EXPECT_ERROR (text of a failed job's error that the job-log view must
 // show in full, without scrolling sideways), EXPECT_NODES (on a cluster node: the cluster panel
@@ -42,11 +45,14 @@ if (!url) {
 }
 
 const problems = []; // errors reported by the page; any of them fails the test
+let sessionGone = false; // the session cookie was dropped, until the page is the login page
 let browser = null;
 let rejectOnProblem;
 const problemRaised = new Promise((_, reject) => { rejectOnProblem = reject; });
 problemRaised.catch(() => {});
 function report(problem) {
+  // Expected then: 401s, their console lines, and requests the reload cut short.
+  if (sessionGone) return;
   problems.push(problem);
   rejectOnProblem(new Error(`the page reported: ${problem}`));
 }
@@ -81,8 +87,9 @@ async function run() {
     if (r.status() >= 400) report(`HTTP ${r.status()} for ${r.request().method()} ${r.url()}`);
   });
 
-  const response = await guard(page.goto(url, { waitUntil: 'load' }));
+  let response = await guard(page.goto(url, { waitUntil: 'load' }));
   check(response && response.ok(), `GET ${url} answered ${response ? response.status() : 'nothing'}`);
+  if (process.env.TOKEN) response = await logIn(page, context);
   const type = response.headers()['content-type'] || '';
   check(type.startsWith('text/html'), `GET ${url} has content type "${type}", expected text/html`);
   const title = await page.title();
@@ -132,9 +139,11 @@ async function run() {
   const answers = await page.evaluate(async (fn) => {
     const out = [];
     for (const [i, priority] of [[2, 'high'], [3, 'low']]) {
+      // Logged in, changes carry the session's CSRF token (the page's own requests do too).
+      const csrf = document.querySelector('meta[name="gearbox-csrf"]').content;
       const res = await fetch('/api/jobs', {
         method: 'POST',
-        headers: { 'Content-Type': 'application/json' },
+        headers: { 'Content-Type': 'application/json', ...(csrf ? { 'X-CSRF-Token': csrf } : {}) },
         body: JSON.stringify({ function: fn, payload: `browser probe ${i}`, priority, background: true }),
       });
       out.push({ status: res.status, body: await res.text() });
@@ -204,12 +213,41 @@ async function run() {
   }
 
   await lifecycle(page);
+  if (process.env.TOKEN) {
+    // Without its session (expired, or the server restarted) the page goes back to the login page.
+    sessionGone = true;
+    await context.clearCookies();
+    await guard(page.locator('#login').waitFor({ timeout: QUEUE_DEADLINE_MS }));
+    say('without its session the dashboard went back to the login page');
+    sessionGone = false;
+    await logIn(page, context);
+    await guard(Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click('#logout-button')]));
+    check(await page.locator('#login').isVisible(), 'after logging out the page is not the login page');
+    check(!(await context.cookies()).some((c) => c.name.startsWith('gearbox_session_') && c.value), 'the session cookie outlived the logout');
+    say('logged out');
+  }
 
   if (process.env.SCREENSHOT) {
     await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
     say(`screenshot saved to ${process.env.SCREENSHOT}`);
   }
   noProblems('end of test');
+}
+
+// On the login page: types TOKEN into its form and returns the answer, the dashboard.
+async function logIn(page, context) {
+  check(await page.locator('#login').isVisible(), `without a session ${url} is not the login page`);
+  check(!(await page.locator('#functions-table').count()), 'the login page shows the dashboard');
+  await page.fill('#login-token', process.env.TOKEN);
+  const [response] = await guard(Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click('#login-button')]));
+  check(response && response.ok(), `logging in ended on ${response ? response.status() : 'nothing'}`);
+  const cookie = (await context.cookies()).find((c) => c.name.startsWith('gearbox_session_'));
+  check(cookie, 'logging in set no session cookie');
+  check(cookie.httpOnly && cookie.sameSite === 'Strict' && cookie.secure,
+    `the session cookie is not HttpOnly, SameSite=Strict and Secure: ${JSON.stringify(cookie)}`);
+  check(await page.locator('#logout-button').isVisible(), 'the dashboard offers no "Log out"');
+  say('logged in through the login page');
+  return response;
 }
 
 // The job lifecycle's parts of the page (see the variables at the top).

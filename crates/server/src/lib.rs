@@ -60,6 +60,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         }
     }
     listeners.http = config.http.bind().await?;
+    if let Some(listener) = &listeners.http {
+        http::check_exposure(listener.local_addr()?, &config.serve.security.http, config.http_insecure)?;
+    }
     if let Some(path) = &config.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }

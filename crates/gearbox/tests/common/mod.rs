@@ -115,7 +115,8 @@ impl Server {
                 if let Some(addr) = line.split("listening for TLS on ").nth(1) {
                     let _ = tls_tx.send(addr.trim().to_string());
                 }
-                if let Some(addr) = line.split("API on http://").nth(1) {
+                if let Some(addr) = line.split("API on http://").nth(1).or_else(|| line.split("API on https://").nth(1))
+                {
                     let _ = tx.send(addr.trim().trim_end_matches('/').to_string());
                 }
             }
@@ -257,11 +258,32 @@ pub fn request_with(
     content_type: Option<&str>,
     body: &str,
 ) -> (u16, String, String) {
+    let headers: Vec<(&str, &str)> = content_type.map(|t| ("Content-Type", t)).into_iter().collect();
+    let reply = exchange(addr, method, path, &headers, body);
+    (reply.status, reply.header("content-type").unwrap_or_default().to_owned(), reply.body)
+}
+
+/// An HTTP reply: its status, headers (names in lower case) and body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection with these headers and body, answered whole.
+pub fn exchange(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let content_type = content_type.map(|t| format!("Content-Type: {t}\r\n")).unwrap_or_default();
+    let headers: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -270,11 +292,13 @@ pub fn request_with(
     stream.read_to_string(&mut reply).unwrap();
     let (head, body) = reply.split_once("\r\n\r\n").expect("a complete HTTP reply");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let content_type = head
+    let headers = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_owned))
-        .unwrap_or_default();
-    (status, content_type, body.to_owned())
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Reply { status, headers, body: body.to_owned() }
 }
 
 /// One admin line and its whole reply (a line, or a listing ending in `.`).

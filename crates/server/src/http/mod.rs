@@ -1,28 +1,38 @@
 //! The HTTP side (`--http`, default 127.0.0.1:4731): the dashboard at `/`, Prometheus metrics
-//! at `/metrics`, and a JSON API under `/api` (described by `/api/openapi.json`). Everything
+//! at `/metrics`, and a JSON API under `/api` (described by `/api/openapi.json`), over HTTPS
+//! with `--http-ssl` ([`https`]) and behind tokens with `--http-token` ([`auth`]). Everything
 //! here reads copies of the broker's state taken under its lock, or talks to the broker as a
 //! Gearman client would ([`local::LocalConn`]), so the job path never waits on HTTP.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
 use axum::extract::FromRef;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::shared::Shared;
 
 mod api;
+mod auth;
+mod https;
 mod lifecycle;
 pub(crate) mod local;
 mod metrics;
+mod sessions;
+
+pub use auth::check_exposure;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+/// Where the dashboard page gets the session's CSRF token (empty without a session).
+const DASHBOARD_CSRF: &str = "<meta name=\"gearbox-csrf\" content=\"\">";
 const OPENAPI: &str = include_str!("openapi.json");
 
 /// The default HTTP address: loopback only, next to the Gearman port.
@@ -88,6 +98,29 @@ type History = Arc<Mutex<VecDeque<Sample>>>;
 struct AppState {
     shared: Arc<Shared>,
     history: History,
+    auth: Arc<auth::Auth>,
+}
+
+impl FromRef<AppState> for Arc<auth::Auth> {
+    fn from_ref(state: &AppState) -> Arc<auth::Auth> {
+        state.auth.clone()
+    }
+}
+
+/// The address a request came from, for the audit log.
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, https::HttpsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, https::HttpsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
 }
 
 impl FromRef<AppState> for Arc<Shared> {
@@ -140,26 +173,74 @@ async fn throughput(axum::extract::State(history): axum::extract::State<History>
     }))
 }
 
+/// An HTML page that no cache keeps (it may carry a CSRF token) and no other site may frame.
+fn html(status: StatusCode, page: String) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+    ];
+    (status, headers, page).into_response()
+}
+
+/// `/`: the dashboard, with the CSRF token of the session it was asked with.
+async fn dashboard(csrf: Option<Extension<auth::Csrf>>) -> Response {
+    let page = match csrf {
+        Some(Extension(auth::Csrf(token))) => {
+            DASHBOARD.replacen(DASHBOARD_CSRF, &format!("<meta name=\"gearbox-csrf\" content=\"{token}\">"), 1)
+        }
+        None => DASHBOARD.to_owned(),
+    };
+    html(StatusCode::OK, page)
+}
+
 fn router(state: AppState) -> Router {
+    let guard = axum::middleware::from_fn_with_state(state.auth.clone(), auth::guard);
     Router::new()
-        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD) }))
+        .route("/", get(dashboard))
+        .route("/login", post(auth::login))
+        .route("/logout", post(auth::logout))
         .route("/metrics", get(metrics::render))
         .route("/api/throughput", get(throughput))
         .route("/api/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .nest("/api", api::routes())
         .fallback(|| async { api::ApiError::not_found("no such page").into_response() })
+        .layer(guard)
         .with_state(state)
 }
 
-/// Serves HTTP on `listener` until `shutdown`.
+/// Serves HTTP on `listener` until `shutdown`: HTTPS if the security settings say so.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("dashboard, metrics and API on http://{addr}/");
+    let security = shared.security.clone();
+    let https = security.http.tls;
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return tracing::error!("HTTP is off: {e}"),
+    };
+    if https && security.tls.is_none() {
+        return tracing::error!("HTTP is off: HTTPS needs --ssl-certificate and --ssl-key");
+    }
+    let auth = Arc::new(auth::Auth::new(security.clone(), addr, https));
+    if auth.insecure_cookie() {
+        tracing::warn!("the dashboard's login cookie goes over plain HTTP on {addr}, readable on the way: serve HTTPS with --http-ssl");
     }
     let history = Arc::new(Mutex::new(VecDeque::with_capacity(SAMPLES_KEPT)));
     tokio::spawn(keep_history(shared.clone(), history.clone(), shutdown.clone()));
-    let app = router(AppState { shared, history });
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+    let app = router(AppState { shared, history, auth }).into_make_service_with_connect_info::<Peer>();
+    let stopped = shutdown.clone().cancelled_owned();
+    let served = if https {
+        let listener = match https::HttpsListener::start(listener, security, shutdown) {
+            Ok(listener) => listener,
+            Err(e) => return tracing::error!("HTTP is off: {e}"),
+        };
+        tracing::info!("dashboard, metrics and API on https://{addr}/");
+        axum::serve(listener, app).with_graceful_shutdown(stopped).await
+    } else {
+        tracing::info!("dashboard, metrics and API on http://{addr}/");
+        axum::serve(listener, app).with_graceful_shutdown(stopped).await
+    };
+    if let Err(e) = served {
         tracing::error!("HTTP server failed: {e}");
     }
 }
