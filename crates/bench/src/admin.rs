@@ -3,14 +3,14 @@
 //! jobs no node owns yet).
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use gearbox_client::{Connector, Stream};
+use tokio::io::AsyncReadExt;
 
 /// Longest admin line expected; a longer one means this is not an admin answer.
 const MAX_LINE: usize = 64 * 1024;
 
 pub(crate) struct Admin {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
 }
 
@@ -29,14 +29,14 @@ impl FunctionStatus {
 }
 
 impl Admin {
-    pub async fn connect(addr: &str) -> Result<Admin> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    pub async fn connect(connector: &Connector, addr: &str) -> Result<Admin> {
+        let stream = connector.connect(addr).await?;
         Ok(Admin { stream, buf: Vec::new() })
     }
 
     /// The server's answer to `getpid`: `OK <pid>`.
     pub async fn getpid(&mut self) -> Result<u32> {
-        self.stream.write_all(b"getpid\n").await?;
+        self.stream.send(b"getpid\n").await?;
         let line = self.line().await?;
         line.strip_prefix("OK ")
             .and_then(|pid| pid.trim().parse().ok())
@@ -54,7 +54,7 @@ impl Admin {
     /// `function`'s unowned jobs in the `cluster` answer: `unowned \t - \t - \t FUNCTION \t
     /// QUEUED \t 0 \t 0` lines; 0 from a server that is no cluster node (it answers `ERR`).
     async fn unowned(&mut self, function: &str) -> Result<u64> {
-        self.stream.write_all(b"cluster\n").await?;
+        self.stream.send(b"cluster\n").await?;
         let mut unowned = 0;
         loop {
             let line = self.line().await?;
@@ -70,7 +70,7 @@ impl Admin {
 
     /// `function`'s line of `status` (all zero when the server does not list it).
     async fn node_status(&mut self, function: &str) -> Result<FunctionStatus> {
-        self.stream.write_all(b"status\n").await?;
+        self.stream.send(b"status\n").await?;
         let mut found = FunctionStatus::default();
         loop {
             let line = self.line().await?;

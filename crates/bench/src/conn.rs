@@ -1,25 +1,24 @@
-//! A client-side Gearman connection: requests are queued and sent in one write, and every
-//! read decodes as many responses as arrived.
+//! A client-side Gearman connection, plaintext or TLS: requests are queued and sent in one
+//! write, and every read decodes as many responses as arrived.
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
+use gearbox_client::{Connector, Stream};
 use gearbox_proto::{encode_packet, Decoder, Magic, Message, PacketType, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 const READ_CHUNK: usize = 64 * 1024;
 
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     decoder: Decoder,
 }
 
 impl Conn {
-    pub async fn connect(addr: &str) -> Result<Conn> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
+    pub async fn connect(connector: &Connector, addr: &str) -> Result<Conn> {
+        let stream = connector.connect(addr).await?;
         Ok(Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -36,7 +35,7 @@ impl Conn {
     /// Sends everything queued in a single write.
     pub async fn flush(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await.context("writing to the server")?;
+            self.stream.send(&self.wbuf).await.context("writing to the server")?;
             self.wbuf.clear();
         }
         Ok(())

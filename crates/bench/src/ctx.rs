@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use gearbox_client::Connector;
 use gearbox_proto::{PacketType, Response};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -25,6 +26,8 @@ const DUPLICATE_GRACE: Duration = Duration::from_millis(200);
 pub(crate) struct Ctx {
     /// The servers, HOST:PORT, in --server's order.
     pub addrs: Vec<String>,
+    /// How to connect: plaintext or TLS.
+    pub connector: Arc<Connector>,
     pub function: Bytes,
     pub run_id: String,
     pub clients: usize,
@@ -44,9 +47,10 @@ pub(crate) struct Ctx {
 impl Ctx {
     pub async fn new(args: &BenchArgs, clients: usize) -> Result<Ctx> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+        let connector = Arc::new(args.connector()?);
         let mut procs = Vec::with_capacity(args.server.len());
         for (i, addr) in args.server.iter().enumerate() {
-            let found = ServerProc::find(addr, args.server_pid.get(i).copied());
+            let found = ServerProc::find(&connector, addr, args.server_pid.get(i).copied());
             procs.push(
                 tokio::time::timeout_at(deadline, found)
                     .await
@@ -58,6 +62,7 @@ impl Ctx {
         seed.write_u128(std::time::UNIX_EPOCH.elapsed()?.as_nanos());
         Ok(Ctx {
             addrs: args.server.clone(),
+            connector,
             function: Bytes::from(args.function.clone().into_bytes()),
             run_id: format!("{:08x}", seed.finish() as u32),
             clients,
@@ -140,7 +145,8 @@ impl Ctx {
         for addr in addrs {
             for _ in 0..self.workers {
                 let (tx, rx) = oneshot::channel();
-                let worker = jobs::worker(addr.clone(), self.function.clone(), jobs.clone(), tx);
+                let worker =
+                    jobs::worker(self.connector.clone(), addr.clone(), self.function.clone(), jobs.clone(), tx);
                 self.spawn("worker", worker);
                 ready.push(rx);
             }
@@ -163,7 +169,8 @@ impl Ctx {
     pub async fn connect_clients_to(&mut self, addrs: &[String]) -> Result<Vec<Conn>> {
         let mut conns = Vec::with_capacity(self.clients);
         for addr in addrs.iter().cycle().take(self.clients) {
-            conns.push(self.wait("connecting", Conn::connect(addr)).await??);
+            let connector = self.connector.clone();
+            conns.push(self.wait("connecting", Conn::connect(&connector, addr)).await??);
         }
         Ok(conns)
     }

@@ -23,7 +23,8 @@ impl Ctx {
     pub async fn depth(&mut self, jobs: &Arc<JobSet>, step: u64, report: &mut Report) -> Result<()> {
         let function = String::from_utf8_lossy(&self.function).into_owned();
         let addr = self.addrs[0].clone();
-        let mut admin = self.wait("connecting", Admin::connect(&addr)).await??;
+        let connector = self.connector.clone();
+        let mut admin = self.wait("connecting", Admin::connect(&connector, &addr)).await??;
         let queued = self.wait("asking for status", admin.status(&function)).await??.total;
         if queued > 0 {
             bail!(
@@ -70,7 +71,8 @@ impl Ctx {
     pub async fn drain(&mut self, jobs: &Arc<JobSet>, rss_after: Duration, report: &mut Report) -> Result<()> {
         let function = String::from_utf8_lossy(&self.function).into_owned();
         let addr = self.addrs[0].clone();
-        let mut admin = self.wait("connecting", Admin::connect(&addr)).await??;
+        let connector = self.connector.clone();
+        let mut admin = self.wait("connecting", Admin::connect(&connector, &addr)).await??;
         report.queued_at_start = Some(self.wait("asking for status", admin.status(&function)).await??.queued());
         report.rss_at_start = Some(self.rss("drain")?);
         let watched = jobs.clone();

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bytes::Bytes;
+use gearbox_client::Connector;
 use gearbox_proto::{PacketType, Response};
 use tokio::sync::{oneshot, Notify};
 
@@ -170,8 +171,14 @@ impl Submitter {
 /// A worker that holds one job at a time: GRAB_JOB_UNIQ, PRE_SLEEP on NO_JOB until a NOOP,
 /// and WORK_COMPLETE sent together with the next grab. Runs until aborted; `ready` fires
 /// once the server has answered, so its CAN_DO is registered.
-pub(crate) async fn worker(addr: String, function: Bytes, jobs: Arc<JobSet>, ready: oneshot::Sender<()>) -> Result<()> {
-    let mut conn = Conn::connect(&addr).await?;
+pub(crate) async fn worker(
+    connector: Arc<Connector>,
+    addr: String,
+    function: Bytes,
+    jobs: Arc<JobSet>,
+    ready: oneshot::Sender<()>,
+) -> Result<()> {
+    let mut conn = Conn::connect(&connector, &addr).await?;
     conn.push(PacketType::CanDo, &[&function]);
     conn.push(PacketType::GrabJobUniq, &[]);
     conn.flush().await?;

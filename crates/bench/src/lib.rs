@@ -1,5 +1,6 @@
 //! `gearbox bench`: a load generator for any Gearman server (gearbox or gearmand), speaking
-//! the binary protocol over plain TCP.
+//! the binary protocol over plain TCP, or TLS (`--ssl`, `--ssl-ca-file` …) for every
+//! connection, the admin ones included.
 //!
 //! - `bg`: clients keep `--inflight` SUBMIT_JOB_BG each in flight while workers run them one at
 //!   a time; throughput from the first submit to the last WORK_COMPLETE.
@@ -35,10 +36,12 @@ mod report;
 mod server;
 mod takeover;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use gearbox_client::{Connector, Tls};
 
 use ctx::Ctx;
 use jobs::JobSet;
@@ -131,6 +134,42 @@ pub struct BenchArgs {
     /// Also print the results as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Connect with TLS (implied by the other --ssl-* flags).
+    #[arg(long)]
+    pub ssl: bool,
+    /// PEM file of the CAs the servers' certificates must chain to [default: the public CAs].
+    #[arg(long, value_name = "FILE")]
+    pub ssl_ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate, for servers that require one (with --ssl-key).
+    #[arg(long, value_name = "FILE", requires = "ssl_key")]
+    pub ssl_certificate: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "ssl_certificate")]
+    pub ssl_key: Option<PathBuf>,
+    /// Name the servers' certificates must hold [default: the host of each --server].
+    #[arg(long, value_name = "NAME")]
+    pub ssl_server_name: Option<String>,
+}
+
+impl BenchArgs {
+    /// How every connection is opened: TLS if any --ssl flag asks for it.
+    fn connector(&self) -> Result<Connector> {
+        let flagged = self.ssl_ca_file.is_some() || self.ssl_certificate.is_some() || self.ssl_server_name.is_some();
+        if !(self.ssl || flagged) {
+            return Ok(Connector::new());
+        }
+        let mut tls = Tls::builder();
+        if let Some(ca) = &self.ssl_ca_file {
+            tls = tls.ca_file(ca);
+        }
+        if let (Some(certificate), Some(key)) = (&self.ssl_certificate, &self.ssl_key) {
+            tls = tls.client_certificate(certificate, key);
+        }
+        if let Some(name) = &self.ssl_server_name {
+            tls = tls.server_name(name);
+        }
+        Ok(Connector::new().with_tls(tls.build()?))
+    }
 }
 
 /// Runs the benchmark on a runtime of its own (`--threads`), whatever the caller's is, and

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use gearbox_client::Connector;
 
 use crate::admin::Admin;
 
@@ -19,10 +20,10 @@ pub(crate) struct ServerProc {
 impl ServerProc {
     /// The server process: `explicit` if given, otherwise whatever `getpid` answers.
     /// `None` (with a warning) when the server does not say or runs on another host.
-    pub async fn find(addr: &str, explicit: Option<u32>) -> Result<Option<ServerProc>> {
+    pub async fn find(connector: &Connector, addr: &str, explicit: Option<u32>) -> Result<Option<ServerProc>> {
         let pid = match explicit {
             Some(pid) => pid,
-            None => match tokio::time::timeout(Duration::from_secs(5), ask_pid(addr)).await {
+            None => match tokio::time::timeout(Duration::from_secs(5), ask_pid(connector, addr)).await {
                 Ok(Ok(pid)) => pid,
                 Ok(Err(e)) => {
                     eprintln!("warning: no PID for {addr} ({e:#}); its CPU and memory not measured");
@@ -67,6 +68,6 @@ impl ServerProc {
     }
 }
 
-async fn ask_pid(addr: &str) -> Result<u32> {
-    Admin::connect(addr).await?.getpid().await
+async fn ask_pid(connector: &Connector, addr: &str) -> Result<u32> {
+    Admin::connect(connector, addr).await?.getpid().await
 }

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use gearbox_client::Connector;
 use gearbox_proto::{PacketType, Response};
 use tokio::sync::oneshot;
 
@@ -40,7 +41,10 @@ impl Ctx {
         for _ in 0..self.workers {
             let (ready_tx, ready_rx) = oneshot::channel();
             let (held_tx, held_rx) = oneshot::channel();
-            self.spawn("holding worker", hold(victim.clone(), self.function.clone(), jobs.clone(), ready_tx, held_tx));
+            self.spawn(
+                "holding worker",
+                hold(self.connector.clone(), victim.clone(), self.function.clone(), jobs.clone(), ready_tx, held_tx),
+            );
             ready.push(ready_rx);
             held.push(held_rx);
         }
@@ -90,13 +94,14 @@ impl Ctx {
 /// server. `ready` fires once the server has answered (its CAN_DO is registered), `held` once
 /// it has its job. Runs until aborted.
 async fn hold(
+    connector: Arc<Connector>,
     addr: String,
     function: Bytes,
     jobs: Arc<JobSet>,
     ready: oneshot::Sender<()>,
     held: oneshot::Sender<()>,
 ) -> Result<()> {
-    let mut conn = Conn::connect(&addr).await?;
+    let mut conn = Conn::connect(&connector, &addr).await?;
     conn.push(PacketType::CanDo, &[&function]);
     conn.push(PacketType::GrabJobUniq, &[]);
     conn.flush().await?;

@@ -10,10 +10,9 @@ use std::collections::{HashMap, VecDeque};
 use bytes::{Bytes, BytesMut};
 use gearbox_proto::{Decoder, Message, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Error, JobEvent};
+use crate::{Connector, Error, JobEvent, Stream};
 
 pub(crate) struct Call {
     pub request: Request,
@@ -29,15 +28,22 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub async fn open(addr: &str) -> Result<Connection, Error> {
-        let stream = TcpStream::connect(addr).await.map_err(|e| Error::Connect(addr.to_string(), e))?;
-        stream.set_nodelay(true).ok();
+    pub async fn open(addr: &str, connector: &Connector) -> Result<Connection, Error> {
+        let stream = connector.connect(addr).await?;
         let (calls, rx) = mpsc::unbounded_channel();
         tokio::spawn(drive(stream, rx));
         let conn = Connection { calls };
-        // Ask for exception messages; servers that refuse the option still work.
-        let _ = conn.call(Request::OptionReq { option: Bytes::from_static(b"exceptions") }, None).await;
-        Ok(conn)
+        // Ask for exception messages; servers that refuse the option still work, but a TLS
+        // port spoken to in plaintext says so and closes.
+        match conn.call(Request::OptionReq { option: Bytes::from_static(b"exceptions") }, None).await {
+            Ok(_) => Ok(conn),
+            Err(Error::Server { code, text }) if code == "TLS_REQUIRED" => Err(Error::Server { code, text }),
+            Err(Error::Server { code, .. }) => {
+                tracing::debug!("{addr} refuses the exceptions option: {code}");
+                Ok(conn)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -60,8 +66,8 @@ struct Waiter {
     events: Option<mpsc::UnboundedSender<JobEvent>>,
 }
 
-async fn drive(stream: TcpStream, mut calls: mpsc::UnboundedReceiver<Call>) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn drive(stream: Stream, mut calls: mpsc::UnboundedReceiver<Call>) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut waiting: VecDeque<Waiter> = VecDeque::new();
     let mut jobs: HashMap<Bytes, mpsc::UnboundedSender<JobEvent>> = HashMap::new();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
@@ -79,7 +85,8 @@ async fn drive(stream: TcpStream, mut calls: mpsc::UnboundedReceiver<Call>) {
                     call.request.encode(&mut out);
                     waiting.push_back(Waiter { reply: call.reply, events: call.events });
                 }
-                if let Err(e) = wr.write_all(&out).await {
+                // Over TLS the bytes wait in the TLS layer until flushed.
+                if let Err(e) = async { wr.write_all(&out).await?; wr.flush().await }.await {
                     break Error::Io(e);
                 }
             }

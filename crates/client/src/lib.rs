@@ -13,8 +13,23 @@
 //! With several servers, a job with a unique key always goes to the same server (a
 //! consistent hash of the key), so coalescing works across the cluster; other jobs are spread
 //! round-robin. A server that cannot be reached is skipped until it can again.
+//!
+//! TLS and tokens (gearbox's access list; see [`Connector`] for the exchange):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use gearbox_client::{Client, Job, Tls};
+//! let tls = Tls::builder().ca_file("tls/ca.pem").client_certificate("tls/web.pem", "tls/web.key").build()?;
+//! let client = Client::new(["jobs.example.com:4740"]).with_tls(tls);
+//! client.submit_background(Job::new("resize", "img.png")).await?;
+//! let deploy = Client::new(["127.0.0.1:4730"]).with_token(std::env::var("GEARBOX_TOKEN")?);
+//! # Ok(()) }
+//! ```
 
 mod connection;
+mod connector;
+mod stream;
+mod tls;
 pub mod typed;
 pub mod worker;
 
@@ -28,6 +43,9 @@ use gearbox_proto::{Request, Response};
 use tokio::sync::mpsc;
 
 use connection::Connection;
+pub use connector::Connector;
+pub use stream::Stream;
+pub use tls::{Tls, TlsBuilder, TlsError};
 
 /// Why a call failed. `Debug` prints the same text as `Display`, so that
 /// `fn main() -> Result<(), gearbox_client::Error>` reports a readable message.
@@ -36,6 +54,9 @@ use connection::Connection;
 pub enum Error {
     #[error("cannot connect to {0}: {1}")]
     Connect(String, std::io::Error),
+    /// The TLS handshake failed, or the server refused the client certificate just after it.
+    #[error("TLS with {server} failed: {reason}")]
+    Tls { server: String, reason: String },
     #[error("no server could be reached")]
     NoServer,
     #[error("the connection to the server was lost")]
@@ -44,6 +65,9 @@ pub enum Error {
     Io(std::io::Error),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The server's ERROR packet: `PERMISSION_DENIED` for what the access list refuses (and
+    /// for an unknown token), `UNKNOWN_OPTION` for a token sent to a server without tokens,
+    /// `TLS_REQUIRED` from a TLS port spoken to in plaintext.
     #[error("server error {code}: {text}")]
     Server { code: String, text: String },
     #[error("the job failed")]
@@ -172,6 +196,7 @@ pub struct Client {
     servers: Vec<Server>,
     next: AtomicUsize,
     timeout: Option<Duration>,
+    connector: Connector,
 }
 
 impl Client {
@@ -185,7 +210,20 @@ impl Client {
                 down_until: Mutex::new(None),
             })
             .collect();
-        Client { servers, next: AtomicUsize::new(0), timeout: None }
+        Client { servers, next: AtomicUsize::new(0), timeout: None, connector: Connector::new() }
+    }
+
+    /// Connects to every server over TLS.
+    pub fn with_tls(mut self, tls: Tls) -> Client {
+        self.connector = self.connector.with_tls(tls);
+        self
+    }
+
+    /// Sends this token first on every connection (OPTION_REQ `auth=TOKEN`); a server that
+    /// refuses it fails the call with [`Error::Server`].
+    pub fn with_token(mut self, token: impl Into<String>) -> Client {
+        self.connector = self.connector.with_token(token);
+        self
     }
 
     /// Fails calls that take longer (a foreground job: until its result).
@@ -316,7 +354,9 @@ impl Client {
             match self.call_on(server, request.clone(), events.clone()).await {
                 Ok(response) => return Ok((server, response)),
                 // Only failures to reach the server move on; a server's answer is final.
-                Err(e @ (Error::Connect(..) | Error::Disconnected | Error::Io(_))) => last_error = e,
+                Err(e @ (Error::Connect(..) | Error::Tls { .. } | Error::Disconnected | Error::Io(_))) => {
+                    last_error = e
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -338,11 +378,13 @@ impl Client {
                     if server.down_until.lock().unwrap().is_some_and(|t| Instant::now() < t) {
                         return Err(Error::Disconnected);
                     }
-                    match Connection::open(&server.addr).await {
+                    match Connection::open(&server.addr, &self.connector).await {
                         Ok(conn) => {
                             *slot = Some(conn.clone());
                             conn
                         }
+                        // The server answered: it is up, and says no (a refused token).
+                        Err(e @ Error::Server { .. }) => return Err(e),
                         Err(e) => {
                             *server.down_until.lock().unwrap() = Some(Instant::now() + RETRY_DOWN_SERVER);
                             return Err(e);

@@ -20,6 +20,8 @@
 //! `Err` becomes WORK_EXCEPTION with its message (clients that did not ask for exceptions
 //! see WORK_FAIL); a panic fails the job, not the worker. When the shutdown future resolves,
 //! no new job is taken and running ones finish. Lost servers are reconnected with backoff.
+//! [`Worker::with_tls`] and [`Worker::with_token`] connect as the
+//! [`Client`](crate::Client)'s do.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,9 +31,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use gearbox_proto::{Decoder, GrabKind, Message, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
+
+use crate::{Connector, Error, Stream, Tls};
 
 /// Why a job did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,7 @@ pub struct Worker {
     servers: Vec<String>,
     functions: HashMap<String, (Handler, Option<u32>)>,
     concurrency: usize,
+    connector: Connector,
 }
 
 impl Worker {
@@ -120,7 +124,22 @@ impl Worker {
             servers: servers.into_iter().map(|s| s.as_ref().to_string()).collect(),
             functions: HashMap::new(),
             concurrency: 1,
+            connector: Connector::new(),
         }
+    }
+
+    /// Connects to every server over TLS.
+    pub fn with_tls(mut self, tls: Tls) -> Worker {
+        self.connector = self.connector.with_tls(tls);
+        self
+    }
+
+    /// Sends this token first on every connection (OPTION_REQ `auth=TOKEN`), before CAN_DO.
+    /// A refused token is logged, and the connection tried again with backoff, as a lost
+    /// server is.
+    pub fn with_token(mut self, token: impl Into<String>) -> Worker {
+        self.connector = self.connector.with_token(token);
+        self
     }
 
     /// Serves `function` with an async closure.
@@ -159,11 +178,12 @@ impl Worker {
     /// Serves until `shutdown` resolves, then lets running jobs finish.
     pub async fn run(self, shutdown: impl Future) {
         let functions = Arc::new(self.functions);
+        let connector = Arc::new(self.connector);
         let (stop_tx, stop) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for server in &self.servers {
             for _ in 0..self.concurrency {
-                tasks.spawn(serve(server.clone(), functions.clone(), stop.clone()));
+                tasks.spawn(serve(server.clone(), connector.clone(), functions.clone(), stop.clone()));
             }
         }
         tokio::select! {
@@ -178,12 +198,13 @@ impl Worker {
 /// One slot on one server: reconnects until told to stop.
 async fn serve(
     server: String,
+    connector: Arc<Connector>,
     functions: Arc<HashMap<String, (Handler, Option<u32>)>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
-        match slot(&server, &functions, &mut stop).await {
+        match slot(&server, &connector, &functions, &mut stop).await {
             Ok(()) => return,
             Err(e) => tracing::warn!("worker connection to {server}: {e}; reconnecting in {backoff:?}"),
         }
@@ -197,11 +218,11 @@ async fn serve(
 
 async fn slot(
     server: &str,
+    connector: &Connector,
     functions: &HashMap<String, (Handler, Option<u32>)>,
     stop: &mut watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect(server).await?;
-    stream.set_nodelay(true).ok();
+) -> Result<(), Error> {
+    let mut stream = connector.connect(server).await?;
     let mut out = BytesMut::new();
     for (name, (_, timeout)) in functions {
         let function = Bytes::copy_from_slice(name.as_bytes());
@@ -211,12 +232,12 @@ async fn slot(
         }
     }
     Request::GrabJob(GrabKind::Uniq).encode(&mut out);
-    stream.write_all(&out).await?;
+    stream.send(&out).await.map_err(Error::Io)?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let response = tokio::select! {
             _ = stop.changed() => return Ok(()),
-            r = next_response(&mut stream, &mut buf) => r?,
+            r = next_response(&mut stream, &mut buf) => r.map_err(Error::Io)?,
         };
         out.clear();
         match response {
@@ -226,12 +247,14 @@ async fn slot(
                 let handler =
                     std::str::from_utf8(&function).ok().and_then(|f| functions.get(f)).map(|(h, _)| h.clone());
                 let ending = match handler {
-                    Some(handler) => run_job(&mut stream, handler, handle, function, unique, data).await?,
+                    Some(handler) => {
+                        run_job(&mut stream, handler, handle, function, unique, data).await.map_err(Error::Io)?
+                    }
                     None => Request::WorkFail { handle },
                 };
                 ending.encode(&mut out);
                 if *stop.borrow() {
-                    return stream.write_all(&out).await;
+                    return stream.send(&out).await.map_err(Error::Io);
                 }
                 Request::GrabJob(GrabKind::Uniq).encode(&mut out);
             }
@@ -239,17 +262,15 @@ async fn slot(
                 tracing::warn!("{server}: {}: {}", String::from_utf8_lossy(&code), String::from_utf8_lossy(&text));
                 continue;
             }
-            other => {
-                return Err(std::io::Error::other(format!("unexpected {other:?}")));
-            }
+            other => return Err(Error::Protocol(format!("unexpected {other:?}"))),
         }
-        stream.write_all(&out).await?;
+        stream.send(&out).await.map_err(Error::Io)?;
     }
 }
 
 /// Runs one job, forwarding its progress as it comes; returns the packet that ends it.
 async fn run_job(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     handler: Handler,
     handle: Bytes,
     function: Bytes,
@@ -267,7 +288,7 @@ async fn run_job(
                 if let Some(update) = update {
                     out.clear();
                     update.encode(&mut out);
-                    stream.write_all(&out).await?;
+                    stream.send(&out).await?;
                 }
             }
             done = &mut task => break done,
@@ -277,7 +298,7 @@ async fn run_job(
     while let Ok(update) = updates.try_recv() {
         out.clear();
         update.encode(&mut out);
-        stream.write_all(&out).await?;
+        stream.send(&out).await?;
     }
     Ok(match outcome {
         Ok(Ok(result)) => Request::WorkComplete { handle, data: result },
@@ -290,7 +311,7 @@ async fn run_job(
     })
 }
 
-async fn next_response(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Response> {
+async fn next_response(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<Response> {
     loop {
         let decoded = Decoder::default().decode(buf).map_err(std::io::Error::other)?;
         if let Some(Message::Packet(frame)) = decoded {

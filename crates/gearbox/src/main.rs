@@ -33,6 +33,8 @@ enum Command {
     Dead(cli::DeadArgs),
     /// Print a finished job's result, when the job log keeps results (--job-log-bodies)
     Result(cli::ResultArgs),
+    /// Make a token for the access list (--acl): prints the token and the line for the file
+    Token(cli::TokenArgs),
     /// Copy the jobs of a gearmand persistent queue (libsqlite3, MySQL, PostgreSQL) into gearbox's queue
     ImportGearmand(import::ImportArgs),
     /// Load a Gearman server (gearbox or gearmand) and measure it; checks no job is lost or run twice
@@ -74,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dead(args) => cli::dead(args)?,
         Command::Result(args) => cli::result(args)?,
         Command::Work(args) => cli::work(args)?,
+        Command::Token(args) => cli::token(args)?,
     }
     Ok(())
 }

@@ -100,9 +100,10 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
     };
     let whole_cluster = matches!(args.command, AdminCommand::Status { cluster: true });
     let runtime = runtime()?;
+    let connector = args.servers.connector()?;
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     for server in &args.servers.servers {
-        let reply = runtime.block_on(admin_line(server, &line))?;
+        let reply = runtime.block_on(admin_line(&connector, server, &line))?;
         if let Some(err) = reply.strip_prefix("ERR ") {
             bail!("{server}: {}", err.trim().replace('+', " "));
         }
@@ -165,8 +166,9 @@ fn set(servers: &Servers, line: &str) -> anyhow::Result<()> {
 
 fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {
     let runtime = runtime()?;
+    let connector = servers.connector()?;
     for server in &servers.servers {
-        let reply = runtime.block_on(admin_line(server, line))?;
+        let reply = runtime.block_on(admin_line(&connector, server, line))?;
         if !reply.starts_with("OK") {
             bail!("{server}: {}", reply.trim().trim_start_matches("ERR ").replace('+', " "));
         }
@@ -178,9 +180,10 @@ fn set_max_queue(servers: &Servers, line: &str) -> anyhow::Result<()> {
 /// what became of the job.
 fn cancel(servers: &Servers, handle: &str, json: bool) -> anyhow::Result<()> {
     let runtime = runtime()?;
+    let connector = servers.connector()?;
     let (mut running_on, mut elsewhere) = (None, None);
     for server in &servers.servers {
-        let reply = runtime.block_on(admin_line(server, &format!("cancel job {handle}")))?;
+        let reply = runtime.block_on(admin_line(&connector, server, &format!("cancel job {handle}")))?;
         let reply = reply.trim();
         if reply.starts_with("OK") {
             if json {

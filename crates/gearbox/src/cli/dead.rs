@@ -72,7 +72,7 @@ pub fn dead(args: DeadArgs) -> anyhow::Result<()> {
     // The dead set is shared by a cluster's nodes, and kept per server otherwise: the first
     // server named is asked.
     let server = args.servers.servers.first().expect("a default server");
-    let reply = runtime()?.block_on(admin_line(server, line.trim()))?;
+    let reply = runtime()?.block_on(admin_line(&args.servers.connector()?, server, line.trim()))?;
     if let Some(err) = reply.strip_prefix("ERR ") {
         bail!("{server}: {}", err.trim().replace('+', " "));
     }

@@ -60,10 +60,11 @@ impl LogArgs {
 /// Asks every server for job-log records matching `query`; newest first, at most its limit.
 fn fetch_log(servers: &Servers, query: &gearbox_joblog::Query) -> anyhow::Result<Vec<gearbox_joblog::Record>> {
     let runtime = runtime()?;
+    let connector = servers.connector()?;
     let line = format!("log {}", query.to_query_string());
     let mut records = Vec::new();
     for server in &servers.servers {
-        let reply = runtime.block_on(admin_line(server, &line))?;
+        let reply = runtime.block_on(admin_line(&connector, server, &line))?;
         if let Some(err) = reply.strip_prefix("ERR ") {
             bail!("{server}: {}", err.trim().replace('+', " "));
         }

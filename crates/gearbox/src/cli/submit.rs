@@ -8,7 +8,7 @@ use anyhow::bail;
 use gearbox_client::{Client, Job};
 use gearbox_proto::Priority;
 
-use super::{runtime, Servers};
+use super::{explain, runtime, Servers};
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum PriorityArg {
@@ -43,7 +43,7 @@ pub struct SubmitArgs {
 }
 
 pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.servers.servers).with_timeout(Duration::from_secs(3600));
+    let client = args.servers.client()?.with_timeout(Duration::from_secs(3600));
     let job = |payload: Vec<u8>| {
         let priority = match args.priority {
             PriorityArg::High => Priority::High,
@@ -73,10 +73,10 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     };
     runtime()?.block_on(async {
         if args.background {
-            let handle = client.submit_background(job(payload)).await?;
+            let handle = client.submit_background(job(payload)).await.map_err(explain)?;
             println!("{}", String::from_utf8_lossy(handle.handle()));
         } else {
-            let result = client.run(job(payload)).await?;
+            let result = client.run(job(payload)).await.map_err(explain)?;
             std::io::stdout().write_all(&result)?;
         }
         Ok(())

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use gearbox_client::Connector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{runtime, Servers};
+use super::{explain, runtime, Servers};
 
 #[derive(clap::Args)]
 pub struct WorkArgs {
@@ -26,57 +27,74 @@ pub struct WorkArgs {
 
 /// `gearbox work`: runs a command for every job, like `gearman -w`. One connection per
 /// server; a lost server is reconnected with backoff; SIGTERM or SIGINT stops taking jobs
-/// after the one running.
+/// after the one running. A server that refuses the connection (its token, or plaintext on
+/// a TLS port) ends the command with the reason: trying again would not help.
 pub fn work(args: WorkArgs) -> anyhow::Result<()> {
+    let connector = std::sync::Arc::new(args.servers.connector()?);
     runtime()?.block_on(async {
         let args = std::sync::Arc::new(args);
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = tokio_util::sync::CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for server in args.servers.servers.clone() {
-            let (args, done, stop) = (args.clone(), done.clone(), stop.clone());
+            let (args, connector, done, stop) = (args.clone(), connector.clone(), done.clone(), stop.clone());
             tasks.spawn(async move {
                 let mut backoff = Duration::from_millis(100);
                 while !stop.is_cancelled() {
-                    match work_on(&server, &args, &done, &stop).await {
-                        Ok(()) => return,
+                    match work_on(&server, &connector, &args, &done, &stop).await {
+                        Ok(()) => return Ok(()),
+                        // The server answered with a refusal.
+                        Err(e) if matches!(e.downcast_ref(), Some(gearbox_client::Error::Server { .. })) => {
+                            return Err(e.context(server));
+                        }
                         Err(e) => eprintln!("gearbox work: {server}: {e:#}; reconnecting in {backoff:?}"),
                     }
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+                Ok(())
             });
         }
         use tokio::signal::unix::{signal, SignalKind};
         let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let mut failure: Option<anyhow::Error> = None;
+        let mut settle = |joined: Result<anyhow::Result<()>, tokio::task::JoinError>| {
+            if let Ok(Err(e)) = joined {
+                stop.cancel();
+                failure.get_or_insert(e);
+            }
+        };
         tokio::select! {
             _ = term.recv() => stop.cancel(),
             _ = int.recv() => stop.cancel(),
-            _ = async { while tasks.join_next().await.is_some() {} } => {}
+            _ = async { while let Some(joined) = tasks.join_next().await { settle(joined) } } => {}
         }
-        while tasks.join_next().await.is_some() {}
-        Ok(())
+        while let Some(joined) = tasks.join_next().await {
+            settle(joined);
+        }
+        failure.map_or(Ok(()), Err)
     })
 }
 
 async fn work_on(
     server: &str,
+    connector: &Connector,
     args: &WorkArgs,
     done: &std::sync::atomic::AtomicU64,
     stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use gearbox_proto::{Decoder, GrabKind, Message, Request, Response};
     use std::sync::atomic::Ordering::Relaxed;
-    let mut stream = tokio::net::TcpStream::connect(server).await?;
+    let mut stream = connector.connect(server).await.map_err(explain)?;
     let mut out = bytes::BytesMut::new();
     for f in &args.function {
         Request::CanDo { function: f.clone().into() }.encode(&mut out);
     }
     Request::GrabJob(GrabKind::Uniq).encode(&mut out);
-    stream.write_all(&out).await?;
+    stream.send(&out).await?;
     let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
     loop {
         let frame = loop {
@@ -110,7 +128,7 @@ async fn work_on(
                 }
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if args.count.is_some_and(|c| n >= c) || stop.is_cancelled() {
-                    stream.write_all(&out).await?;
+                    stream.send(&out).await?;
                     stop.cancel();
                     return Ok(());
                 }
@@ -121,7 +139,7 @@ async fn work_on(
             }
             other => bail!("unexpected {other:?}"),
         }
-        stream.write_all(&out).await?;
+        stream.send(&out).await?;
     }
 }
 

@@ -70,6 +70,12 @@ impl Certs {
         (write(&self.dir, &format!("foreign-{cn}.pem"), &cert), write(&self.dir, &format!("foreign-{cn}.key"), &key))
     }
 
+    /// The PEM file of the CA nobody trusts: a client that trusts only it refuses the
+    /// server's certificate.
+    pub fn foreign_ca(&self) -> PathBuf {
+        write(&self.dir, "foreign-ca.pem", &self.stranger.cert.pem())
+    }
+
     /// A new server certificate (same CA) in place of the old files, for reload tests: the
     /// returned PEM lets a test tell which one the server presents.
     pub fn replace_server_cert(&self, cn: &str) -> String {
