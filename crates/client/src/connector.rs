@@ -40,8 +40,14 @@ impl Connector {
         self
     }
 
-    /// Connects to `addr` (`HOST:PORT`), with TLS and the token if configured.
+    /// Connects to `addr` (`HOST:PORT`), with TLS and the token if configured, within
+    /// [`CONNECT_TIMEOUT`] (else [`Error::Timeout`]: a peer that accepts and never answers
+    /// must not hold a worker or a client's failover forever).
     pub async fn connect(&self, addr: &str) -> Result<Stream, Error> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.open(addr)).await.map_err(|_| Error::Timeout)?
+    }
+
+    async fn open(&self, addr: &str) -> Result<Stream, Error> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| Error::Connect(addr.to_string(), e))?;
         tcp.set_nodelay(true).ok();
         let mut stream = match &self.tls {
@@ -64,6 +70,9 @@ impl Connector {
         }
     }
 }
+
+/// How long connecting, the TLS handshake and the first exchange may take together.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The server's ERROR to the first request as an [`Error::Server`], said plainly when it
 /// means the server does not take tokens.

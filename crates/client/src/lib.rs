@@ -43,7 +43,7 @@ use gearbox_proto::{Request, Response};
 use tokio::sync::mpsc;
 
 use connection::Connection;
-pub use connector::Connector;
+pub use connector::{Connector, CONNECT_TIMEOUT};
 pub use stream::Stream;
 pub use tls::{Tls, TlsBuilder, TlsError};
 

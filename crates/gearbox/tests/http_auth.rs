@@ -226,6 +226,52 @@ fn http_on_a_network_address_needs_a_token_or_http_insecure() {
     assert_eq!(server.logged("login cookie goes over plain HTTP").len(), 1);
 }
 
+/// A GET with `host` in the Host header; the status.
+fn get_as(http: SocketAddr, host: &str, path: &str) -> u16 {
+    use std::io::Read;
+    let mut stream = TcpStream::connect(http).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line")
+}
+
+#[test]
+fn a_tokenless_http_side_answers_only_to_addresses_and_localhost() {
+    // A page whose own name was re-pointed at 127.0.0.1 (DNS rebinding) sends that name.
+    let server = Server::start(&["--http", "127.0.0.1:0"]);
+    let http = server.http.unwrap();
+    assert_eq!(get_as(http, &http.to_string(), "/api/status"), 200);
+    assert_eq!(get_as(http, &format!("localhost:{}", http.port()), "/api/status"), 200);
+    assert_eq!(get_as(http, &format!("rebind.example:{}", http.port()), "/api/status"), 403);
+    // With a token, the name does not matter: the token does.
+    let server = Server::start(&["--http", "127.0.0.1:0", "--http-token", ADMIN]);
+    assert_eq!(get_as(server.http.unwrap(), "jobs.example.com", "/api/status"), 401);
+}
+
+#[test]
+fn with_an_acl_the_http_side_needs_a_token_too() {
+    let dir = common::temp_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let acl = dir.join("acl.toml");
+    std::fs::write(&acl, "[identity.anonymous]\nadmin = \"read\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["server", "--listen", "127.0.0.1", "--port", "0", "--queue", "memory", "--job-log", "none"])
+        .args(["--http", "127.0.0.1:0", "--acl", acl.to_str().unwrap()])
+        .env_remove("GEARBOX_HTTP_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("while --acl is in force"), "{stderr}");
+    let server = Server::start(&["--http", "127.0.0.1:0", "--acl", acl.to_str().unwrap(), "--http-token", ADMIN]);
+    assert_eq!(
+        exchange(server.http.unwrap(), "GET", "/api/status", &[("Authorization", &bearer(ADMIN))], "").status,
+        200
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// curl with the test CA: the status and the body.
 fn curl(certs: &Certs, url: &str, headers: &[&str]) -> (u16, String) {
     let mut command = Command::new("curl");

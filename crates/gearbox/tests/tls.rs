@@ -271,6 +271,52 @@ fn the_acl_allows_and_denies_submissions_workers_and_admin_commands() {
     }
 }
 
+#[test]
+fn a_reload_takes_rights_back_from_open_connections() {
+    let dir = common::temp_data_dir().with_extension("acl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let open = "[identity.anonymous]\nwork = [\"reverse\"]\nsubmit = [\"reverse\"]\nadmin = \"read\"\n\n\
+                [identity.deploy]\ntokens = [\"sha256:TOKEN_HASH\"]\nsubmit = [\"*\"]\n";
+    let acl = write_acl(&dir, open);
+    let server = Server::start(&["--acl", s(&acl)]);
+    let mut worker = Conn::connect(server.addr).unwrap();
+    worker.send(&Request::CanDo { function: "reverse".into() }).unwrap();
+    let mut deploy = Conn::connect(server.addr).unwrap();
+    deploy.send(&Request::OptionReq { option: format!("auth={TOKEN}").into() }).unwrap();
+    assert!(matches!(deploy.recv(Duration::from_secs(5)).unwrap(), Some(Response::OptionRes { .. })));
+    assert!(deploy.submit_background("payments", "", "x").unwrap().starts_with("H:"));
+    wait_for("the worker's CAN_DO", || registered(&server, "reverse"));
+
+    // The token is gone and anonymous may no longer work on reverse.
+    write_acl(&dir, &open.replace("work = [\"reverse\"]\n", "").replace("TOKEN_HASH", &"0".repeat(64)));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    wait_for("the reload", || !server.logged("reloaded the ACL").is_empty());
+    let refused = deploy.submit_background("payments", "", "y").unwrap_err();
+    assert!(refused.starts_with("PERMISSION_DENIED anonymous may not submit payments"), "{refused}");
+    assert!(deploy.submit_background("reverse", "", "queued").unwrap().starts_with("H:"));
+    // The worker's next request finds its registration taken back: no job reaches it.
+    worker.send(&Request::GrabJob(gearbox_proto::GrabKind::Plain)).unwrap();
+    assert!(matches!(worker.recv(Duration::from_secs(5)).unwrap(), Some(Response::NoJob)));
+    assert!(!registered(&server, "reverse"));
+    assert!(!server.logged("token is no longer in the ACL").is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_token_sent_to_a_server_without_an_acl_is_not_taken() {
+    let server = Server::start(&[]);
+    let mut conn = Conn::connect(server.addr).unwrap();
+    conn.send(&Request::OptionReq { option: format!("auth={TOKEN}").into() }).unwrap();
+    match conn.recv(Duration::from_secs(5)).unwrap() {
+        Some(Response::Error { code, text }) => {
+            assert_eq!(&code[..], b"UNKNOWN_OPTION");
+            assert!(String::from_utf8_lossy(&text).contains("--acl"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The subject of the certificate the server presents on `addr`, as openssl prints it.
 fn served_subject(addr: SocketAddr, certs: &Certs, who: &Identity) -> String {
     let mut child = Command::new("openssl")

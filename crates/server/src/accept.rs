@@ -65,7 +65,11 @@ async fn tls_session(stream: TcpStream, shared: Arc<Shared>) {
         Ok(Err(e)) => return shared.security.audit.refused(Refused::Handshake, "-", &peer, &e.to_string()),
         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
     };
-    let identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(common_name);
+    let certificate = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let identity = certificate.and_then(common_name);
+    if certificate.is_some() && identity.is_none() {
+        tracing::warn!(%peer, "a verified client certificate has no subject CN (in UTF-8): the connection is anonymous");
+    }
     crate::session::run_tls(stream, identity, shared).await;
 }
 

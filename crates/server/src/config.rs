@@ -254,8 +254,6 @@ pub struct Config {
     pub tls_only: bool,
     /// `--ssl-port`: a TLS listener on each address beside the plaintext one.
     pub ssl_port: Option<u16>,
-    /// `--http-insecure`: HTTP may listen on a non-loopback address without a token.
-    pub http_insecure: bool,
     pub serve: ServeOptions,
 }
 
@@ -380,7 +378,6 @@ impl Settings {
         Ok(Config {
             tls_only,
             ssl_port: s.ssl_port,
-            http_insecure: s.http_insecure.unwrap_or(false),
             listen: s.listen.unwrap_or_else(|| vec!["0.0.0.0".into()]),
             port: s.port.unwrap_or(4730),
             backlog: s.backlog.unwrap_or(1024),
@@ -415,6 +412,11 @@ impl Settings {
 fn security(s: &Settings, tls_only: bool) -> Result<SecurityOptions, ConfigError> {
     let err = |m: &str| ConfigError::Security(m.into());
     let wants_tls = tls_only || s.ssl_port.is_some() || s.http_ssl == Some(true);
+    if s.ssl_certificate.is_none() && (s.ssl_ca_file.is_some() || s.ssl_verify_client.is_some()) {
+        return Err(err(
+            "--ssl-ca-file and --ssl-verify-client need --ssl-certificate and --ssl-key (and --ssl or --ssl-port)",
+        ));
+    }
     let tls = match (&s.ssl_certificate, &s.ssl_key) {
         (Some(certificate), Some(key)) => {
             let verify_client = match s.ssl_verify_client.as_deref() {
@@ -461,6 +463,7 @@ fn security(s: &Settings, tls_only: bool) -> Result<SecurityOptions, ConfigError
             read_tokens: token(&s.http_read_token, &s.http_read_token_file, "--http-read-token")?,
             tls: tls_only || s.http_ssl.unwrap_or(false),
             open_metrics: s.http_open_metrics.unwrap_or(false),
+            insecure: s.http_insecure.unwrap_or(false),
         },
     })
 }

@@ -61,7 +61,8 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     listeners.http = config.http.bind().await?;
     if let Some(listener) = &listeners.http {
-        http::check_exposure(listener.local_addr()?, &config.serve.security.http, config.http_insecure)?;
+        let security = &config.serve.security;
+        http::check_exposure(listener.local_addr()?, &security.http, security.acl.is_some())?;
     }
     if let Some(path) = &config.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
@@ -71,7 +72,6 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let reload = config.serve.reload.clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the TLS certificate and the ACL");
             reload.notify_one();
         }
     });

@@ -14,7 +14,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::broker::{AdminEffect, Broker, ConnId};
 use crate::outbox::{Fate, Outbox};
-use crate::security::{Access, Refused};
+use crate::security::{Access, AuthError, Refused};
 use crate::shared::Shared;
 
 /// A connection's read buffer starts with room for the packets of a typical client or worker,
@@ -52,7 +52,7 @@ struct Link {
     identity: Option<String>,
 }
 
-async fn run<R, W>(rd: R, wr: W, link: Link, shared: Arc<Shared>)
+async fn run<R, W>(mut rd: R, mut wr: W, link: Link, shared: Arc<Shared>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -63,16 +63,22 @@ where
     let mut guard = Guard {
         access: Access::new(&shared.security, link.identity),
         peer: link.peer.map_or_else(|| "-".into(), |a| a.to_string()),
+        recheck: false,
     };
-    if let Err(e) = drive(rd, wr, link.tls, id, &outbox, &mut guard, &shared).await {
-        tracing::debug!(%ip, "connection ended: {e}");
+    match drive(&mut rd, &mut wr, link.tls, id, &outbox, &mut guard, &shared).await {
+        // TLS peers expect close_notify; without it they report a truncated stream.
+        Ok(()) if link.tls => {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
+        }
+        Ok(()) => {}
+        Err(e) => tracing::debug!(%ip, "connection ended: {e}"),
     }
     shared.broker.lock().unwrap().disconnect(id);
 }
 
 async fn drive<R, W>(
-    mut rd: R,
-    mut wr: W,
+    rd: &mut R,
+    wr: &mut W,
     tls: bool,
     id: ConnId,
     outbox: &Outbox,
@@ -129,7 +135,7 @@ where
         let reading = !closing && wbuf.len() < WRITE_HIGH_WATER;
         tokio::select! {
             biased;
-            written = write_or_flush(&mut wr, &wbuf), if !wbuf.is_empty() || unflushed => match written? {
+            written = write_or_flush(wr, &wbuf), if !wbuf.is_empty() || unflushed => match written? {
                 Some(n) => {
                     wbuf.advance(n);
                     unflushed = tls;
@@ -147,7 +153,7 @@ where
                     shared.security.audit.refused(Refused::TlsOnPlain, "-", peer, "TLS ClientHello on a plaintext port");
                     return Ok(());
                 }
-                guard.access.refresh(&shared.security);
+                guard.recheck |= guard.access.refresh(&shared.security);
                 loop {
                     match process(&mut rbuf, &decoder, id, guard, shared) {
                         Processed::All => break,
@@ -206,12 +212,15 @@ enum Processed {
 fn process(rbuf: &mut BytesMut, decoder: &Decoder, id: ConnId, guard: &mut Guard, shared: &Shared) -> Processed {
     let mut broker = shared.broker.lock().unwrap();
     broker.begin(id);
+    if std::mem::take(&mut guard.recheck) {
+        guard.revoke_abilities(&mut broker, id, shared);
+    }
     loop {
         match decoder.decode(rbuf) {
             Ok(None) => return Processed::All,
             Ok(Some(Message::Packet(frame))) => match Request::parse(&frame) {
                 Ok(req) => {
-                    if guard.allows(&req, &broker, id, shared) {
+                    if guard.allows(&req, &mut broker, id, shared) {
                         broker.apply(id, req)
                     }
                 }
@@ -283,19 +292,31 @@ struct Guard {
     access: Access,
     /// `IP:PORT`, for the audit log.
     peer: String,
+    /// The access list was reloaded: registered functions are checked again.
+    recheck: bool,
 }
 
 impl Guard {
     /// Whether `req` may be applied; a refusal has been answered (or, for CAN_DO, which has
     /// no reply, only logged, as OpenStack's gear does) and audited.
-    fn allows(&mut self, req: &Request, broker: &Broker, id: ConnId, shared: &Shared) -> bool {
+    fn allows(&mut self, req: &Request, broker: &mut Broker, id: ConnId, shared: &Shared) -> bool {
         if let Request::OptionReq { option } = req {
             if let Some(token) = option.strip_prefix(b"auth=") {
-                if self.access.authenticate(&shared.security, token) {
-                    return true;
+                match self.access.authenticate(&shared.security, token) {
+                    Ok(()) => {
+                        // The new identity may work on less than the old one did.
+                        self.revoke_abilities(broker, id, shared);
+                        return true;
+                    }
+                    Err(AuthError::NoAcl) => {
+                        let text = "this server has no access list (--acl): it does not check tokens";
+                        broker.send_error(id, "UNKNOWN_OPTION", text);
+                    }
+                    Err(AuthError::Unknown) => {
+                        self.refuse(Refused::Token, "auth", shared);
+                        broker.send_error(id, "PERMISSION_DENIED", "unknown token");
+                    }
                 }
-                self.refuse(Refused::Token, "auth", shared);
-                broker.send_error(id, "PERMISSION_DENIED", "unknown token");
                 return false;
             }
         }
@@ -347,6 +368,18 @@ impl Guard {
         let text = format!("{identity}+may+not+run+this+command+(it+needs+admin+{})", needed.label());
         broker.send_text(id, &format!("ERR PERMISSION_DENIED {text}\r\n"));
         false
+    }
+
+    /// Unregisters the functions the connection's grant no longer lets it work on (after a
+    /// reload, or a token), so that no job of theirs reaches it.
+    fn revoke_abilities(&self, broker: &mut Broker, id: ConnId, shared: &Shared) {
+        let Some(grant) = self.access.grant() else { return };
+        for function in broker.abilities(id) {
+            if !grant.may_work(&function) {
+                self.refuse(Refused::Work, &String::from_utf8_lossy(&function), shared);
+                broker.apply(id, Request::CantDo { function });
+            }
+        }
     }
 
     fn refuse(&self, action: Refused, what: &str, shared: &Shared) {

@@ -89,6 +89,13 @@ impl Broker {
         }
     }
 
+    /// The functions a worker connection has registered (CAN_DO), for re-checking them when
+    /// its rights change.
+    pub fn abilities(&self, conn: ConnId) -> Vec<Bytes> {
+        let Some(c) = self.conns.get(conn as usize) else { return Vec::new() };
+        c.abilities.iter().map(|a| self.functions[a.function as usize].name.clone()).collect()
+    }
+
     /// Asks every connection to flush and close (server shutdown).
     pub fn close_all(&self) {
         for (_, c) in &self.conns {

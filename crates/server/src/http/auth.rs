@@ -165,6 +165,15 @@ pub(super) async fn guard(
         "/metrics" => options.open_metrics && !changes,
         _ => false,
     };
+    if !options.has_tokens() && !options.insecure && !local_host_name(request.headers()) {
+        // A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) reaches a tokenless
+        // loopback listener with its own name in Host: only addresses and localhost are served.
+        return refuse(
+            "-",
+            StatusCode::FORBIDDEN,
+            "refused: without --http-token, HTTP answers only to an IP address or localhost in Host",
+        );
+    }
     if open || !options.has_tokens() {
         return next.run(request).await;
     }
@@ -213,6 +222,19 @@ fn cross_origin(headers: &HeaderMap) -> bool {
         headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|host| host.eq_ignore_ascii_case(authority))
     };
     !(named(header::HOST.as_str()) || named("x-forwarded-host"))
+}
+
+/// Whether `Host` names an IP address or localhost (a name no page can re-point).
+fn local_host_name(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return true };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
 }
 
 /// The login page, saying `message` (HTML) if any.
@@ -267,11 +289,26 @@ fn to_dashboard(cookie: Option<HeaderValue>) -> Response {
 
 /// Refuses (at start) to serve HTTP without a token on an address other machines can reach,
 /// unless `--http-insecure` says so; warns when it does.
-pub fn check_exposure(addr: SocketAddr, options: &HttpAuthOptions, insecure: bool) -> std::io::Result<()> {
-    if options.has_tokens() || addr.ip().to_canonical().is_loopback() {
+pub fn check_exposure(addr: SocketAddr, options: &HttpAuthOptions, acl: bool) -> std::io::Result<()> {
+    if options.has_tokens() {
         return Ok(());
     }
-    if !insecure {
+    // The API submits, cancels and reads jobs as no Gearman identity: with an access list,
+    // an open HTTP side (even on loopback, for every local user) would go around it.
+    if acl && !options.insecure {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing to serve HTTP on {addr} without --http-token while --acl is in force: its API \
+                 submits, cancels and reads jobs outside the ACL; add a token (--http-token, \
+                 --http-token-file or GEARBOX_HTTP_TOKEN), turn HTTP off (--http off), or --http-insecure"
+            ),
+        ));
+    }
+    if addr.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    if !options.insecure {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
@@ -315,11 +352,25 @@ mod tests {
         let token = HttpAuthOptions { admin_tokens: vec!["x".repeat(16)], ..Default::default() };
         for loopback in ["127.0.0.1:4731", "127.1.2.3:80", "[::1]:4731", "[::ffff:127.0.0.1]:1"] {
             assert!(check_exposure(loopback.parse().unwrap(), &none, false).is_ok(), "{loopback}");
+            assert!(check_exposure(loopback.parse().unwrap(), &none, true).is_err(), "{loopback} with an ACL");
         }
         let public = "0.0.0.0:4731".parse().unwrap();
         let refused = check_exposure(public, &none, false).unwrap_err().to_string();
         assert!(refused.starts_with("refusing to serve HTTP on 0.0.0.0:4731 without --http-token"), "{refused}");
-        assert!(check_exposure(public, &none, true).is_ok());
+        let insecure = HttpAuthOptions { insecure: true, ..Default::default() };
+        assert!(check_exposure(public, &insecure, false).is_ok());
+        assert!(check_exposure(public, &insecure, true).is_ok());
         assert!(check_exposure(public, &token, false).is_ok());
+        assert!(check_exposure(public, &token, true).is_ok());
+    }
+
+    #[test]
+    fn without_a_token_only_addresses_and_localhost_are_answered() {
+        for ok in ["127.0.0.1:4731", "localhost:4731", "[::1]:4731", "LOCALHOST", "app.localhost:80", "10.0.0.7"] {
+            assert!(local_host_name(&headers(&[("host", ok)])), "{ok}");
+        }
+        for rebound in ["evil.example:4731", "evil.example", "127.0.0.1.evil.example:4731"] {
+            assert!(!local_host_name(&headers(&[("host", rebound)])), "{rebound}");
+        }
     }
 }

@@ -40,9 +40,10 @@ pub const ANONYMOUS: &str = "anonymous";
 pub enum AdminRight {
     #[default]
     None,
-    /// Commands that only read: status, workers, show jobs, stats, log, dead list …
+    /// Commands that read the queue's state: status, workers, show jobs, stats, version …
     Read,
-    /// Everything: cancel, maxqueue, pause, dead retry, shutdown …
+    /// Everything: the job log and the dead set (payloads), cancel, maxqueue, pause, dead
+    /// retry, shutdown …
     Write,
 }
 
@@ -122,13 +123,14 @@ pub fn needed(command: &AdminCommand) -> AdminRight {
         | A::MaxQueueList
         | A::ShowJobs
         | A::ShowUniqueJobs
-        | A::Log { .. }
         | A::Stats
         | A::Cluster
         | A::LimitList
         | A::RetryList => AdminRight::Read,
-        A::Dead { words } if matches!(words.first().map(|w| w.as_ref()), Some(b"list" | b"show")) => AdminRight::Read,
-        A::MaxQueue { .. }
+        // The job log and the dead set hold payloads and results: reading them is more than
+        // reading the queue's counters.
+        A::Log { .. }
+        | A::MaxQueue { .. }
         | A::CancelJob { .. }
         | A::CreateFunction { .. }
         | A::DropFunction { .. }
@@ -188,9 +190,9 @@ impl Acl {
         self.grants.get(name).cloned().unwrap_or_else(|| std::sync::Arc::new(Grant::nothing(name)))
     }
 
-    /// The identity a token belongs to.
-    pub fn token_identity(&self, token: &[u8]) -> Option<&str> {
-        self.tokens.get(&token_hash(token)).map(String::as_str)
+    /// The identity of the token with this hash ([`token_hash`]).
+    pub fn token_identity(&self, hash: &str) -> Option<&str> {
+        self.tokens.get(hash).map(String::as_str)
     }
 }
 
@@ -253,9 +255,9 @@ mod tests {
     fn tokens_are_matched_by_their_hash() {
         let acl = Acl::parse(FILE).unwrap();
         assert_eq!(token_hash(b"secret"), "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b");
-        assert_eq!(acl.token_identity(b"secret"), Some("deploy"));
-        assert_eq!(acl.token_identity(b"guess"), None);
-        let deploy = acl.grant(acl.token_identity(b"secret"));
+        assert_eq!(acl.token_identity(&token_hash(b"secret")), Some("deploy"));
+        assert_eq!(acl.token_identity(&token_hash(b"guess")), None);
+        let deploy = acl.grant(acl.token_identity(&token_hash(b"secret")));
         assert!(deploy.may_admin(&AdminCommand::Dead { words: vec!["retry".into(), "all".into()] }));
     }
 
@@ -272,11 +274,12 @@ mod tests {
     }
 
     #[test]
-    fn dead_listing_reads_and_dead_retry_writes() {
+    fn payloads_and_changes_need_write() {
         let dead = |w: &str| AdminCommand::Dead { words: w.split(' ').map(|s| s.to_string().into()).collect() };
-        assert_eq!(needed(&dead("list")), AdminRight::Read);
-        assert_eq!(needed(&dead("show H:x:1")), AdminRight::Read);
-        assert_eq!(needed(&dead("retry all")), AdminRight::Write);
-        assert_eq!(needed(&dead("delete H:x:1")), AdminRight::Write);
+        for words in ["list", "show H:x:1", "retry all", "delete H:x:1"] {
+            assert_eq!(needed(&dead(words)), AdminRight::Write, "{words}");
+        }
+        assert_eq!(needed(&AdminCommand::Log { query: String::new() }), AdminRight::Write);
+        assert_eq!(needed(&AdminCommand::Status), AdminRight::Read);
     }
 }

@@ -38,6 +38,8 @@ pub struct HttpAuthOptions {
     pub tls: bool,
     /// `/metrics` without a token, for scrapers (`--http-open-metrics`).
     pub open_metrics: bool,
+    /// `--http-insecure`: no token on a network address, answering any host name.
+    pub insecure: bool,
 }
 
 impl HttpAuthOptions {
@@ -116,10 +118,10 @@ impl Security {
         self.acl.read().unwrap().as_ref().map(|acl| acl.grant(identity))
     }
 
-    /// The identity a token belongs to; `None` if the access list does not know it (or there
-    /// is none).
-    pub fn token_identity(&self, token: &[u8]) -> Option<String> {
-        self.acl.read().unwrap().as_ref()?.token_identity(token).map(str::to_owned)
+    /// The identity whose token has this hash ([`acl::token_hash`]); `None` if the access
+    /// list does not know it (or there is none).
+    pub fn token_identity(&self, hash: &str) -> Option<String> {
+        self.acl.read().unwrap().as_ref()?.token_identity(hash).map(str::to_owned)
     }
 
     pub fn generation(&self) -> u64 {
@@ -127,12 +129,22 @@ impl Security {
     }
 }
 
+/// Why OPTION_REQ auth=TOKEN was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthError {
+    /// The server has no access list: tokens would mean nothing.
+    NoAcl,
+    /// The access list has no such token.
+    Unknown,
+}
+
 /// One connection's identity and grant, looked up again after a reload.
 pub struct Access {
     /// From the client certificate.
     certificate: Option<String>,
-    /// From OPTION_REQ auth=TOKEN; wins over the certificate.
-    token: Option<String>,
+    /// From OPTION_REQ auth=TOKEN, wins over the certificate: the token's hash (to look it
+    /// up again after a reload, which may have revoked it) and its identity.
+    token: Option<(String, String)>,
     generation: u64,
     /// `None`: no access list, everything is allowed.
     grant: Option<Arc<Grant>>,
@@ -140,20 +152,35 @@ pub struct Access {
 
 impl Access {
     pub fn new(security: &Security, certificate: Option<String>) -> Access {
+        // The generation first: a reload in between is then picked up at the next refresh.
+        let generation = security.generation();
         let grant = security.grant(certificate.as_deref());
-        Access { certificate, token: None, generation: security.generation(), grant }
+        Access { certificate, token: None, generation, grant }
     }
 
-    /// Picks up a reloaded access list.
-    pub fn refresh(&mut self, security: &Security) {
-        if security.generation() != self.generation {
-            self.generation = security.generation();
-            self.grant = security.grant(self.identity_name());
+    /// Picks up a reloaded access list; true if it was reloaded (the grant may have changed).
+    /// A token the new list no longer has falls back to the certificate's identity.
+    pub fn refresh(&mut self, security: &Security) -> bool {
+        let generation = security.generation();
+        if generation == self.generation {
+            return false;
         }
+        self.generation = generation;
+        if let Some((hash, name)) = &mut self.token {
+            match security.token_identity(hash) {
+                Some(now) => *name = now,
+                None => {
+                    tracing::info!(identity = %name, "a connection's token is no longer in the ACL");
+                    self.token = None;
+                }
+            }
+        }
+        self.grant = security.grant(self.identity_name());
+        true
     }
 
     fn identity_name(&self) -> Option<&str> {
-        self.token.as_deref().or(self.certificate.as_deref())
+        self.token.as_ref().map(|(_, name)| name.as_str()).or(self.certificate.as_deref())
     }
 
     /// The name refusals are logged under.
@@ -166,19 +193,16 @@ impl Access {
         self.grant.as_deref()
     }
 
-    /// OPTION_REQ auth=TOKEN: the connection becomes the token's identity. False (and
-    /// nothing changes) if the access list does not know the token.
-    pub fn authenticate(&mut self, security: &Security, token: &[u8]) -> bool {
+    /// OPTION_REQ auth=TOKEN: the connection becomes the token's identity. On error nothing
+    /// changes.
+    pub fn authenticate(&mut self, security: &Security, token: &[u8]) -> Result<(), AuthError> {
         if !security.has_acl() {
-            return true;
+            return Err(AuthError::NoAcl);
         }
-        match security.token_identity(token) {
-            Some(name) => {
-                self.grant = security.grant(Some(&name));
-                self.token = Some(name);
-                true
-            }
-            None => false,
-        }
+        let hash = acl::token_hash(token);
+        let name = security.token_identity(&hash).ok_or(AuthError::Unknown)?;
+        self.grant = security.grant(Some(&name));
+        self.token = Some((hash, name));
+        Ok(())
     }
 }
