@@ -264,6 +264,22 @@ fn with_an_acl_the_http_side_needs_a_token_too() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("while --acl is in force"), "{stderr}");
+    // HTTP not asked for by name (the default address): left off, and the server runs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gearbox"))
+        .args(["server", "--listen", "127.0.0.1", "--port", "0", "--queue", "memory", "--job-log", "none"])
+        .args(["--acl", acl.to_str().unwrap()])
+        .env_remove("GEARBOX_HTTP_TOKEN")
+        .env_remove("GEARBOX_HTTP")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()))
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("listening on"))
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines.iter().any(|l| l.contains("HTTP (dashboard, metrics, API) is off: with --acl")), "{lines:?}");
     let server = Server::start(&["--http", "127.0.0.1:0", "--acl", acl.to_str().unwrap(), "--http-token", ADMIN]);
     assert_eq!(
         exchange(server.http.unwrap(), "GET", "/api/status", &[("Authorization", &bearer(ADMIN))], "").status,

@@ -59,9 +59,18 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             listeners.tls.push(listen(addr, port, config.backlog).await?);
         }
     }
-    listeners.http = config.http.bind().await?;
+    let security = &config.serve.security;
+    let guarded = security.http.has_tokens() || security.http.insecure || security.acl.is_none();
+    if config.http == http::HttpSpec::Default && !guarded {
+        // Not asked for by name: left off, rather than refusing to start (see check_exposure).
+        tracing::warn!(
+            "HTTP (dashboard, metrics, API) is off: with --acl it needs a token (--http-token); \
+             --http-insecure serves it without one"
+        );
+    } else {
+        listeners.http = config.http.bind().await?;
+    }
     if let Some(listener) = &listeners.http {
-        let security = &config.serve.security;
         http::check_exposure(listener.local_addr()?, &security.http, security.acl.is_some())?;
     }
     if let Some(path) = &config.pid_file {
