@@ -209,7 +209,7 @@ pub async fn serve_on(
         tracing::info!("access list {} in force", acl.display());
     }
     let tasks = TaskTracker::new();
-    tasks.spawn(reload_on(options.reload.clone(), security, shutdown.clone()));
+    tasks.spawn(reload_on(options.reload.clone(), shared.clone()));
 
     tasks.spawn(run_timer(shared.clone(), timer));
     if let Some(listener) = http {
@@ -254,18 +254,17 @@ fn node_address(listeners: &[TcpListener]) -> String {
 }
 
 /// Reads the certificates and the ACL again whenever `reload` is notified (SIGHUP).
-async fn reload_on(
-    reload: Arc<tokio::sync::Notify>,
-    security: Arc<crate::security::Security>,
-    shutdown: CancellationToken,
-) {
+async fn reload_on(reload: Arc<tokio::sync::Notify>, shared: Arc<Shared>) {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return,
             _ = reload.notified() => {}
         }
-        let security = security.clone();
+        let security = shared.security.clone();
         let _ = tokio::task::spawn_blocking(move || security.reload()).await;
+        // Every session looks at its grant now, not at its next request: an idle worker
+        // loses the functions it may no longer work on before a job is offered to it.
+        shared.broker.lock().unwrap().wake_all();
     }
 }
 

@@ -181,6 +181,11 @@ where
             }
             _ = woken.as_mut(), if wbuf.is_empty() => {
                 woken.set(outbox.notify().notified());
+                if guard.access.refresh(&shared.security) {
+                    let mut broker = shared.broker.lock().unwrap();
+                    broker.begin(id);
+                    guard.revoke_abilities(&mut broker, id, shared);
+                }
             }
             _ = close_timer.as_mut(), if closing => return Ok(()),
         }

@@ -96,6 +96,13 @@ impl Broker {
         c.abilities.iter().map(|a| self.functions[a.function as usize].name.clone()).collect()
     }
 
+    /// Wakes every connection's task (after a reload of the access list).
+    pub fn wake_all(&self) {
+        for (_, c) in &self.conns {
+            c.outbox.notify().notify_one();
+        }
+    }
+
     /// Asks every connection to flush and close (server shutdown).
     pub fn close_all(&self) {
         for (_, c) in &self.conns {
